@@ -1,0 +1,226 @@
+"""Plain helpers shared by the four training scripts: device, torchrun/DDP, seeding, PNG previews, metrics.
+
+No framework: each function does one small thing and the scripts call them from a plain loop.
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from PIL import Image
+from torch import Tensor
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; any other name is passed to ``torch.device``."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU/MPS, nccl on CUDA).
+
+    Without torchrun's environment variables this is a no-op returning a single-process ``Dist``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(0, 1, device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
+
+
+def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when running under torchrun, else ``model`` itself."""
+    if not dist.enabled:
+        return model
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside a DDP wrapper (for saving state dicts)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_mean(value: Tensor, dist: Dist) -> Tensor:
+    """Mean of a tensor over all processes (identity when single-process)."""
+    if not dist.enabled:
+        return value
+    value = value.detach().clone()
+    torch_dist.all_reduce(value)
+    return value / dist.world_size
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (each rank gets its own stream: seed + rank)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Previews
+# ---------------------------------------------------------------------------------------------------
+
+
+def _to_rgb(image: Tensor) -> Tensor:
+    image = image.detach().float().cpu()
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"images must be (3, H, W) or (H, W), got {tuple(image.shape)}")
+    return image.expand(3, -1, -1).nan_to_num(0.0).clamp(0.0, 1.0)
+
+
+def save_png(path, images) -> None:
+    """Save one image or a list of images side by side (each (3, H, W) or (H, W), values in [0, 1]).
+
+    Images of different heights are padded with white at the bottom; a 2-pixel white gap separates them.
+    """
+    images = [_to_rgb(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+    height = max(image.shape[1] for image in images)
+    gap = torch.ones(3, height, 2)
+    columns = []
+    for image in images:
+        padded = torch.ones(3, height, image.shape[2])
+        padded[:, : image.shape[1]] = image
+        columns += [padded, gap]
+    canvas = torch.cat(columns[:-1], dim=2)
+    array = (canvas.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# A perceptually ordered colour ramp (dark blue -> teal -> yellow), for depth maps.
+_RAMP = torch.tensor([[0.05, 0.03, 0.35], [0.13, 0.35, 0.60], [0.12, 0.62, 0.55], [0.55, 0.80, 0.30],
+                      [0.99, 0.91, 0.15]])
+
+
+def colorize_depth(depth: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Depth (H, W) -> (3, H, W) colours, near = yellow, far = blue, range from the 2-98 % percentiles.
+
+    Pixels outside ``mask`` (or with non-finite / non-positive depth) are black.
+    """
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W), got {tuple(depth.shape)}")
+    depth = depth.detach().float().cpu()
+    valid = torch.isfinite(depth) & (depth > 0)
+    if mask is not None:
+        valid &= mask.detach().cpu().bool()
+    if not bool(valid.any()):
+        return torch.zeros(3, *depth.shape)
+    low, high = torch.quantile(depth[valid], torch.tensor([0.02, 0.98]))
+    position = 1.0 - ((depth - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)  # near -> 1
+    scaled = position.nan_to_num(0.0) * (len(_RAMP) - 1)
+    lower = scaled.floor().long().clamp(max=len(_RAMP) - 2)
+    fraction = (scaled - lower).unsqueeze(-1)
+    colours = _RAMP[lower] * (1 - fraction) + _RAMP[lower + 1] * fraction  # (H, W, 3)
+    return (colours * valid.unsqueeze(-1)).permute(2, 0, 1)
+
+
+@dataclass
+class PCABasis:
+    """Three principal directions of a feature set and the colour range of their projections."""
+
+    mean: Tensor  # (C,)
+    components: Tensor  # (C, 3)
+    low: Tensor  # (3,)
+    high: Tensor  # (3,)
+
+
+def pca_basis(features: Tensor) -> PCABasis:
+    """Fit a 3-component PCA to features (C, ...) (any trailing spatial dims), for ``pca_rgb``."""
+    flat = features.detach().float().cpu().flatten(1).T  # (P, C)
+    mean = flat.mean(0)
+    _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+    components = vh[:3].T  # (C, 3)
+    if components.shape[1] < 3:
+        components = torch.cat([components, torch.zeros(components.shape[0], 3 - components.shape[1])], 1)
+    projected = (flat - mean) @ components
+    low, high = torch.quantile(projected, 0.01, dim=0), torch.quantile(projected, 0.99, dim=0)
+    return PCABasis(mean, components, low, high)
+
+
+def pca_rgb(features: Tensor, basis: PCABasis | None = None) -> Tensor:
+    """Features (C, H, W) -> (3, H, W) colours from the first three principal components.
+
+    Pass a ``basis`` from ``pca_basis`` to colour several maps (before/after fine-tuning) consistently.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"features must be (C, H, W), got {tuple(features.shape)}")
+    basis = basis or pca_basis(features)
+    _, height, width = features.shape
+    flat = features.detach().float().cpu().flatten(1).T  # (H*W, C)
+    projected = ((flat - basis.mean) @ basis.components - basis.low) / (basis.high - basis.low).clamp_min(1e-6)
+    return projected.clamp(0, 1).T.reshape(3, height, width)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (Tensor, np.ndarray, np.generic)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_metrics(out_dir, metrics: dict) -> Path:
+    """Write ``metrics`` (nested dicts of numbers, tensors, strings) to ``out_dir/metrics.json``."""
+    path = Path(out_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], float_format: str = "{:.4f}") -> str:
+    """A plain-text table of rows (dicts with the same keys in the same order)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[float_format.format(row[key]) if isinstance(row[key], float) else str(row[key]) for key in keys]
+             for row in rows]
+    widths = [max(len(key), *(len(line[i]) for line in cells)) for i, key in enumerate(keys)]
+    lines = ["  ".join(key.ljust(width) for key, width in zip(keys, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minimal3d import runtime
+
+
+def test_save_png_places_images_side_by_side(tmp_path):
+    red = torch.zeros(3, 4, 5)
+    red[0] = 1.0
+    gray = torch.full((2, 3), 0.5)
+    runtime.save_png(tmp_path / "a.png", [red, gray])
+    array = np.asarray(Image.open(tmp_path / "a.png"))
+    assert array.shape == (4, 5 + 2 + 3, 3)
+    assert tuple(array[0, 0]) == (255, 0, 0)
+    assert tuple(array[0, 7]) == (128, 128, 128)
+    assert tuple(array[3, 7]) == (255, 255, 255)  # padding below the shorter image
+
+
+def test_colorize_depth_orders_near_and_far():
+    depth = torch.linspace(1, 5, 20).reshape(4, 5)
+    colours = runtime.colorize_depth(depth)
+    assert colours.shape == (3, 4, 5)
+    assert colours[0, 0, 0] > colours[0, -1, -1]  # near is yellow (high red), far is blue
+    assert runtime.colorize_depth(torch.zeros(2, 2)).abs().sum() == 0
+
+
+def test_pca_rgb_shared_basis():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(16, 6, 7, generator=generator)
+    basis = runtime.pca_basis(features)
+    rgb = runtime.pca_rgb(features, basis)
+    assert rgb.shape == (3, 6, 7) and 0 <= rgb.min() and rgb.max() <= 1
+    torch.testing.assert_close(runtime.pca_rgb(features), rgb)
+
+
+def test_write_metrics_and_table(tmp_path):
+    path = runtime.write_metrics(tmp_path, {"a": torch.tensor(1.5), "b": {"c": np.float32(2.0)}, "d": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": {"c": 2.0}, "d": "nan"}
+    table = runtime.format_table([{"model": "x", "acc": 0.5}, {"model": "longer", "acc": 0.25}])
+    assert table.splitlines()[2].startswith("x       0.5000")
+
+
+def test_single_process_distributed_is_a_no_op():
+    dist = runtime.init_distributed(torch.device("cpu"))
+    assert dist.world_size == 1 and dist.is_main and not dist.enabled
+    model = torch.nn.Linear(2, 2)
+    assert runtime.wrap_ddp(model, dist) is model and runtime.unwrap(model) is model
+    assert runtime.pick_device("cpu") == torch.device("cpu")
