@@ -1,0 +1,521 @@
+"""Sparse 3D convolution and a residual sparse U-Net (MinkUNet) in pure PyTorch.
+
+Pri3D (Hou, Xie, Graham, Dai, Niessner, ICCV 2021, arXiv:2104.11225; official code Sekunde/Pri3D) embeds
+the voxels of each frame's reconstructed chunk (2 cm) with a MinkUNet34C from MinkowskiEngine
+("4D Spatio-Temporal ConvNets: Minkowski Convolutional Neural Networks", Choy, Gwak, Savarese, CVPR 2019,
+arXiv:1904.08755; NVIDIA/MinkowskiEngine) and contrasts the per-voxel features with pixel features (Geo).
+Stride-1 convolutions are submanifold ("3D Semantic Segmentation with Submanifold Sparse Convolutional
+Networks", Graham, Engelcke, van der Maaten, CVPR 2018, arXiv:1711.10275): outputs live only on the input
+voxels. This file re-implements the parts of MinkowskiEngine that the U-Net needs with plain tensor ops:
+
+1. Coordinates (N, 4) int64 = (batch, x, y, z) are packed into one int64 key per voxel (shifted by the
+   minimum so negative coordinates work) and sorted once per coordinate set.
+2. A kernel map lists, per kernel offset, the pairs (input row, output row) with
+   ``in_coords[i] == out_coords[o] + offset``; it is found with ``torch.searchsorted`` on the sorted keys
+   and cached, because one coordinate set is reused by many convolutions.
+3. A convolution is, per offset k: gather rows, multiply by W_k (C_in, C_out), ``index_add`` into outputs:
+   ``out[o] = sum_k sum_{(i, o) in map_k} feats[i] @ W_k``.
+
+API (MinkowskiEngine conventions: coordinates stay in input-voxel units; a tensor at ``stride`` s has
+coordinates that are multiples of s):
+
+- ``SparseTensor(coords (N, 4) int, feats (N, C), stride=1)``; ``x.replace(feats)`` keeps coordinates.
+- ``sparse_quantize(points (N, 3), voxel_size, features=None) -> (coords (M, 3), feats (M, C) | None,
+  inverse (N,))``; ``batch_coordinates([coords_b (M_b, 3), ...]) -> (sum M_b, 4)``.
+- ``sparse_conv3d(x, weight (K^3, C_in, C_out), bias=None, stride=1, dilation=1)``: stride 1 is
+  submanifold (output coords = input coords); stride 2 outputs ``unique(floor(coords / 2s) * 2s)``.
+- ``sparse_conv_transpose3d(x, weight, bias=None, stride=2)``: back onto the finer coordinate set that x
+  was downsampled from (MinkowskiEngine's ``generative=False`` transposed convolution).
+- ``sparse_relu``, ``sparse_cat``; modules ``SparseConv3d``, ``SparseConvTranspose3d``,
+  ``SparseBatchNorm`` (BatchNorm1d over feats), ``ResidualBlock`` (MinkowskiEngine ``BasicBlock``).
+- ``SparseResUNet(UNetConfig)``: MinkUNet (stem conv k=5, four stride-2 stages with residual blocks,
+  four transposed-conv stages with skip concatenation, final 1x1 conv). ``minkunet34c()`` is Pri3D's
+  network (in 3 = RGB/255, out 96); ``minkunet14()`` is a small CPU default (one block per stage, half
+  the channels). Usage for the Geo branch::
+
+      coords, colors, inverse = sparse_quantize(xyz, 0.02, features=rgb)    # one chunk
+      x = SparseTensor(batch_coordinates([coords]), colors)
+      voxel_features = minkunet14(in_channels=3, out_channels=96)(x).feats   # (M, 96), row i = coords[i]
+
+Kernel offsets are ordered x slowest, z fastest, so ``F.conv3d`` weights (C_out, C_in, kx, ky, kz)
+convert by ``w.permute(2, 3, 4, 1, 0).reshape(-1, C_in, C_out)`` (MinkowskiEngine orders offsets
+differently, so its checkpoints would need a permutation). Odd kernels are centred (offsets -k//2..k//2),
+even kernels start at the voxel (offsets 0..k-1), as in MinkowskiEngine.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------------
+# Coordinate keys: pack (batch, x, y, z) into one int64, sort once, look up with searchsorted.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoordinateIndex:
+    """One coordinate set with its sorted keys. ``order[j]`` is the row of the j-th smallest key."""
+
+    coords: Tensor  # (N, 4) int64, unique rows
+    lower: Tensor  # (4,) minimum per column, subtracted before packing
+    extent: Tensor  # (4,) max - min + 1 per column
+    sorted_keys: Tensor  # (N,)
+    order: Tensor  # (N,)
+
+
+def _pack(shifted: Tensor, extent: Tensor) -> Tensor:
+    """Mixed-radix key of non-negative coordinates ``shifted`` (M, D) < ``extent`` (D,) -> (M,) int64."""
+    key = shifted[:, 0]
+    for axis in range(1, shifted.shape[1]):
+        key = key * extent[axis] + shifted[:, axis]
+    return key
+
+
+def _unpack(key: Tensor, extent: Tensor) -> Tensor:
+    """Inverse of ``_pack``: (M,) keys -> (M, D) shifted coordinates."""
+    columns = []
+    for axis in range(extent.shape[0] - 1, 0, -1):
+        columns.append(key % extent[axis])
+        key = torch.div(key, extent[axis], rounding_mode="floor")
+    columns.append(key)
+    return torch.stack(columns[::-1], dim=1)
+
+
+def _bounds(coords: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-column minimum and extent of (N, D) integer coordinates; raises if keys would overflow int64."""
+    lower = coords.min(0).values
+    extent = coords.max(0).values - lower + 1
+    if math.prod(extent.tolist()) >= 2**62:
+        raise ValueError(f"coords span {extent.tolist()} voxels per axis: too large to pack into int64 keys")
+    return lower, extent
+
+
+def _unique_index(coords: Tensor) -> tuple[CoordinateIndex, Tensor]:
+    """Index of the unique rows of (N, D) coords (sorted by key) and the inverse map (N,)."""
+    lower, extent = _bounds(coords)
+    unique_keys, inverse = torch.unique(_pack(coords - lower, extent), sorted=True, return_inverse=True)
+    unique_coords = _unpack(unique_keys, extent) + lower
+    order = torch.arange(unique_keys.shape[0], device=coords.device)
+    return CoordinateIndex(unique_coords, lower, extent, unique_keys, order), inverse
+
+
+def _lookup(index: CoordinateIndex, query: Tensor) -> Tensor:
+    """Row of each query coordinate (M, 4) in ``index.coords``, or -1 where it is not a voxel."""
+    shifted = query - index.lower
+    inside = ((shifted >= 0) & (shifted < index.extent)).all(dim=1)
+    key = _pack(torch.minimum(shifted.clamp(min=0), index.extent - 1), index.extent)
+    position = torch.searchsorted(index.sorted_keys, key).clamp(max=index.sorted_keys.shape[0] - 1)
+    found = inside & (index.sorted_keys[position] == key)
+    return torch.where(found, index.order[position], -1)
+
+
+def kernel_offsets(kernel_size: int, device: torch.device | None = None) -> Tensor:
+    """(k^3, 3) int64 offsets, x slowest and z fastest; centred for odd k, 0..k-1 for even k."""
+    start = -(kernel_size // 2) if kernel_size % 2 == 1 else 0
+    steps = range(start, start + kernel_size)
+    return torch.tensor(list(itertools.product(steps, steps, steps)), dtype=torch.int64, device=device)
+
+
+KernelMap = list[tuple[int, Tensor | None, Tensor | None]]  # (offset k, input rows, output rows)
+
+
+def _kernel_map(in_index: CoordinateIndex, out_coords: Tensor, offsets: Tensor, same_set: bool) -> KernelMap:
+    """Pairs (i, o) with ``in_coords[i] == out_coords[o] + offsets[k]`` for every offset k.
+
+    offsets: (K, 3) already scaled to input-voxel units. When input and output are the same set, the zero
+    offset maps every row to itself and is stored as ``(k, None, None)`` (a plain matmul, no gather)."""
+    batch_zero = offsets.new_zeros(offsets.shape[0], 1)
+    offsets4 = torch.cat([batch_zero, offsets], dim=1)  # (K, 4): offsets never cross batches
+    table = torch.stack([_lookup(in_index, out_coords + offset) for offset in offsets4], dim=1)  # (N_out, K)
+    found = table >= 0
+    offset_ids, out_rows = found.T.nonzero(as_tuple=True)  # grouped by offset, one sync for all offsets
+    in_rows = table[out_rows, offset_ids]
+    counts = found.sum(dim=0).tolist()
+    kernel_map: KernelMap = []
+    for k, (rows_in, rows_out) in enumerate(zip(in_rows.split(counts), out_rows.split(counts))):
+        if counts[k] == 0:
+            continue
+        if same_set and not offsets[k].any():
+            kernel_map.append((k, None, None))
+        else:
+            kernel_map.append((k, rows_in, rows_out))
+    return kernel_map
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse tensor container and voxelisation.
+# ----------------------------------------------------------------------------------------------------
+
+
+class SparseTensor:
+    """Features on sparse voxels, like MinkowskiEngine's ``SparseTensor``.
+
+    coords: (N, 4) int64 (batch, x, y, z), unique rows, xyz multiples of ``stride``.
+    feats: (N, C) floating. ``cache`` is shared by every tensor derived from the same input: it holds the
+    coordinate index of each stride (key ``("coords", s)``) and the kernel maps built so far."""
+
+    def __init__(self, coords: Tensor, feats: Tensor, stride: int = 1, cache: dict | None = None):
+        if not isinstance(coords, Tensor) or not isinstance(feats, Tensor):
+            raise TypeError("coords and feats must be torch.Tensor")
+        if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+            raise ValueError(f"coords must be an integer tensor (batch, x, y, z), got dtype {coords.dtype}")
+        if coords.ndim != 2 or coords.shape[1] != 4:
+            raise ValueError(f"coords must have shape (N, 4) as (batch, x, y, z), got {tuple(coords.shape)}")
+        if feats.ndim != 2 or not feats.dtype.is_floating_point:
+            raise ValueError(f"feats must be a floating (N, C) tensor, got {tuple(feats.shape)} {feats.dtype}")
+        if feats.shape[0] != coords.shape[0]:
+            raise ValueError(f"feats has {feats.shape[0]} rows but coords has {coords.shape[0]}")
+        if coords.shape[0] == 0:
+            raise ValueError("coords must contain at least one voxel")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        self.coords = coords.long()
+        self.feats = feats
+        self.stride = stride
+        if cache is None:
+            cache = {("coords", stride): self._validated_index()}
+        self.cache = cache
+
+    def _validated_index(self) -> CoordinateIndex:
+        """Sort the keys of user-given coordinates once, rejecting duplicates and bad batch/stride."""
+        if (self.coords[:, 0] < 0).any():
+            raise ValueError("coords[:, 0] (batch index) must be >= 0")
+        if self.stride > 1 and (self.coords[:, 1:] % self.stride != 0).any():
+            raise ValueError(f"coords xyz must be multiples of stride={self.stride}")
+        index, inverse = _unique_index(self.coords)
+        if index.coords.shape[0] != self.coords.shape[0]:
+            raise ValueError("coords contain duplicate voxels; merge them first (sparse_quantize)")
+        rows = torch.arange(inverse.shape[0], device=inverse.device)
+        sorted_position_to_row = torch.empty_like(inverse).scatter_(0, inverse, rows)
+        return CoordinateIndex(self.coords, index.lower, index.extent, index.sorted_keys, sorted_position_to_row)
+
+    def replace(self, feats: Tensor) -> "SparseTensor":
+        """Same voxels (and cache), new features (N, C')."""
+        return SparseTensor(self.coords, feats, self.stride, self.cache)
+
+    def __len__(self) -> int:
+        return self.coords.shape[0]
+
+    def __repr__(self) -> str:
+        return f"SparseTensor(voxels={len(self)}, channels={self.feats.shape[1]}, stride={self.stride})"
+
+
+def sparse_quantize(
+    points: Tensor, voxel_size: float, features: Tensor | None = None, rounding: str = "floor"
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Voxelise points: (N, 3) float -> (voxel coords (M, 3) int64, mean features (M, C) or None,
+    inverse (N,) with ``coords[inverse[n]]`` = voxel of point n). Voxel v covers
+    [v * voxel_size, (v + 1) * voxel_size). ``rounding="trunc"`` reproduces Pri3D's voxelizer
+    (``trunc(xyz / voxel_size)``, which merges the two cells around 0). Voxels are sorted by key."""
+    if not isinstance(points, Tensor) or points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be a (N, 3) tensor, got {getattr(points, 'shape', type(points))}")
+    if points.shape[0] == 0 or not points.dtype.is_floating_point or not torch.isfinite(points).all():
+        raise ValueError("points must be a non-empty, finite floating tensor")
+    if not voxel_size > 0:
+        raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
+    if features is not None and (features.ndim != 2 or features.shape[0] != points.shape[0]):
+        raise ValueError(f"features must be (N={points.shape[0]}, C), got {tuple(features.shape)}")
+    if rounding not in ("floor", "trunc"):
+        raise ValueError(f"rounding must be 'floor' or 'trunc', got {rounding!r}")
+    scaled = points / voxel_size
+    grid = (torch.floor(scaled) if rounding == "floor" else torch.trunc(scaled)).long()
+    index, inverse = _unique_index(grid)
+    if features is None:
+        return index.coords, None, inverse
+    counts = torch.zeros(index.coords.shape[0], device=points.device, dtype=features.dtype)
+    counts.index_add_(0, inverse, torch.ones_like(inverse, dtype=features.dtype))
+    sums = features.new_zeros(index.coords.shape[0], features.shape[1]).index_add_(0, inverse, features)
+    return index.coords, sums / counts[:, None], inverse
+
+
+def batch_coordinates(coords_list: list[Tensor]) -> Tensor:
+    """Stack per-sample voxel coords [(M_b, 3) int] into (sum M_b, 4) with the batch index in column 0."""
+    if len(coords_list) == 0 or any(c.ndim != 2 or c.shape[1] != 3 for c in coords_list):
+        raise ValueError("coords_list must be a non-empty list of (M_b, 3) integer tensors")
+    return torch.cat(
+        [torch.cat([torch.full_like(c[:, :1], b), c], dim=1).long() for b, c in enumerate(coords_list)]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convolutions: gather -> matmul per offset -> index_add.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _kernel_size_of(weight: Tensor) -> int:
+    if weight.ndim != 3:
+        raise ValueError(f"weight must have shape (K^3, C_in, C_out), got {tuple(weight.shape)}")
+    kernel_size = round(weight.shape[0] ** (1 / 3))
+    if kernel_size**3 != weight.shape[0]:
+        raise ValueError(f"weight.shape[0] must be a cube K^3, got {weight.shape[0]}")
+    return kernel_size
+
+
+def _check_conv_inputs(x: SparseTensor, weight: Tensor, bias: Tensor | None) -> int:
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"x must be a SparseTensor, got {type(x).__name__}")
+    kernel_size = _kernel_size_of(weight)
+    if weight.shape[1] != x.feats.shape[1]:
+        raise ValueError(f"weight expects C_in={weight.shape[1]} but x has {x.feats.shape[1]} channels")
+    if bias is not None and bias.shape != (weight.shape[2],):
+        raise ValueError(f"bias must have shape ({weight.shape[2]},), got {tuple(bias.shape)}")
+    return kernel_size
+
+
+def _gather_matmul_scatter(feats: Tensor, weight: Tensor, kernel_map: KernelMap, num_out: int) -> Tensor:
+    """out[o] = sum_k sum_{(i, o) in map_k} feats[i] @ weight[k]: (N_in, C_in) -> (num_out, C_out)."""
+    out = feats.new_zeros(num_out, weight.shape[2])
+    for k, in_rows, out_rows in kernel_map:
+        if in_rows is None:
+            out += feats @ weight[k]  # centre offset of a submanifold conv: every voxel maps to itself
+        else:
+            out.index_add_(0, out_rows, feats[in_rows] @ weight[k])
+    return out
+
+
+def _downsampled_index(cache: dict, in_stride: int, out_stride: int) -> CoordinateIndex:
+    """Coordinate index at ``out_stride``: unique(floor(coords / out_stride) * out_stride), cached."""
+    key = ("coords", out_stride)
+    if key not in cache:
+        coords = cache[("coords", in_stride)].coords.clone()
+        coords[:, 1:] = torch.div(coords[:, 1:], out_stride, rounding_mode="floor") * out_stride
+        cache[key] = _unique_index(coords)[0]
+    return cache[key]
+
+
+def _strided_map(cache: dict, in_stride: int, kernel_size: int, stride: int) -> KernelMap:
+    """Kernel map from the set at ``in_stride`` s to its downsampled set at s * stride; offsets step s."""
+    key = ("down", in_stride, kernel_size, stride)
+    if key not in cache:
+        in_index = cache[("coords", in_stride)]
+        out_index = _downsampled_index(cache, in_stride, in_stride * stride)
+        offsets = kernel_offsets(kernel_size, in_index.coords.device) * in_stride
+        cache[key] = _kernel_map(in_index, out_index.coords, offsets, same_set=False)
+    return cache[key]
+
+
+def _submanifold_map(cache: dict, in_stride: int, kernel_size: int, dilation: int) -> KernelMap:
+    """Kernel map of a stride-1 conv on the set at ``in_stride`` s; offsets step s * dilation."""
+    key = ("sub", in_stride, kernel_size, dilation)
+    if key not in cache:
+        index = cache[("coords", in_stride)]
+        offsets = kernel_offsets(kernel_size, index.coords.device) * in_stride * dilation
+        cache[key] = _kernel_map(index, index.coords, offsets, same_set=True)
+    return cache[key]
+
+
+def sparse_conv3d(
+    x: SparseTensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, dilation: int = 1
+) -> SparseTensor:
+    """Sparse 3D convolution. weight: (K^3, C_in, C_out), bias: (C_out,).
+
+    stride 1: submanifold, outputs on x's voxels, out[p] = sum_k W_k^T x[p + offset_k * s * dilation].
+    stride > 1: outputs on unique(floor(coords / (s * stride)) * s * stride), inputs p + offset_k * s
+    (kernel 2 partitions the inputs into 2x2x2 cells; kernel 3 is F.conv3d's padding=1 stencil)."""
+    kernel_size = _check_conv_inputs(x, weight, bias)
+    if not isinstance(stride, int) or stride < 1 or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"stride and dilation must be positive ints, got {stride!r}, {dilation!r}")
+    if stride == 1:
+        kernel_map = _submanifold_map(x.cache, x.stride, kernel_size, dilation)
+        out_coords = x.coords
+    else:
+        if dilation != 1:
+            raise ValueError("dilation > 1 is only supported with stride 1")
+        kernel_map = _strided_map(x.cache, x.stride, kernel_size, stride)
+        out_coords = x.cache[("coords", x.stride * stride)].coords
+    feats = _gather_matmul_scatter(x.feats, weight, kernel_map, out_coords.shape[0])
+    if bias is not None:
+        feats = feats + bias
+    return SparseTensor(out_coords, feats, x.stride * stride, x.cache)
+
+
+def sparse_conv_transpose3d(
+    x: SparseTensor, weight: Tensor, bias: Tensor | None = None, stride: int = 2
+) -> SparseTensor:
+    """Transposed sparse conv onto the finer set that x was downsampled from (``generative=False``).
+
+    weight: (K^3, C_in, C_out). The kernel map is the strided conv's map (fine -> coarse) reversed:
+    out[c] += W_k^T x[p] for every pair with c = p + offset_k * s_fine, so with a full grid this equals
+    F.conv_transpose3d (kernel 2: padding 0; kernel 3: padding 1, output_padding 1)."""
+    kernel_size = _check_conv_inputs(x, weight, bias)
+    if not isinstance(stride, int) or stride < 2 or x.stride % stride != 0:
+        raise ValueError(f"stride must be an int >= 2 dividing x.stride={x.stride}, got {stride!r}")
+    fine_stride = x.stride // stride
+    if ("coords", fine_stride) not in x.cache:
+        raise ValueError(f"x was not downsampled from a stride-{fine_stride} tensor: no target voxels")
+    fine_index = x.cache[("coords", fine_stride)]
+    forward_map = _strided_map(x.cache, fine_stride, kernel_size, stride)
+    reversed_map = [(k, out_rows, in_rows) for k, in_rows, out_rows in forward_map]
+    feats = _gather_matmul_scatter(x.feats, weight, reversed_map, fine_index.coords.shape[0])
+    if bias is not None:
+        feats = feats + bias
+    return SparseTensor(fine_index.coords, feats, fine_stride, x.cache)
+
+
+def sparse_relu(x: SparseTensor) -> SparseTensor:
+    return x.replace(F.relu(x.feats))
+
+
+def sparse_cat(*tensors: SparseTensor) -> SparseTensor:
+    """Concatenate features of tensors on the same voxels (same coords, same row order): (N, sum C)."""
+    first = tensors[0]
+    for other in tensors[1:]:
+        if other.stride != first.stride or not (
+            other.coords is first.coords or torch.equal(other.coords, first.coords)
+        ):
+            raise ValueError("sparse_cat needs tensors on identical coordinates (same stride and row order)")
+    return first.replace(torch.cat([t.feats for t in tensors], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules and the residual sparse U-Net (MinkowskiEngine examples / Pri3D resunet3d.py MinkUNetBase).
+# ----------------------------------------------------------------------------------------------------
+
+
+class SparseConv3d(nn.Module):
+    """``sparse_conv3d`` with a learned kernel (K^3, C_in, C_out); MinkowskiConvolution (bias off)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+        dilation: int = 1, bias: bool = False,
+    ):
+        super().__init__()
+        self.stride, self.dilation = stride, dilation
+        self.kernel = nn.Parameter(torch.empty(kernel_size**3, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        bound = 1 / math.sqrt(in_channels * kernel_size**3)  # MinkowskiEngine's reset_parameters
+        nn.init.uniform_(self.kernel, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return sparse_conv3d(x, self.kernel, self.bias, self.stride, self.dilation)
+
+
+class SparseConvTranspose3d(SparseConv3d):
+    """``sparse_conv_transpose3d`` with a learned kernel; MinkowskiConvolutionTranspose (bias off)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 2, stride: int = 2, bias: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 1, bias)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return sparse_conv_transpose3d(x, self.kernel, self.bias, self.stride)
+
+
+class SparseBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the (N, C) features of all voxels of the batch (MinkowskiBatchNorm)."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(super().forward(x.feats))
+
+
+class ResidualBlock(nn.Module):
+    """MinkowskiEngine BasicBlock: relu(bn(conv3(relu(bn(conv3(x))))) + shortcut(x)), submanifold convs.
+    The shortcut is a 1x1 conv + BN when the channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1, bn_momentum: float = 0.1):
+        super().__init__()
+        self.conv1 = SparseConv3d(in_channels, out_channels, 3, dilation=dilation)
+        self.norm1 = SparseBatchNorm(out_channels, momentum=bn_momentum)
+        self.conv2 = SparseConv3d(out_channels, out_channels, 3, dilation=dilation)
+        self.norm2 = SparseBatchNorm(out_channels, momentum=bn_momentum)
+        self.downsample = None
+        if in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                SparseConv3d(in_channels, out_channels, 1), SparseBatchNorm(out_channels, momentum=bn_momentum)
+            )
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out = sparse_relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return out.replace(F.relu(out.feats + shortcut.feats))
+
+
+@dataclass
+class UNetConfig:
+    """MinkUNet hyper-parameters; the defaults are MinkUNet34C as used by Pri3D (in RGB, out 96)."""
+
+    in_channels: int = 3
+    out_channels: int = 96
+    init_dim: int = 32  # channels of the stem conv (concatenated into the last up stage)
+    planes: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96)  # 4 down stages, 4 up stages
+    layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2)  # residual blocks per stage
+    stem_kernel_size: int = 5
+    down_kernel_size: int = 2  # stride-2 convs and transposed convs
+
+
+class SparseResUNet(nn.Module):
+    """Residual sparse U-Net (MinkUNetBase). Input and output on the same voxels, stride 1 -> 16 -> 1.
+
+    Layer names follow MinkUNetBase (conv0p1s1, bn0, conv1p1s2, block1, ..., convtr7p2s2, block8, final).
+    Skips are concatenations: up stage i gets [transposed conv output, encoder features at that stride]."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        if len(config.planes) != 8 or len(config.layers) != 8:
+            raise ValueError("UNetConfig.planes and .layers need 8 entries (4 down, 4 up stages)")
+        self.config = config
+        planes, layers, k = config.planes, config.layers, config.down_kernel_size
+        self.conv0p1s1 = SparseConv3d(config.in_channels, config.init_dim, config.stem_kernel_size)
+        self.bn0 = SparseBatchNorm(config.init_dim)
+        channels = config.init_dim
+        encoder_channels = [channels]
+        for stage in range(4):  # conv{i}p{2^(i-1)}s2 -> bn{i} -> block{i}, stride 2^(i+1)
+            setattr(self, f"conv{stage + 1}p{2**stage}s2", SparseConv3d(channels, channels, k, stride=2))
+            setattr(self, f"bn{stage + 1}", SparseBatchNorm(channels))
+            setattr(self, f"block{stage + 1}", self._stage(channels, planes[stage], layers[stage]))
+            channels = planes[stage]
+            encoder_channels.append(channels)
+        for stage in range(4, 8):  # convtr{i}p{16/2^(i-4)}s2 -> bntr{i} -> cat skip -> block{i+1}
+            setattr(self, f"convtr{stage}p{2 ** (8 - stage)}s2", SparseConvTranspose3d(channels, planes[stage], k, 2))
+            setattr(self, f"bntr{stage}", SparseBatchNorm(planes[stage]))
+            skip_channels = encoder_channels[7 - stage]
+            setattr(self, f"block{stage + 1}", self._stage(planes[stage] + skip_channels, planes[stage], layers[stage]))
+            channels = planes[stage]
+        self.final = SparseConv3d(channels, config.out_channels, 1, bias=True)
+        for module in self.modules():  # ResNetBase.weight_initialization: kaiming fan_out on (non-transposed) convs
+            if type(module) is SparseConv3d:
+                fan_out = module.kernel.shape[0] * module.kernel.shape[2]
+                nn.init.normal_(module.kernel, 0.0, math.sqrt(2.0 / fan_out))
+
+    @staticmethod
+    def _stage(in_channels: int, out_channels: int, num_blocks: int) -> nn.Sequential:
+        blocks = [ResidualBlock(in_channels, out_channels)]
+        blocks += [ResidualBlock(out_channels, out_channels) for _ in range(num_blocks - 1)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        """x: SparseTensor with (N, in_channels) feats -> SparseTensor on the same coords, (N, out_channels)."""
+        if not isinstance(x, SparseTensor) or x.feats.shape[1] != self.config.in_channels:
+            raise ValueError(f"x must be a SparseTensor with {self.config.in_channels} feature channels")
+        out = sparse_relu(self.bn0(self.conv0p1s1(x)))
+        skips = [out]  # strides 1, 2, 4, 8
+        for stage in range(1, 5):
+            out = getattr(self, f"conv{stage}p{2 ** (stage - 1)}s2")(out)
+            out = getattr(self, f"block{stage}")(sparse_relu(getattr(self, f"bn{stage}")(out)))
+            skips.append(out)
+        skips.pop()  # the stride-16 output is the bottleneck, not a skip
+        for stage in range(4, 8):
+            out = getattr(self, f"convtr{stage}p{2 ** (8 - stage)}s2")(out)
+            out = sparse_relu(getattr(self, f"bntr{stage}")(out))
+            out = getattr(self, f"block{stage + 1}")(sparse_cat(out, skips.pop()))
+        return self.final(out)
+
+
+def minkunet34c(in_channels: int = 3, out_channels: int = 96) -> SparseResUNet:
+    """Pri3D's 3D network: MinkUNet34C (blocks 2,3,4,6,2,2,2,2; planes 32,64,128,256,256,128,96,96)."""
+    return SparseResUNet(UNetConfig(in_channels, out_channels))
+
+
+def minkunet14(in_channels: int = 3, out_channels: int = 96, width: float = 0.5) -> SparseResUNet:
+    """Small CPU default: MinkUNet14 (one block per stage) with planes of 34C scaled by ``width``."""
+    planes = tuple(max(1, round(p * width)) for p in UNetConfig.planes)
+    return SparseResUNet(
+        UNetConfig(in_channels, out_channels, max(1, round(32 * width)), planes, (1,) * 8)
+    )
