@@ -365,42 +365,39 @@ class DinoVisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _make(embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0, **overrides):
+def _make(num_register_tokens: int, overrides: dict, **arch) -> DinoVisionTransformer:
     # the hub ties the interpolation settings to the registers: R = 0 -> (0.1, False), R > 0 -> (0.0, True)
-    config = ViTConfig(
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        num_register_tokens=num_register_tokens,
-        interpolate_offset=0.0 if num_register_tokens else 0.1,
-        interpolate_antialias=bool(num_register_tokens),
-    )
-    return DinoVisionTransformer(config, **overrides)
+    tied = {
+        "num_register_tokens": num_register_tokens,
+        "interpolate_offset": 0.0 if num_register_tokens else 0.1,
+        "interpolate_antialias": bool(num_register_tokens),
+    }
+    return DinoVisionTransformer(ViTConfig(**{**arch, **tied, **overrides}))
 
 
 def vit_tiny(num_register_tokens: int = 0, **overrides) -> DinoVisionTransformer:
-    """Small random-init ViT for quick runs and tests: D=192, depth 6, 3 heads (head dim 64), ~2.9M params."""
-    return _make(192, 6, 3, num_register_tokens, **overrides)
+    """Small random-init ViT for quick runs and tests: D=192, depth 6, 3 heads (head dim 64), 3.0M params."""
+    return _make(num_register_tokens, overrides, embed_dim=192, depth=6, num_heads=3)
 
 
 def vit_small(num_register_tokens: int = 0, **overrides) -> DinoVisionTransformer:
     """ViT-S/14 (dinov2_vits14[_reg]): D=384, depth 12, 6 heads."""
-    return _make(384, 12, 6, num_register_tokens, **overrides)
+    return _make(num_register_tokens, overrides, embed_dim=384, depth=12, num_heads=6)
 
 
 def vit_base(num_register_tokens: int = 0, **overrides) -> DinoVisionTransformer:
     """ViT-B/14 (dinov2_vitb14[_reg]): D=768, depth 12, 12 heads."""
-    return _make(768, 12, 12, num_register_tokens, **overrides)
+    return _make(num_register_tokens, overrides, embed_dim=768, depth=12, num_heads=12)
 
 
 def vit_large(num_register_tokens: int = 0, **overrides) -> DinoVisionTransformer:
     """ViT-L/14 (dinov2_vitl14[_reg]): D=1024, depth 24, 16 heads."""
-    return _make(1024, 24, 16, num_register_tokens, **overrides)
+    return _make(num_register_tokens, overrides, embed_dim=1024, depth=24, num_heads=16)
 
 
 def vit_giant2(num_register_tokens: int = 0, **overrides) -> DinoVisionTransformer:
     """ViT-g/14 (dinov2_vitg14[_reg]): D=1536, depth 40, 24 heads, SwiGLU feed-forward."""
-    return _make(1536, 40, 24, num_register_tokens, ffn_layer="swiglu", **overrides)
+    return _make(num_register_tokens, overrides, embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglu")
 
 
 ARCHITECTURES = {
