@@ -1,0 +1,539 @@
+"""Tile-based 3D Gaussian splatting in pure PyTorch (forward by vectorised ops, backward by autograd).
+
+Papers: Kerbl, Kopanas, Leimkühler, Drettakis, "3D Gaussian Splatting for Real-Time Radiance Field
+Rendering", SIGGRAPH 2023 (arXiv:2308.04079); Yue, Das, Engelmann, Tang, Lenssen, "Improving 2D Feature
+Representations by 3D-Aware Fine-Tuning" (FiT3D), ECCV 2024 (arXiv:2407.20229), which renders 64-dim
+feature Gaussians with the same rasterizer. Conventions follow gsplat 1.5.3 (nerfstudio-project/gsplat,
+``gsplat/cuda/_torch_impl.py`` and its CUDA kernels; Ye et al., arXiv:2409.06765), see
+``tests/data/splatting/README.md``:
+
+* parameters are post-activation: ``scales`` are standard deviations, ``opacities`` lie in (0, 1),
+  ``quats`` are (w, x, y, z) and normalised here (gradients are w.r.t. the raw quaternion);
+* OpenCV camera: ``viewmat`` is world-to-camera, ``K`` in pixels, pixel (row i, column j) has its
+  centre at (j + 0.5, i + 0.5); depth is camera z;
+* EWA splatting with gsplat's clamped Jacobian (1.3 x the half field of view) and the ``eps2d`` = 0.3
+  low-pass filter (no opacity compensation), per-axis 3.33 sigma boxes for culling and tile binning;
+* front-to-back compositing with gsplat's rules: ``alpha = min(alpha_max, o exp(-sigma))``, a pair is
+  skipped when ``alpha < 1/255`` (or ``sigma < 0``), a pixel stops *before* the Gaussian that would bring
+  its transmittance to ``<= 1e-4``.
+
+Pipeline (one function per stage, in this order):
+``quaternion_to_rotation`` -> ``gaussian_covariances`` -> ``project_gaussians`` (world -> camera, EWA,
+culling) -> ``spherical_harmonics`` (view-dependent colour) -> ``intersect_tiles`` (one sort on a
+combined (tile, depth) key) -> ``find_pixel_pairs`` (per-tile blocks, skip rule, no gradient) ->
+``composite_pairs`` (transmittance by a segmented scan, stop rule, weighted sums; autograd) ->
+``rasterize_gaussians`` (the public entry point).
+
+How the compositing is vectorised: the sequential per-pixel loop of the CUDA kernel is rewritten as
+masks. For each tile, the block ``tile pixels x tile's depth-sorted Gaussians`` is evaluated without
+gradient to find the (pixel, Gaussian) pairs that pass the skip rule; only those pairs (in pixel-major,
+depth-sorted order) go through the differentiable part, where the transmittance in front of every pair
+is ``exp`` of an exclusive cumulative sum of ``log(1 - alpha)`` within its pixel. Pairs whose inclusive
+transmittance is ``<= 1e-4`` get weight 0, which is exactly the stop rule because the transmittance never
+increases along a pixel's list. Tiles are processed in chunks of similar list length, which bounds
+memory; the result does not depend on ``tile_size`` (3.33 sigma boxes make every skipped pair invisible).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+ALPHA_MIN = 1.0 / 255.0  # skip pairs with alpha below this (3DGS / gsplat)
+TRANSMITTANCE_STOP = 1e-4  # stop a pixel before its transmittance would drop to this (gsplat)
+BOX_SIGMAS = 3.33  # per-axis radius of the screen-space box in standard deviations (gsplat 1.5)
+JACOBIAN_FOV_MARGIN = 0.3  # the EWA Jacobian is evaluated inside 1.3 x the half field of view
+PAIR_BLOCK_ELEMENTS = 1 << 22  # (tile pixels x tile Gaussians) evaluated at once in find_pixel_pairs
+
+# Real spherical harmonics constants of the 3DGS basis, degree 0-3 (Sloan, "Efficient Spherical
+# Harmonic Evaluation", JCGT 2013), in the order of 3DGS `features_dc` + `features_rest`.
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960395)
+SH_C3 = (
+    -0.5900435899266435,
+    2.890611442640554,
+    -0.4570457994644658,
+    0.3731763325901154,
+    -0.4570457994644658,
+    1.445305721320277,
+    -0.5900435899266435,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3D Gaussians: rotation, covariance
+# ----------------------------------------------------------------------------------------------------
+
+
+def quaternion_to_rotation(quats: Tensor) -> Tensor:
+    """Rotation matrices from quaternions ``quats: (N, 4)`` in (w, x, y, z) order (normalised here).
+
+    Returns ``(N, 3, 3)``.
+    """
+    w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
+    rotation = torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    )  # fmt: skip
+    return rotation.reshape(quats.shape[:-1] + (3, 3))
+
+
+def gaussian_covariances(quats: Tensor, scales: Tensor) -> Tensor:
+    """World-space covariances ``Sigma = R S S^T R^T`` (3DGS Eq. 6) from ``quats: (N, 4)``, ``scales: (N, 3)``.
+
+    Returns ``(N, 3, 3)``.
+    """
+    rotation_scale = quaternion_to_rotation(quats) * scales[:, None, :]  # M = R diag(s), (N, 3, 3)
+    return rotation_scale @ rotation_scale.transpose(-1, -2)  # 3DGS Eq. 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Projection: world -> camera, EWA splatting, culling
+# ----------------------------------------------------------------------------------------------------
+
+
+def project_gaussians(
+    means: Tensor,
+    covars: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.2,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+) -> dict[str, Tensor]:
+    """EWA projection of 3D Gaussians to the image (Zwicker et al. 2002; 3DGS Eq. 5) with culling.
+
+    Args:
+        means: (N, 3) world positions. covars: (N, 3, 3) world covariances.
+        viewmat: (4, 4) world-to-camera. K: (3, 3) intrinsics (skew ignored). width, height: image size.
+    Returns a dict:
+        ``means2d`` (N, 2) pixel coordinates of the centres, ``depths`` (N,) camera z,
+        ``conics`` (N, 3) upper triangle (xx, xy, yy) of the inverse 2D covariance,
+        ``radii`` (N, 2) int32 per-axis box half sizes in pixels, 0 for culled Gaussians,
+        ``visible`` (N,) bool (radii > 0).
+    """
+    rotation_cw, translation_cw = viewmat[:3, :3], viewmat[:3, 3]
+    means_cam = means @ rotation_cw.T + translation_cw  # (N, 3)
+    covars_cam = rotation_cw @ covars @ rotation_cw.T  # (N, 3, 3)
+    x, y, depths = means_cam.unbind(-1)
+    in_depth_range = (depths > near_plane) & (depths < far_plane)
+    # Culled Gaussians (e.g. z = 0 behind the camera) still flow through the arithmetic below; a safe
+    # depth keeps their values and gradients finite (they are masked out afterwards).
+    z = torch.where(in_depth_range, depths, torch.ones_like(depths))
+
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)  # perspective projection
+
+    # EWA Jacobian of the perspective map, evaluated at a point clamped to 1.3 x the field of view
+    # (3DGS `computeCov2D`, generalised by gsplat to an off-centre principal point).
+    tan_fov_x, tan_fov_y = 0.5 * width / fx, 0.5 * height / fy
+    lim_x_neg = cx / fx + JACOBIAN_FOV_MARGIN * tan_fov_x
+    lim_x_pos = (width - cx) / fx + JACOBIAN_FOV_MARGIN * tan_fov_x
+    lim_y_neg = cy / fy + JACOBIAN_FOV_MARGIN * tan_fov_y
+    lim_y_pos = (height - cy) / fy + JACOBIAN_FOV_MARGIN * tan_fov_y
+    x_clamped = z * torch.clamp(x / z, min=-lim_x_neg, max=lim_x_pos)
+    y_clamped = z * torch.clamp(y / z, min=-lim_y_neg, max=lim_y_pos)
+    zeros = torch.zeros_like(z)
+    jacobian = torch.stack(
+        [fx / z, zeros, -fx * x_clamped / (z * z), zeros, fy / z, -fy * y_clamped / (z * z)], dim=-1
+    ).reshape(-1, 2, 3)
+    covars2d = jacobian @ covars_cam @ jacobian.transpose(-1, -2)  # 3DGS Eq. 5: J W Sigma W^T J^T
+    covars2d = covars2d + eps2d * torch.eye(2, dtype=covars2d.dtype, device=covars2d.device)  # low-pass
+
+    var_x, cov_xy, var_y = covars2d[:, 0, 0], covars2d[:, 0, 1], covars2d[:, 1, 1]
+    det = (var_x * var_y - cov_xy * cov_xy).clamp(min=1e-10)
+    conics = torch.stack([var_y / det, -cov_xy / det, var_x / det], dim=-1)  # inverse 2D covariance
+
+    # Per-axis screen-space box: outside 3.33 sigma along an axis, alpha < 1/255 for any opacity <= 1.
+    with torch.no_grad():
+        radii = torch.ceil(BOX_SIGMAS * torch.stack([var_x, var_y], dim=-1).clamp(min=0).sqrt())  # (N, 2)
+        centre = means2d.detach()
+        on_image = (
+            (centre[:, 0] + radii[:, 0] > 0)
+            & (centre[:, 0] - radii[:, 0] < width)
+            & (centre[:, 1] + radii[:, 1] > 0)
+            & (centre[:, 1] - radii[:, 1] < height)
+        )
+        visible = in_depth_range & on_image & (radii > 0).all(dim=-1)
+        radii = torch.where(visible[:, None], radii, torch.zeros_like(radii)).to(torch.int32)
+    return {"means2d": means2d, "depths": depths, "conics": conics, "radii": radii, "visible": visible}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spherical harmonics (view-dependent colour)
+# ----------------------------------------------------------------------------------------------------
+
+
+def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
+    """Evaluate real spherical harmonics of degree 0-3 in the 3DGS basis: ``sum_k Y_k(dir) coeffs_k``.
+
+    Args:
+        degree: 0, 1, 2 or 3; the first ``(degree + 1)^2`` coefficients are used.
+        dirs: (..., 3) directions (normalised here). coeffs: (..., K, C) with K >= (degree + 1)^2.
+    Returns ``(..., C)``, without the +0.5 offset and clamping that the renderer applies.
+    """
+    if degree not in (0, 1, 2, 3):
+        raise ValueError(f"degree must be 0, 1, 2 or 3, got {degree}")
+    num_bases = (degree + 1) ** 2
+    if coeffs.shape[-2] < num_bases:
+        raise ValueError(f"coeffs must have at least {num_bases} coefficients on dim -2, got shape {tuple(coeffs.shape)}")
+    x, y, z = torch.unbind(dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-12), dim=-1)
+    bases = [torch.full_like(x, SH_C0)]
+    if degree >= 1:
+        bases += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
+    if degree >= 2:
+        xx, yy, zz = x * x, y * y, z * z
+        bases += [
+            SH_C2[0] * x * y,
+            SH_C2[1] * y * z,
+            SH_C2[2] * (2 * zz - xx - yy),
+            SH_C2[3] * x * z,
+            SH_C2[4] * (xx - yy),
+        ]
+    if degree >= 3:
+        bases += [
+            SH_C3[0] * y * (3 * xx - yy),
+            SH_C3[1] * x * y * z,
+            SH_C3[2] * y * (4 * zz - xx - yy),
+            SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
+            SH_C3[4] * x * (4 * zz - xx - yy),
+            SH_C3[5] * z * (xx - yy),
+            SH_C3[6] * x * (xx - 3 * yy),
+        ]
+    basis = torch.stack(bases, dim=-1)  # (..., num_bases)
+    return (basis[..., None] * coeffs[..., :num_bases, :]).sum(dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tile binning
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def intersect_tiles(
+    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """List every (tile, Gaussian) overlap, sorted by tile and front to back within a tile.
+
+    Args:
+        means2d: (N, 2). radii: (N, 2) int, 0 = culled. depths: (N,).
+    Returns:
+        ``tile_ids`` (I,) and ``gaussian_ids`` (I,) of the I intersections, sorted by one ``torch.sort``
+        on the key ``tile * N + depth_rank``; ``tile_starts`` (num_tiles + 1,) offsets of each tile's run.
+    """
+    num_gaussians = means2d.shape[0]
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    radii = radii.to(means2d.dtype)
+    tile_limits = torch.tensor([tiles_x, tiles_y], device=means2d.device)
+    tile_min = torch.minimum(torch.floor((means2d - radii) / tile_size).long().clamp(min=0), tile_limits)
+    tile_max = torch.minimum(torch.ceil((means2d + radii) / tile_size).long().clamp(min=0), tile_limits)
+    tile_extent = tile_max - tile_min  # (N, 2) tiles covered along x and y
+    tiles_per_gaussian = tile_extent.prod(dim=-1) * (radii > 0).all(dim=-1)
+
+    # One row per intersection: which Gaussian, and which tile of its box (row-major inside the box).
+    gaussian_ids = torch.repeat_interleave(torch.arange(num_gaussians, device=means2d.device), tiles_per_gaussian)
+    first_row = torch.cumsum(tiles_per_gaussian, 0) - tiles_per_gaussian
+    index_in_box = torch.arange(gaussian_ids.shape[0], device=means2d.device) - first_row[gaussian_ids]
+    box_width = tile_extent[gaussian_ids, 0].clamp(min=1)
+    tile_x = tile_min[gaussian_ids, 0] + index_in_box % box_width
+    tile_y = tile_min[gaussian_ids, 1] + index_in_box // box_width
+    tile_ids = tile_y * tiles_x + tile_x
+
+    # The depth order enters the key as a rank, which is exact for any dtype and ties (stable order).
+    depth_rank = gaussian_ids.new_empty(num_gaussians)
+    depth_rank[torch.argsort(depths, stable=True)] = torch.arange(num_gaussians, device=means2d.device)
+    sort_key = tile_ids * num_gaussians + depth_rank[gaussian_ids]
+    order = torch.sort(sort_key).indices  # the one sort: by tile, then front to back
+    tile_ids, gaussian_ids = tile_ids[order], gaussian_ids[order]
+    tile_counts = torch.bincount(tile_ids, minlength=tiles_x * tiles_y)
+    tile_starts = torch.cat([tile_counts.new_zeros(1), torch.cumsum(tile_counts, 0)])
+    return tile_ids, gaussian_ids, tile_starts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compositing
+# ----------------------------------------------------------------------------------------------------
+
+
+def pair_sigma(means2d: Tensor, conics: Tensor, pixel_x: Tensor, pixel_y: Tensor) -> Tensor:
+    """Gaussian exponent ``sigma = 1/2 d^T Sigma2D^-1 d`` with ``d = mean - pixel centre`` (broadcasting).
+
+    ``means2d: (..., 2)``, ``conics: (..., 3)`` and pixel centre coordinates broadcast against each other.
+    """
+    dx, dy = means2d[..., 0] - pixel_x, means2d[..., 1] - pixel_y
+    a, b, c = conics.unbind(-1)
+    return 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy  # 3DGS Eq. 4 exponent
+
+
+@torch.no_grad()
+def find_pixel_pairs(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    gaussian_ids: Tensor,
+    tile_starts: Tensor,
+    width: int,
+    height: int,
+    tile_size: int,
+) -> tuple[Tensor, Tensor]:
+    """(pixel, Gaussian) pairs that pass the skip rule, grouped by pixel and front to back in each pixel.
+
+    Each tile's block ``(tile pixels, tile's sorted Gaussians)`` is evaluated at once; tiles are taken
+    in chunks of similar list length (longest first) so that a block has at most
+    ``PAIR_BLOCK_ELEMENTS`` entries. A pair is kept iff ``sigma >= 0`` and ``o exp(-sigma) >= 1/255``,
+    written as ``sigma <= log(255 o)`` (gsplat's skip rule; alpha_max > 1/255 does not change it).
+    This reads the tile list lengths on the host once (one device sync).
+
+    Returns ``pixel_ids`` (M,) raster indices ``row * width + column`` and ``pair_gaussian_ids`` (M,).
+    """
+    device = means2d.device
+    tiles_x = math.ceil(width / tile_size)
+    tile_counts = tile_starts[1:] - tile_starts[:-1]
+    tiles_by_count = torch.argsort(tile_counts, descending=True, stable=True)
+    sorted_counts = tile_counts[tiles_by_count].tolist()  # the one host sync of the rasterizer
+    log_threshold = torch.log(opacities / ALPHA_MIN)  # skip iff sigma > log(255 o)
+    offsets = torch.arange(tile_size, device=device)
+    pixel_ids, pair_gaussian_ids = [], []
+    first = 0
+    while first < len(sorted_counts) and sorted_counts[first] > 0:
+        list_length = sorted_counts[first]
+        num_tiles = max(1, PAIR_BLOCK_ELEMENTS // (list_length * tile_size * tile_size))
+        tiles = tiles_by_count[first : first + num_tiles]  # (T,)
+        first += num_tiles
+        slot = torch.arange(list_length, device=device)
+        in_list = slot < tile_counts[tiles, None]  # (T, L)
+        rows = torch.minimum(tile_starts[tiles, None] + slot, tile_starts[-1:] - 1)
+        gaussians = gaussian_ids[rows]  # (T, L), padded slots repeat a valid id and are masked
+        column = (tiles % tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel columns in the tile
+        row = (tiles // tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel rows in the tile
+        sigma = pair_sigma(
+            means2d[gaussians][:, None, None],  # (T, 1, 1, L, 2)
+            conics[gaussians][:, None, None],
+            (column + 0.5)[:, None, :, None],  # (T, 1, S, 1) pixel centres
+            (row + 0.5)[:, :, None, None],  # (T, S, 1, 1)
+        )  # (T, S rows, S columns, L)
+        keep = (sigma >= 0) & (sigma <= log_threshold[gaussians][:, None, None]) & in_list[:, None, None]
+        keep &= ((row < height)[:, :, None] & (column < width)[:, None, :])[..., None]  # partial tiles
+        tile_index, in_row, in_column, in_slot = keep.nonzero(as_tuple=True)  # pixel-major, front to back
+        pixel_ids.append(row[tile_index, in_row] * width + column[tile_index, in_column])
+        pair_gaussian_ids.append(gaussians[tile_index, in_slot])
+    if not pixel_ids:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    return torch.cat(pixel_ids), torch.cat(pair_gaussian_ids)
+
+
+def exclusive_cumsum_per_pixel(values: Tensor, pixel_ids: Tensor) -> Tensor:
+    """Sum of the earlier ``values`` of the same pixel, for pairs stored as contiguous runs per pixel.
+
+    ``values: (M,)``, ``pixel_ids: (M,)``. One global ``cumsum`` whose running total is brought back to
+    ~0 at each run start (by subtracting the previous run's total, a detached constant), so float32
+    keeps full precision however many pairs precede a run; gradients are those of the exact sum.
+    """
+    run_start = torch.ones_like(pixel_ids, dtype=torch.bool)
+    run_start[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    run_id = torch.cumsum(run_start, 0) - 1  # (M,) index of each pair's run
+    start_rows = run_start.nonzero().squeeze(-1)  # (R,)
+    with torch.no_grad():
+        run_totals = torch.zeros(start_rows.shape[0], dtype=values.dtype, device=values.device)
+        run_totals.index_add_(0, run_id, values)
+        restart = torch.zeros_like(values)
+        restart[start_rows[1:]] = -run_totals[:-1]
+    before = torch.cumsum(values + restart, 0) - values  # running total before each pair
+    return before - before[start_rows[run_id]]
+
+
+def composite_pairs(
+    pixel_ids: Tensor,
+    pair_gaussian_ids: Tensor,
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    colors: Tensor,
+    width: int,
+    height: int,
+    alpha_max: float = 0.99,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Front-to-back alpha compositing of the kept pairs (3DGS Eq. 3), differentiable.
+
+    Args:
+        pixel_ids, pair_gaussian_ids: (M,) from ``find_pixel_pairs`` (runs per pixel, front to back).
+        means2d (N, 2), conics (N, 3), opacities (N,), depths (N,), colors (N, D): per Gaussian.
+        alpha_max: clamp of a single alpha (0.99 in 3DGS/FiT3D, 0.999 in gsplat).
+    Returns ``color (H*W, D)`` = sum_i c_i alpha_i T_i, ``alpha (H*W,)`` = 1 - final transmittance,
+    ``depth_acc (H*W,)`` = sum_i z_i alpha_i T_i, in raster order.
+    """
+    pixel_x = (pixel_ids % width).to(means2d.dtype) + 0.5  # pixel centres (column + 0.5, row + 0.5)
+    pixel_y = torch.div(pixel_ids, width, rounding_mode="floor").to(means2d.dtype) + 0.5
+    sigma = pair_sigma(means2d[pair_gaussian_ids], conics[pair_gaussian_ids], pixel_x, pixel_y)  # (M,)
+    alpha = torch.clamp(opacities[pair_gaussian_ids] * torch.exp(-sigma), max=alpha_max)  # 3DGS Eq. 2
+    log_one_minus_alpha = torch.log1p(-alpha)
+    transmittance = torch.exp(exclusive_cumsum_per_pixel(log_one_minus_alpha, pixel_ids))  # T_i, Eq. 3
+    # Stop rule as a mask: a pair counts only while the transmittance after it stays above 1e-4.
+    reached = (transmittance * (1 - alpha)).detach() > TRANSMITTANCE_STOP
+    weights = torch.where(reached, alpha * transmittance, torch.zeros_like(alpha))  # alpha_i T_i, (M,)
+
+    num_pixels = width * height
+    alpha_image = torch.zeros(num_pixels, dtype=weights.dtype, device=weights.device)
+    alpha_image = alpha_image.index_add(0, pixel_ids, weights)  # = 1 - prod(1 - alpha_i) over counted i
+    depth_acc = torch.zeros_like(alpha_image).index_add(0, pixel_ids, weights * depths[pair_gaussian_ids])
+    color = torch.zeros(num_pixels, colors.shape[-1], dtype=colors.dtype, device=colors.device)
+    color = color.index_add(0, pixel_ids, weights[:, None] * colors[pair_gaussian_ids])
+    return color, alpha_image, depth_acc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} must be finite, got NaN or Inf values")
+
+
+def _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background):
+    """Validate the arguments of ``rasterize_gaussians`` (ValueError/TypeError naming the argument)."""
+    tensors = {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors}
+    tensors |= {"viewmat": viewmat, "K": K}
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
+    for name in ("width", "height"):
+        size = {"width": width, "height": height}[name]
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if means.ndim != 2 or means.shape[1] != 3:
+        raise ValueError(f"means must have shape (N, 3), got {tuple(means.shape)}")
+    num = means.shape[0]
+    if quats.shape != (num, 4):
+        raise ValueError(f"quats must have shape (N, 4) = ({num}, 4), got {tuple(quats.shape)}")
+    if scales.shape != (num, 3):
+        raise ValueError(f"scales must have shape (N, 3) = ({num}, 3), got {tuple(scales.shape)}")
+    if opacities.shape not in ((num,), (num, 1)):
+        raise ValueError(f"opacities must have shape (N,) = ({num},), got {tuple(opacities.shape)}")
+    if sh_degree is None:
+        if colors.ndim != 2 or colors.shape[0] != num:
+            raise ValueError(f"colors must have shape (N, D) = ({num}, D), got {tuple(colors.shape)}")
+    else:
+        if sh_degree not in (0, 1, 2, 3):
+            raise ValueError(f"sh_degree must be None, 0, 1, 2 or 3, got {sh_degree!r}")
+        needed = (sh_degree + 1) ** 2
+        if colors.ndim != 3 or colors.shape[0] != num or colors.shape[1] < needed or colors.shape[2] != 3:
+            raise ValueError(
+                f"colors must be SH coefficients of shape (N, K >= {needed}, 3) for sh_degree={sh_degree}, "
+                f"got {tuple(colors.shape)}"
+            )
+    if viewmat.shape != (4, 4):
+        raise ValueError(f"viewmat must have shape (4, 4) (world-to-camera), got {tuple(viewmat.shape)}")
+    if K.shape != (3, 3):
+        raise ValueError(f"K must have shape (3, 3), got {tuple(K.shape)}")
+    for name, value in tensors.items():
+        _check_finite(name, value)
+    if (quats.norm(dim=-1) == 0).any():
+        raise ValueError("quats must have non-zero norm (they are normalised inside)")
+    if (scales <= 0).any():
+        raise ValueError("scales must be > 0 (standard deviations, post-activation)")
+    if ((opacities <= 0) | (opacities >= 1)).any():
+        raise ValueError("opacities must lie in (0, 1) (post-activation)")
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise ValueError(f"K must have positive focal lengths, got fx={K[0, 0].item()}, fy={K[1, 1].item()}")
+    if background is not None:
+        channels = 3 if sh_degree is not None else colors.shape[-1]
+        if not isinstance(background, Tensor) or background.shape != (channels,):
+            shape = tuple(background.shape) if isinstance(background, Tensor) else type(background).__name__
+            raise ValueError(f"background must be a tensor of shape (D,) = ({channels},), got {shape}")
+        _check_finite("background", background)
+
+
+def rasterize_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    *,
+    sh_degree: int | None = None,
+    background: Tensor | None = None,
+    near_plane: float = 0.2,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    alpha_max: float = 0.99,
+    tile_size: int = 16,
+    detach_geometry: bool = False,
+) -> dict[str, Tensor]:
+    """Render 3D Gaussians into one pinhole camera (gsplat semantics, see the module docstring).
+
+    Args:
+        means: (N, 3) world centres. quats: (N, 4) rotations (w, x, y, z), any non-zero norm.
+        scales: (N, 3) standard deviations (> 0). opacities: (N,) in (0, 1).
+        colors: (N, D) colours or features (any D), or with ``sh_degree`` SH coefficients (N, K, 3),
+            K >= (sh_degree + 1)^2, evaluated along ``normalise(mean - camera centre)`` (world frame) and
+            mapped to colour by ``max(SH + 0.5, 0)`` (gsplat / 3DGS).
+        viewmat: (4, 4) world-to-camera (OpenCV axes). K: (3, 3) intrinsics in pixels.
+        width, height: image size in pixels.
+        background: optional (D,) colour added with the final transmittance.
+        near_plane, far_plane: Gaussians with camera z outside (near, far) are culled.
+        eps2d: low-pass variance added to the 2D covariance. alpha_max: clamp of a single alpha.
+        tile_size: tile edge in pixels (does not change the result, only speed and memory).
+        detach_geometry: FiT3D's rule for feature Gaussians: composite with weights computed from
+            detached means/quats/scales/opacities, so a loss on ``render`` only trains ``colors``.
+    Returns a dict:
+        ``render`` (H, W, D), ``alpha`` (H, W), ``depth_acc`` (H, W) = sum w_i z_i,
+        ``depth_exp`` (H, W) = depth_acc / max(alpha, 1e-10), ``radii`` (N, 2) int32 (0 = culled),
+        ``means2d`` (N, 2) projected centres (its ``.grad`` is kept after backward for densification
+        when it requires grad), ``depths`` (N,) camera z, ``conics`` (N, 3).
+    """
+    _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background)
+    if not isinstance(tile_size, int) or tile_size <= 0:
+        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    if not 1.0 / 255.0 < alpha_max < 1.0:
+        raise ValueError(f"alpha_max must lie in (1/255, 1), got {alpha_max}")
+    opacities = opacities.reshape(-1)
+    viewmat, K = viewmat.to(means), K.to(means)
+    if detach_geometry:  # FiT3D: the feature loss never moves the geometry
+        means, quats, scales, opacities = means.detach(), quats.detach(), scales.detach(), opacities.detach()
+
+    covars = gaussian_covariances(quats, scales)
+    projected = project_gaussians(means, covars, viewmat, K, width, height, near_plane, far_plane, eps2d)
+    means2d, depths, conics, radii = projected["means2d"], projected["depths"], projected["conics"], projected["radii"]
+    if means2d.requires_grad:
+        means2d.retain_grad()  # the view-space gradient statistic of 3DGS densification
+
+    if sh_degree is not None:
+        camera_centre = -viewmat[:3, :3].T @ viewmat[:3, 3]  # inverse of the rigid world-to-camera map
+        colors = torch.clamp_min(spherical_harmonics(sh_degree, means - camera_centre, colors) + 0.5, 0.0)
+
+    _, gaussian_ids, tile_starts = intersect_tiles(means2d.detach(), radii, depths.detach(), width, height, tile_size)
+    pixel_ids, pair_gaussian_ids = find_pixel_pairs(
+        means2d.detach(), conics.detach(), opacities.detach(), gaussian_ids, tile_starts, width, height, tile_size
+    )
+    color, alpha, depth_acc = composite_pairs(
+        pixel_ids, pair_gaussian_ids, means2d, conics, opacities, depths, colors, width, height, alpha_max
+    )
+    if background is not None:
+        color = color + (1 - alpha)[:, None] * background.to(color)
+    return {
+        "render": color.reshape(height, width, -1),
+        "alpha": alpha.reshape(height, width),
+        "depth_acc": depth_acc.reshape(height, width),
+        "depth_exp": (depth_acc / alpha.clamp(min=1e-10)).reshape(height, width),
+        "radii": radii,
+        "means2d": means2d,
+        "depths": depths,
+        "conics": conics,
+    }
