@@ -1,0 +1,213 @@
+"""Tests of minimal3d/vmf_contrast.py against naive per-vertex loops, gradcheck and bad inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimal3d.vmf_contrast import (
+    VertexMemory,
+    _sample_vertices,
+    background_repulsion,
+    classification_scores,
+    confusion_weights,
+    grouped_vmf_contrast,
+)
+
+SIZES = [5, 4, 6]
+
+
+def make_case(seed=0, sizes=SIZES, batch=3, dim=4, num_background=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    memory = VertexMemory(sizes, dim=dim, num_background=num_background, generator=g).to(dtype)
+    memory.vertices.copy_(F.normalize(memory.vertices, dim=-1))  # unit in float64, not just float32
+    memory.background.copy_(F.normalize(memory.background, dim=-1))
+    K_max = max(sizes) + 1  # one padded slot more than any class
+    labels = torch.tensor([0, 2, 2, 1, 0][:batch])
+    features = F.normalize(torch.randn(batch, K_max, dim, generator=g, dtype=dtype), dim=-1)
+    keypoints = torch.rand(batch, K_max, 2, generator=g, dtype=dtype) * 100
+    visible = (torch.rand(batch, K_max, generator=g) > 0.3).to(dtype)
+    omega = torch.rand(len(sizes), len(sizes), generator=g, dtype=dtype) + 0.1
+    return memory, features, keypoints, visible, labels, omega
+
+
+def naive_loss(memory, features, keypoints, visible, labels, omega, sampled, temperature=0.07,
+               threshold=48.0, background_weight=0.005, scale="none"):
+    """Explicit loops over images and vertices: one cross-entropy per visible vertex (Eq. 5)."""
+    total, count = 0.0, 0
+    for b in range(features.shape[0]):
+        y = int(labels[b])
+        own = memory.class_vertices(y)
+        for k in range(own.shape[0]):
+            if visible[b, k] <= 0:
+                continue
+            f = features[b, k]
+            denominator = 0.0
+            for j in range(own.shape[0]):
+                near = (keypoints[b, k] - keypoints[b, j]).norm() <= threshold
+                if j == k or not near:
+                    denominator = denominator + torch.exp(f @ own[j] / temperature)
+            for n in range(memory.background.shape[0]):
+                denominator = denominator + background_weight * torch.exp(f @ memory.background[n] / temperature)
+            for other in range(memory.num_classes):
+                if other == y or omega[y, other] <= 0:
+                    continue
+                rows = sampled[other]
+                weight = omega[y, other] * (memory.num_vertices[other] / len(rows) if scale == "k_over_n" else 1.0)
+                for row in rows:
+                    denominator = denominator + weight * torch.exp(f @ memory.vertices[row] / temperature)
+            total = total - torch.log(torch.exp(f @ own[k] / temperature) / denominator)
+            count += 1
+    return total / count
+
+
+def all_rows(memory):
+    return {c: list(range(int(memory.class_offsets[c]), int(memory.class_offsets[c + 1])))
+            for c in range(memory.num_classes)}
+
+
+def sampled_rows(memory, num_sampled, seed):
+    rows, count = _sample_vertices(memory, num_sampled, torch.Generator().manual_seed(seed))
+    return {c: rows[c, :int(count[c])].tolist() for c in range(memory.num_classes)}
+
+
+def test_full_contrast_matches_naive_loops():
+    memory, features, keypoints, visible, labels, omega = make_case()
+    loss = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    expected = naive_loss(memory, features, keypoints, visible, labels, omega, all_rows(memory))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["none", "k_over_n"])
+def test_grouped_contrast_matches_naive_loops(scale):
+    memory, features, keypoints, visible, labels, omega = make_case(seed=1)
+    loss = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=2,
+                                cross_class_scale=scale, generator=torch.Generator().manual_seed(7))
+    expected = naive_loss(memory, features, keypoints, visible, labels, omega, sampled_rows(memory, 2, 7), scale=scale)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+
+
+def test_grouped_with_all_vertices_and_unit_omega_equals_full():
+    memory, features, keypoints, visible, labels, _ = make_case(seed=2, sizes=[6, 6, 6])
+    full = grouped_vmf_contrast(features, keypoints, visible, labels, memory, num_sampled=None)
+    for scale in ("none", "k_over_n"):  # N = K: sampling is a permutation, both scales agree
+        grouped = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=torch.ones(3, 3).double(),
+                                       num_sampled=6, cross_class_scale=scale, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(grouped, full, rtol=0, atol=1e-13)
+
+
+def test_zero_omega_removes_class_columns_exactly():
+    memory, features, keypoints, visible, labels, omega = make_case(seed=3)
+    omega[:, 1] = 0.0  # nobody contrasts with class 1 (and class 1 is not in the batch: labels 0, 2, 2)
+    loss, groups = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None,
+                                        return_logits=True)
+    class1 = set(range(int(memory.class_offsets[1]), int(memory.class_offsets[2])))
+    assert all(not (set(g["columns"].tolist()) & class1) for g in groups)
+    memory.vertices[sorted(class1)] = F.normalize(torch.randn(len(class1), 4, dtype=torch.float64), dim=-1)
+    changed = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    assert torch.equal(loss, changed)  # bitwise: the class's rows never enter
+
+
+def test_gradcheck_float64():
+    memory, features, keypoints, visible, labels, omega = make_case(seed=4)
+    features.requires_grad_(True)
+
+    def loss_of(f):
+        return grouped_vmf_contrast(f, keypoints, visible, labels, memory, omega=omega, num_sampled=2,
+                                    generator=torch.Generator().manual_seed(0))
+
+    assert torch.autograd.gradcheck(loss_of, (features,), eps=1e-6, atol=1e-7)
+
+
+def test_images_without_visible_vertices_are_a_no_op():
+    memory, features, keypoints, visible, labels, omega = make_case(seed=5)
+    visible[1] = 0.0
+    with_empty = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    keep = torch.tensor([0, 2])
+    without = grouped_vmf_contrast(features[keep], keypoints[keep], visible[keep], labels[keep], memory, omega=omega,
+                                   num_sampled=None)
+    torch.testing.assert_close(with_empty, without, rtol=0, atol=1e-14)
+    features.requires_grad_(True)
+    empty = grouped_vmf_contrast(features, keypoints, torch.zeros_like(visible), labels, memory)
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and torch.equal(features.grad, torch.zeros_like(features))
+
+
+def test_bad_inputs_raise():
+    memory, features, keypoints, visible, labels, omega = make_case(seed=6)
+    call = lambda **kw: grouped_vmf_contrast(**{**dict(vertex_features=features, keypoints=keypoints, visible=visible,
+                                                       labels=labels, memory=memory), **kw})
+    with pytest.raises(ValueError, match="labels"):
+        call(labels=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="omega"):
+        call(omega=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="omega"):
+        call(omega=-omega)
+    with pytest.raises(ValueError, match="unit"):
+        call(vertex_features=features * 2)
+    with pytest.raises(ValueError, match="keypoints"):
+        call(keypoints=keypoints[:, :2])
+    with pytest.raises(ValueError, match="slots"):
+        call(vertex_features=features[:, :3], keypoints=keypoints[:, :3], visible=visible[:, :3])
+    with pytest.raises(ValueError, match="cross_class_scale"):
+        call(cross_class_scale="k")
+
+
+def test_memory_update_matches_loops_and_fifo_wraps():
+    memory, features, _, visible, labels, _ = make_case(seed=7, num_background=5)
+    before_vertices, before_background = memory.vertices.clone(), memory.background.clone()
+    background = F.normalize(torch.randn(3, 1, 4, dtype=torch.float64), dim=-1)  # T = 1, 3 rows per step
+    memory.update(features, visible, labels, background)
+    expected = before_vertices.clone()
+    for c in range(memory.num_classes):
+        images = [b for b in range(3) if int(labels[b]) == c]
+        if not images:
+            continue
+        for k in range(memory.num_vertices[c]):
+            mean = sum(visible[b, k] * features[b, k] for b in images) / len(images)
+            row = int(memory.class_offsets[c]) + k
+            expected[row] = F.normalize(0.9 * before_vertices[row] + 0.1 * mean, dim=0)
+    torch.testing.assert_close(memory.vertices, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(memory.background[:3], background.reshape(3, 4), rtol=0, atol=1e-15)
+    assert torch.equal(memory.background[3:], before_background[3:]) and int(memory.pointer) == 3
+    memory.update(features, visible, labels, background.flip(0))  # 3 + 3 > 5 rows: restart at row 0
+    torch.testing.assert_close(memory.background[:3], background.flip(0).reshape(3, 4), rtol=0, atol=1e-15)
+    assert int(memory.pointer) == 3
+
+
+def test_confusion_weights():
+    confusion = torch.tensor([[90.0, 8.0, 2.0], [0.0, 10.0, 0.0], [0.0, 0.0, 0.0]])
+    omega = confusion_weights(confusion, threshold=0.05)
+    torch.testing.assert_close(omega, torch.tensor([[0.0, 0.08, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError):
+        confusion_weights(-confusion)
+
+
+def test_background_repulsion_equals_dense_mean():
+    g = torch.Generator().manual_seed(0)
+    background, rows = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
+    dense = 0.1 * torch.einsum("bnd,jd->bnj", background, rows).mean()
+    torch.testing.assert_close(background_repulsion(background, rows), dense, rtol=0, atol=1e-15)
+
+
+def test_classification_scores_match_loops():
+    g = torch.Generator().manual_seed(0)
+    memory = VertexMemory([3, 2, 4], dim=5, num_background=2, generator=g).double()
+    feature_map = F.normalize(torch.randn(2, 5, 3, 2, generator=g, dtype=torch.float64), dim=1)
+    owner = memory.vertex_class.clone()
+    owner[4] = -1  # a row that competes but belongs to no class (NOVUM padding)
+    compnet = classification_scores(feature_map, memory.vertices, owner, 3, memory.background, chunk=4)
+    novum = classification_scores(feature_map, memory.vertices, owner, 3, rule="novum", normalizer=12.0, chunk=4)
+    for b in range(2):
+        for y in range(3):
+            s_compnet, s_novum = 0.0, 0.0
+            for i in range(3):
+                for j in range(2):
+                    f = feature_map[b, :, i, j]
+                    own = max(float(f @ memory.vertices[r]) for r in range(9) if int(owner[r]) == y)
+                    s_compnet += max(own, max(float(f @ beta) for beta in memory.background))  # Eq. 7
+                    similarity = [float(f @ memory.vertices[r]) / 2 + 0.5 for r in range(9)]
+                    best = max(range(9), key=lambda r: similarity[r])
+                    s_novum += similarity[best] / 12.0 if int(owner[best]) == y else 0.0
+            assert abs(float(compnet[b, y]) - s_compnet) < 1e-12 and abs(float(novum[b, y]) - s_novum) < 1e-12
