@@ -50,7 +50,7 @@ def test_encoder_keys_are_torchvision_resnet18():
 
 
 def test_resnet50_keys_and_shapes():
-    with torch.device("meta"):  # keys and shapes only: the ResNet50 U-Net has 170M parameters
+    with torch.device("meta"):  # keys and shapes only: the ResNet50 U-Net has 175M parameters
         model = resunet50()
         out2 = model.eval()(torch.empty(1, 3, 64, 96))
         out8 = resunet50(output_stride=8).eval()(torch.empty(1, 3, 64, 96))
