@@ -104,22 +104,26 @@ def cuboid_mesh(ranges: Tensor, number_vertices: int) -> Mesh:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _barycentric(points: Tensor, triangles: Tensor) -> Tensor:
-    """Screen-space barycentrics (..., 3) of points (..., 2) in triangles (..., 3, 2); degenerate -> -1."""
-    a, b, c = triangles.unbind(-2)
-    area = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
-    safe = torch.where(area.abs() < 1e-12, torch.ones_like(area), area)
-    la = ((b[..., 0] - points[..., 0]) * (c[..., 1] - points[..., 1])
-          - (b[..., 1] - points[..., 1]) * (c[..., 0] - points[..., 0])) / safe
-    lb = ((c[..., 0] - points[..., 0]) * (a[..., 1] - points[..., 1])
-          - (c[..., 1] - points[..., 1]) * (a[..., 0] - points[..., 0])) / safe
-    bary = torch.stack([la, lb, 1 - la - lb], dim=-1)
-    return torch.where((area.abs() < 1e-12).unsqueeze(-1), torch.full_like(bary, -1.0), bary)
+def _face_planes(triangles: Tensor, depths: Tensor) -> Tensor:
+    """Affine maps (..., F, 4, 3) from (u, v, 1) to the 3 screen barycentrics and 1/z of every face.
 
-
-def _face_depth(bary: Tensor, depths: Tensor) -> Tensor:
-    """Perspective-correct depth 1 / sum_i (lambda_i / z_i) of points with screen barycentrics (..., 3)."""
-    return 1.0 / (bary / depths).sum(-1).clamp_min(1e-12)
+    triangles: (..., F, 3, 2), depths (..., F, 3). Screen-space barycentrics and the inverse depth of a
+    planar triangle are affine in the pixel coordinates, so a pixel-face test is one small matmul.
+    Degenerate faces and faces crossing the camera plane get all-(-1) barycentrics (never inside).
+    """
+    x, y = triangles[..., 0], triangles[..., 1]  # (..., F, 3)
+    nxt, prv = [1, 2, 0], [2, 0, 1]
+    area = (x[..., 1] - x[..., 0]) * (y[..., 2] - y[..., 0]) - (y[..., 1] - y[..., 0]) * (x[..., 2] - x[..., 0])
+    valid = (area.abs() > 1e-12) & (depths > 0).all(-1)
+    safe = torch.where(valid, area, torch.ones_like(area)).unsqueeze(-1)
+    # lambda_i(p) = cross(v_next - p, v_prev - p) / area, affine in p = (u, v)
+    coef_u = (y[..., nxt] - y[..., prv]) / safe
+    coef_v = (x[..., prv] - x[..., nxt]) / safe
+    coef_1 = (x[..., nxt] * y[..., prv] - y[..., nxt] * x[..., prv]) / safe
+    bary = torch.stack([coef_u, coef_v, coef_1], dim=-1)  # (..., F, 3, 3)
+    bary = torch.where(valid[..., None, None], bary, torch.tensor([0.0, 0.0, -1.0]).to(bary))
+    inverse_depth = (bary / depths.clamp_min(1e-12).unsqueeze(-1)).sum(-2, keepdim=True)  # (..., F, 1, 3)
+    return torch.cat([bary, inverse_depth], dim=-2)
 
 
 def vertex_visibility(mesh: Mesh, viewmat: Tensor, K: Tensor, depth_tolerance: float = 1e-5,
@@ -132,18 +136,16 @@ def vertex_visibility(mesh: Mesh, viewmat: Tensor, K: Tensor, depth_tolerance: f
     """
     viewmat = _check_pose(viewmat, K)
     uv, depth = project(mesh.vertices.to(viewmat), viewmat, K.to(viewmat))  # (P, V, 2), (P, V)
-    triangles, face_depths = uv[:, mesh.faces], depth[:, mesh.faces]  # (P, F, 3, 2), (P, F, 3)
-    in_front = (face_depths > 0).all(-1)  # (P, F)
+    planes = _face_planes(uv[:, mesh.faces], depth[:, mesh.faces])  # (P, F, 4, 3)
+    points = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1).transpose(1, 2)  # (P, 3, V)
     P, V = depth.shape
     hidden = torch.zeros(P, V, dtype=torch.bool, device=viewmat.device)
-    step = max(1, chunk // max(1, P * mesh.faces.shape[0]))
-    for start in range(0, V, step):  # chunks of vertices bound the (P, V_c, F) tests
-        point = uv[:, start:start + step, None]  # (P, V_c, 1, 2)
-        bary = _barycentric(point, triangles[:, None])  # (P, V_c, F, 3)
-        inside = (bary >= -1e-9).all(-1) & in_front[:, None]
-        surface = _face_depth(bary, face_depths[:, None])
-        occluder = inside & (surface < depth[:, start:start + step, None] * (1 - depth_tolerance))
-        hidden[:, start:start + step] = occluder.any(-1)
+    step = max(1, chunk // max(1, 4 * P * mesh.faces.shape[0]))
+    for start in range(0, V, step):  # chunks of vertices bound the (P, F, 4, V_c) tests
+        values = planes @ points[:, None, :, start:start + step]  # (P, F, 4, V_c)
+        inside = (values[:, :, :3] >= -1e-9).all(2)
+        in_front = values[:, :, 3] * depth[:, None, start:start + step] * (1 - depth_tolerance) > 1  # z_f < z_j (1 - tol)
+        hidden[:, start:start + step] = (inside & in_front).any(1)
     return ~hidden & (depth > 0)
 
 
@@ -166,25 +168,25 @@ def rasterize(mesh: Mesh, viewmat: Tensor, K: Tensor, height: int, width: int,
     centres = torch.stack([u, v], dim=-1).reshape(-1, 2).to(uv) + 0.5  # (HW, 2), pixel centres at +0.5
     P, Fn = viewmat.shape[0], mesh.faces.shape[0]
     with torch.no_grad():
-        triangles, face_depths = uv[:, mesh.faces], depth[:, mesh.faces]  # (P, F, 3, 2), (P, F, 3)
-        in_front = (face_depths > 0).all(-1)
-        best_depth = uv.new_full((P, height * width), float("inf"))
+        planes = _face_planes(uv[:, mesh.faces], depth[:, mesh.faces])  # (P, F, 4, 3)
+        homogeneous = torch.cat([centres, torch.ones_like(centres[:, :1])], dim=1).T  # (3, HW)
+        best_inverse = uv.new_zeros((P, height * width))  # 1 / depth, 0 = nothing hit
         best_face = torch.full((P, height * width), -1, dtype=torch.long, device=uv.device)
-        step = max(1, chunk // max(1, P * height * width))
-        for start in range(0, Fn, step):  # chunks of faces bound the (P, HW, F_c) tests
-            bary = _barycentric(centres[None, :, None], triangles[:, None, start:start + step])  # (P, HW, F_c, 3)
-            inside = (bary >= 0).all(-1) & in_front[:, None, start:start + step]
-            surface = torch.where(inside, _face_depth(bary, face_depths[:, None, start:start + step]),
-                                  torch.full_like(bary[..., 0], float("inf")))
-            chunk_depth, chunk_face = surface.min(dim=-1)
-            closer = chunk_depth < best_depth
-            best_depth = torch.where(closer, chunk_depth, best_depth)
+        step = max(1, chunk // max(1, 4 * P * height * width))
+        for start in range(0, Fn, step):  # chunks of faces bound the (P, F_c, 4, HW) tests
+            values = planes[:, start:start + step] @ homogeneous  # (P, F_c, 4, HW): 3 barycentrics, 1/z
+            inside = (values[:, :, :3] >= -1e-6).all(2)  # tiny slack: no cracks on shared edges
+            inverse = torch.where(inside, values[:, :, 3], torch.zeros_like(values[:, :, 3]))
+            chunk_inverse, chunk_face = inverse.max(dim=1)  # front-most = largest 1/z
+            closer = chunk_inverse > best_inverse
+            best_inverse = torch.where(closer, chunk_inverse, best_inverse)
             best_face = torch.where(closer, chunk_face + start, best_face)
     covered = best_face >= 0
     corners = mesh.faces[best_face.clamp_min(0)]  # (P, HW, 3)
     pose = torch.arange(P, device=uv.device)[:, None, None]
-    bary = _barycentric(centres[None], uv[pose, corners])  # (P, HW, 3) differentiable
-    corrected = bary / depth[pose, corners]  # perspective-correct weights
+    planes = _face_planes(uv[pose, corners], depth[pose, corners])  # (P, HW, 4, 3) of the chosen faces
+    values = (planes @ homogeneous.T[None, :, :, None]).squeeze(-1)  # (P, HW, 4) differentiable
+    corrected = values[..., :3] / depth[pose, corners].clamp_min(1e-12)  # perspective-correct weights
     weights = corrected / corrected.sum(-1, keepdim=True).clamp_min(1e-12)
     weights = torch.where(covered[..., None], weights, torch.zeros_like(weights))
     return best_face.reshape(P, height, width), weights.reshape(P, height, width, 3)
