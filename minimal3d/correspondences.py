@@ -310,18 +310,30 @@ def _voxel_downsample(points: Tensor, voxel_size: float) -> Tensor:
     return centroids
 
 
+def overlap_points(depth: Tensor, K: Tensor, viewmat: Tensor, voxel_size: float = 0.05,
+                   convention: str = "minimal3d") -> Tensor:
+    """World points of one frame for ``point_overlap``: valid depth back-projected and voxel-downsampled
+    (centroid per voxel_size voxel). depth: (H, W) -> (V, 3). Compute once per frame for a pair list."""
+    return _voxel_downsample(depth_to_world(depth, K, viewmat, convention), voxel_size)
+
+
+def point_overlap(points1: Tensor, points2: Tensor, radius: float) -> Tensor:
+    """max over both directions of the fraction of points with a point of the other set within radius.
+    points1: (N1, 3), points2: (N2, 3) -> 0-d tensor in [0, 1] (0 when a set is empty)."""
+    if len(points1) == 0 or len(points2) == 0:
+        return points1.new_zeros(())
+    return torch.maximum(_has_neighbour(points1, points2, radius).to(points1.dtype).mean(),
+                         _has_neighbour(points2, points1, radius).to(points1.dtype).mean())
+
+
 def frame_overlap(depth1: Tensor, depth2: Tensor, K: Tensor, viewmat1: Tensor, viewmat2: Tensor,
                   voxel_size: float = 0.05, radius_factor: float = 1.5, convention: str = "minimal3d",
                   K2: Tensor | None = None) -> Tensor:
     """Overlap of two RGB-D frames in [0, 1] (PointContrast compute_full_overlapping.py; Pri3D keeps pairs
     with overlap >= 0.3). Both depth maps are back-projected to world points and voxel-downsampled (5 cm);
     overlap = max over the two directions of the fraction of points with a point of the other frame within
-    radius_factor * voxel_size. Returns a 0-d tensor; 0 when a frame has no valid depth.
+    radius_factor * voxel_size (7.5 cm). Returns a 0-d tensor; 0 when a frame has no valid depth.
     """
-    points1 = _voxel_downsample(depth_to_world(depth1, K, viewmat1, convention), voxel_size)
-    points2 = _voxel_downsample(depth_to_world(depth2, K if K2 is None else K2, viewmat2, convention), voxel_size)
-    if len(points1) == 0 or len(points2) == 0:
-        return points1.new_zeros(())
-    radius = radius_factor * voxel_size
-    return torch.maximum(_has_neighbour(points1, points2, radius).float().mean(),
-                         _has_neighbour(points2, points1, radius).float().mean())
+    points1 = overlap_points(depth1, K, viewmat1, voxel_size, convention)
+    points2 = overlap_points(depth2, K if K2 is None else K2, viewmat2, voxel_size, convention)
+    return point_overlap(points1, points2, radius_factor * voxel_size)

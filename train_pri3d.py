@@ -1,0 +1,606 @@
+"""Pri3D: pretrain a 2D U-Net with 3D priors from RGB-D sequences, then fine-tune it for segmentation.
+
+Paper: Ji Hou, Saining Xie, Benjamin Graham, Angela Dai, Matthias Nießner, "Pri3D: Can 3D Priors Help 2D
+Representation Learning?", ICCV 2021, arXiv:2104.11225. Official code: Sekunde/Pri3D (pretrain/pri3d,
+downstream/semseg/unet). Conventions follow the official code; where the paper differs the flag says so.
+
+    python train_pri3d.py                                  # synthetic rooms: pretrain, then fine-tune table
+    python train_pri3d.py --data /path/scannet_export      # ScanNet SensReader export (layout below)
+    python train_pri3d.py --finetune --checkpoint out/pri3d/pri3d.pt   # downstream only
+    torchrun --nproc_per_node=2 train_pri3d.py ...          # data-parallel pretraining (gradient all-reduce)
+
+Pretraining (per pair of overlapping frames, batch of B pairs):
+  View: pixels of both frames that see the same 3D point (depth re-projection within --max-distance) are
+        positives, the other matched pixels negatives: PointInfoNCE on 1024 sampled matches of the
+        half-resolution feature maps (p // 2), loss / B.
+  Geo:  each frame's chunk of the scene geometry (voxels) goes through a sparse 3D U-Net; voxels seen by a
+        pixel are positives of that pixel: PointInfoNCE after linear heads w2d, w3d, loss / (2B) per frame.
+  Depth: an auxiliary 1x1-conv depth head with Pri3D's depth loss (on by default, as in scripts/scannet.sh).
+Fine-tuning: the pretrained U-Net (all but its last 1x1 conv) + 1x1 conv to classes, cross-entropy,
+mIoU on held-out frames; from scratch vs from the Pri3D checkpoint, at 100 % and --label-fraction labels.
+
+ScanNet layout (``reader.py`` export, one folder per scene): <scene>/color/<id>.jpg|png,
+<scene>/depth/<id>.png (uint16 mm, 0 = hole), <scene>/pose/<id>.txt (4x4 camera-to-world),
+<scene>/intrinsic/intrinsic_depth.txt (4x4), optional <scene>/label/<id>.png (NYU40 ids; mapped to the 20
+ScanNet benchmark classes, others ignored). Frames with id % --frame-skip == 0 and finite poses are used,
+resized to --height x --width (depth/labels nearest). The pair list (overlap >= --min-overlap) is
+computed once per scene and cached in <data>/pri3d_pairs/.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from minimal3d import runtime
+from minimal3d.correspondences import (frame_chunk_voxels, overlap_points, pixel_correspondences, point_overlap,
+                                       sample_matches, voxel_pixel_correspondences, voxelize_points,
+                                       depth_to_world)
+from minimal3d.point_info_nce import depth_loss, point_info_nce
+from minimal3d.probes import segmentation_metrics
+from minimal3d.resunet import ResUNet, load_torchvision_resnet
+from minimal3d.sparse_conv import SparseTensor, batch_coordinates, minkunet14, minkunet34c
+from minimal3d.vit import normalize_image
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", default="view+geo", choices=["view", "geo", "view+geo"])
+    parser.add_argument("--data", default=None, help="ScanNet export folder; synthetic rooms when omitted")
+    parser.add_argument("--out", default="out/pri3d")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a run of seconds (smoke test)")
+    parser.add_argument("--resume", action="store_true", help="continue pretraining from <out>/pri3d_last.pt")
+    # data
+    parser.add_argument("--height", type=int, default=None, help="240 for ScanNet (paper); 64 synthetic")
+    parser.add_argument("--width", type=int, default=None, help="320 for ScanNet (paper); 80 synthetic")
+    parser.add_argument("--frame-skip", type=int, default=25)
+    parser.add_argument("--min-overlap", type=float, default=0.3, help="pair list: overlap >= 30%%")
+    parser.add_argument("--rooms", type=int, default=4, help="synthetic: pretraining/fine-tuning rooms")
+    parser.add_argument("--val-rooms", type=int, default=2, help="synthetic: held-out evaluation rooms")
+    parser.add_argument("--frames", type=int, default=24, help="synthetic: frames per room")
+    parser.add_argument("--convention", default="minimal3d", choices=["minimal3d", "pri3d"],
+                        help="pixel convention; pri3d also uses the official fixed ScanNet intrinsics")
+    # pretraining (official scripts/scannet.sh unless noted)
+    parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--weights", default=None, help="torchvision ResNet state dict for the encoder "
+                        "(the paper starts from ImageNet; random init without it)")
+    parser.add_argument("--backbone3d", default="minkunet14", choices=["minkunet14", "minkunet34c"],
+                        help="official: minkunet34c; minkunet14 = half-width, one block per stage (CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="paper 60000; synthetic default 150")
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step and process (official 8/GPU)")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--schedule", default="exp", choices=["exp", "poly"],
+                        help="exp: paper, lr x0.99 every 1000 steps; poly: official code, PolyLR(0.9)")
+    parser.add_argument("--temperature", type=float, default=0.4)
+    parser.add_argument("--num-matches", type=int, default=1024, help="sampled per pair (replace iff fewer)")
+    parser.add_argument("--max-distance", type=float, default=0.05, help="official 0.05 m, paper text 0.02 m")
+    parser.add_argument("--voxel-size", type=float, default=None, help="2 cm (paper); 8 cm synthetic default")
+    parser.add_argument("--max-depth-diff", type=float, default=0.2, help="voxel-pixel depth tolerance (m)")
+    parser.add_argument("--no-depth-loss", action="store_true", help="drop the auxiliary depth loss")
+    parser.add_argument("--loss-chunk-size", type=int, default=None, help="stream the n x n logits")
+    parser.add_argument("--save-every", type=int, default=500)
+    # downstream
+    parser.add_argument("--finetune", action="store_true", help="skip pretraining, fine-tune --checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="Pri3D checkpoint for --finetune")
+    parser.add_argument("--no-finetune", action="store_true", help="pretraining only")
+    parser.add_argument("--label-fraction", type=float, default=0.2, help="data-efficiency row (also 1.0)")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="synthetic default 150")
+    parser.add_argument("--finetune-batch-size", type=int, default=8)
+    parser.add_argument("--finetune-lr", type=float, default=0.01, help="official semseg: SGD 0.01, PolyLR")
+    args = parser.parse_args(argv)
+    synthetic = args.data is None
+    defaults = dict(height=64 if synthetic else 240, width=80 if synthetic else 320,
+                    steps=150 if synthetic else 60000, voxel_size=0.08 if synthetic else 0.02,
+                    finetune_steps=150 if synthetic else 20000)
+    if args.quick:
+        defaults.update(height=64, width=64, steps=3, finetune_steps=3, voxel_size=0.15)
+        args.rooms, args.val_rooms, args.frames, args.num_matches = 1, 1, 6, 128
+        args.finetune_batch_size = 2
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not 0 < args.label_fraction <= 1:
+        raise ValueError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: scenes of RGB-D frames with poses, the pair list, the geometry chunks
+# ---------------------------------------------------------------------------------------------------
+
+SCANNET_NYU40_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)  # 20 classes
+SCANNET_CLASS_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
+                       "bookshelf", "picture", "counter", "desk", "curtain", "refrigerator",
+                       "shower curtain", "toilet", "sink", "bathtub", "otherfurniture")
+# official common/camera_intrinsics.py: one fixed ScanNet intrinsic at 320 x 240, integer pixel centres
+PRI3D_FIXED_INTRINSICS = (288.9353025, 288.9353025, 159.5, 119.5)
+
+
+@dataclass
+class Scene:
+    name: str
+    images: Tensor  # (T, 3, H, W) in [0, 1]
+    depth: Tensor  # (T, H, W) metres, 0 = hole
+    viewmats: Tensor  # (T, 4, 4) world-to-camera
+    K: Tensor  # (3, 3)
+    labels: Tensor | None  # (T, H, W) int64, -1 = unlabelled
+
+
+def synthetic_scenes(seeds, args) -> list[Scene]:
+    from minimal3d.synthetic import room_sequence
+
+    scenes = []
+    for seed in seeds:
+        room = room_sequence(seed, num_frames=args.frames, height=args.height, width=args.width)
+        scenes.append(Scene(f"room{seed}", room["images"], room["depth"], room["viewmats"], room["K"],
+                            room["labels"]))
+    return scenes
+
+
+def _read_image(path: Path, size: tuple[int, int], resample) -> np.ndarray:
+    return np.asarray(Image.open(path).resize((size[1], size[0]), resample))
+
+
+def load_scannet_scene(folder: Path, args) -> Scene:
+    """One exported ScanNet scene, resized to (height, width); K from intrinsic_depth.txt (or the official
+    fixed intrinsic with --convention pri3d)."""
+    size = (args.height, args.width)
+    frame_ids = sorted(int(p.stem) for p in (folder / "depth").glob("*.png") if int(p.stem) % args.frame_skip == 0)
+    images, depths, viewmats, labels = [], [], [], []
+    for frame in frame_ids:
+        pose = torch.from_numpy(np.loadtxt(folder / "pose" / f"{frame}.txt")).reshape(4, 4)
+        if not bool(torch.isfinite(pose).all()):  # lost tracking: ScanNet writes -inf poses
+            continue
+        color_path = next((folder / "color" / f"{frame}{ext}" for ext in (".jpg", ".png")
+                           if (folder / "color" / f"{frame}{ext}").exists()), None)
+        if color_path is None:
+            continue
+        images.append(torch.from_numpy(_read_image(color_path, size, Image.BILINEAR)[..., :3].copy()))
+        depth = _read_image(folder / "depth" / f"{frame}.png", size, Image.NEAREST).astype(np.float32) / 1000.0
+        depths.append(torch.from_numpy(depth))
+        viewmats.append(torch.linalg.inv(pose))
+        label_path = folder / "label" / f"{frame}.png"
+        if label_path.exists():
+            nyu40 = torch.from_numpy(_read_image(label_path, size, Image.NEAREST).astype(np.int64))
+            label = torch.full_like(nyu40, -1)
+            for index, nyu_id in enumerate(SCANNET_NYU40_IDS):
+                label[nyu40 == nyu_id] = index
+            labels.append(label)
+    if len(images) < 2:
+        raise ValueError(f"{folder}: fewer than 2 usable frames (need color/, depth/, pose/ with finite poses)")
+    if args.convention == "pri3d":  # official adjust_intrinsic of the fixed 320 x 240 intrinsic
+        fx, fy, cx, cy = PRI3D_FIXED_INTRINSICS
+        K = torch.tensor([[fx * args.width / 320, 0, cx * (args.width - 1) / 319],
+                          [0, fy * args.height / 240, cy * (args.height - 1) / 239], [0, 0, 1]], dtype=torch.float64)
+    else:  # ScanNet intrinsics put pixel centres on integers: shift by 0.5, then scale
+        intrinsic = np.loadtxt(folder / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
+        depth_height, depth_width = np.asarray(Image.open(folder / "depth" / f"{frame_ids[0]}.png")).shape[:2]
+        sx, sy = args.width / depth_width, args.height / depth_height
+        K = torch.tensor([[intrinsic[0, 0] * sx, 0, (intrinsic[0, 2] + 0.5) * sx],
+                          [0, intrinsic[1, 1] * sy, (intrinsic[1, 2] + 0.5) * sy], [0, 0, 1]], dtype=torch.float64)
+    return Scene(folder.name, torch.stack(images).permute(0, 3, 1, 2).float() / 255, torch.stack(depths),
+                 torch.stack(viewmats).float(), K.float(), torch.stack(labels) if len(labels) == len(images) else None)
+
+
+def overlapping_pairs(scene: Scene, min_overlap: float, convention: str) -> list[tuple[int, int]]:
+    """Frame pairs (i < j) with overlap >= min_overlap (5 cm voxels, 7.5 cm radius)."""
+    points = [overlap_points(scene.depth[t], scene.K, scene.viewmats[t], 0.05, convention)
+              for t in range(len(scene.depth))]
+    return [(i, j) for i in range(len(points)) for j in range(i + 1, len(points))
+            if float(point_overlap(points[i], points[j], 0.075)) >= min_overlap]
+
+
+def cached_pairs(scene: Scene, args) -> list[tuple[int, int]]:
+    """The pair list, computed once and cached as JSON (ScanNet: <data>/pri3d_pairs/<scene>_....json)."""
+    if args.data is None:
+        return overlapping_pairs(scene, args.min_overlap, args.convention)
+    path = Path(args.data) / "pri3d_pairs" / (f"{scene.name}_skip{args.frame_skip}_{args.height}x{args.width}_"
+                                              f"{args.convention}_overlap{args.min_overlap}.json")
+    if path.exists():
+        return [tuple(pair) for pair in json.loads(path.read_text())]
+    pairs = overlapping_pairs(scene, args.min_overlap, args.convention)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(pairs))
+    return pairs
+
+
+def scene_cloud(scene: Scene, voxel_size: float, convention: str) -> tuple[Tensor, Tensor]:
+    """The scene's geometry: all frames back-projected and fused, one point (centroid) and colour per voxel.
+    (The official chunks crop ScanNet's reconstructed mesh; fusing the frames needs no mesh file.)"""
+    points, colours = [], []
+    for t in range(len(scene.depth)):
+        valid = scene.depth[t].reshape(-1) > 0
+        points.append(depth_to_world(scene.depth[t], scene.K, scene.viewmats[t], convention).float())
+        colours.append(scene.images[t].reshape(3, -1).T[valid])
+    points, colours = torch.cat(points), torch.cat(colours)
+    _, features, _ = voxelize_points(points, voxel_size, torch.cat([points, colours], 1), convention)
+    return features[:, :3], features[:, 3:]
+
+
+@dataclass
+class Chunk:
+    voxels: Tensor  # (V, 3) int64
+    colours: Tensor  # (V, 3) in [0, 1]: the 3D network's input (official: RGB / 255)
+    pixels: Tensor  # (M, 2) (row, col) of the voxel-pixel matches
+    voxel_index: Tensor  # (M,)
+
+
+def frame_chunk(scene: Scene, cloud: tuple[Tensor, Tensor], t: int, args) -> Chunk:
+    voxels, colours = frame_chunk_voxels(cloud[0], scene.depth[t], scene.K, scene.viewmats[t], args.voxel_size,
+                                         cloud[1], args.convention)
+    pixels, voxel_index = voxel_pixel_correspondences(voxels, scene.depth[t], scene.K, scene.viewmats[t],
+                                                      args.voxel_size, args.max_depth_diff, args.convention)
+    return Chunk(voxels, colours, pixels, voxel_index)
+
+
+def color_jitter(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Colour-only augmentation (official: ColorJitter(0.4, 0.4, 0.4) p=0.8, grayscale p=0.2; geometry is
+    untouched so correspondences stay valid). images: (B, 3, H, W) in [0, 1]."""
+    batch = images.shape[0]
+
+    def factors(spread: float) -> Tensor:
+        apply = torch.rand(batch, 1, 1, 1, generator=generator) < 0.8
+        value = 1 + (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1) * spread
+        return torch.where(apply, value, torch.ones_like(value)).to(images)
+
+    gray = (images * torch.tensor([0.299, 0.587, 0.114]).to(images).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    images = images * factors(0.4)  # brightness
+    images = (images - gray.mean((2, 3), keepdim=True)) * factors(0.4) + gray.mean((2, 3), keepdim=True)  # contrast
+    images = (images - gray) * factors(0.4) + gray  # saturation
+    to_gray = (torch.rand(batch, 1, 1, 1, generator=generator) < 0.2).to(images.device)
+    return torch.where(to_gray, gray.expand_as(images), images).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and losses
+# ---------------------------------------------------------------------------------------------------
+
+class Pri3DNet(nn.Module):
+    """2D U-Net (half-resolution features) + optional sparse 3D U-Net with heads w2d, w3d + depth head."""
+
+    def __init__(self, backbone: str = "resnet18", geo: bool = True, depth_head: bool = True,
+                 backbone3d: str = "minkunet14"):
+        super().__init__()
+        channels = 32 if backbone == "resnet18" else 128  # official Res18UNet / Res50UNet outputs
+        self.backbone = ResUNet(18 if backbone == "resnet18" else 50, channels)
+        self.backbone3d = (minkunet14 if backbone3d == "minkunet14" else minkunet34c)(3, 96) if geo else None
+        self.w2d = nn.Linear(channels, 64) if geo else None
+        self.w3d = nn.Linear(96, 64) if geo else None
+        self.depth_head = nn.Conv2d(channels, 1, 1) if depth_head else None
+
+    def forward(self, images: Tensor, chunks: list[Chunk] | None = None):
+        """images: (N, 3, H, W) in [0, 1] -> features (N, C, H/2, W/2), depth (N, 1, H, W) or None,
+        voxel features: list of (V_i, 96) per chunk or None."""
+        features = self.backbone(normalize_image(images))
+        depth = None
+        if self.depth_head is not None:
+            depth = F.interpolate(self.depth_head(features), size=images.shape[-2:], mode="bilinear",
+                                  align_corners=True)  # official: bilinear, align_corners=True
+        voxel_features = None
+        if self.backbone3d is not None and chunks:
+            coords = batch_coordinates([chunk.voxels for chunk in chunks]).to(images.device)
+            colours = torch.cat([chunk.colours for chunk in chunks]).to(images)
+            out = self.backbone3d(SparseTensor(coords, colours)).feats
+            voxel_features = list(out.split([len(chunk.voxels) for chunk in chunks]))
+        return features, depth, voxel_features
+
+
+def gather_half_res(features: Tensor, pixels: Tensor) -> Tensor:
+    """features (C, h, w) at half resolution, pixels (M, 2) full-resolution (row, col) -> (M, C).
+    Official: round((p - 0.5) / 2) == p // 2 for p >= 0."""
+    pixels = pixels.to(features.device)
+    return features[:, pixels[:, 0] // 2, pixels[:, 1] // 2].T
+
+
+def contrastive_loss(features1: Tensor, features2: Tensor, matches: list[dict], mode: str, temperature: float,
+                     choose, voxel_features1=None, voxel_features2=None, w2d=None, w3d=None,
+                     chunk_size: int | None = None) -> tuple[Tensor, dict]:
+    """View and Geo PointInfoNCE of a batch of B frame pairs (official ``Pri3D.forward``).
+
+    features1/2: (B, C, h, w); matches[b]: dict(pos1, pos2 (M, 2) pixel matches; pixels1, voxel_index1,
+    pixels2, voxel_index2 voxel-pixel matches of each frame); voxel_features1/2[b]: (V, C3) rows of that
+    frame's chunk; choose(b, kind, n) -> sample indices (kind 0 view, 1/2 geo of frame 1/2).
+    As in the official code a pair without pixel matches is skipped entirely when the View loss is on
+    (its Geo terms too) while the divisors stay B and 2B. Returns the loss and skip counts.
+    """
+    batch = len(matches)
+    total = features1.new_zeros(())
+    counts = dict(view_terms=0, geo_terms=0, skipped_pairs=0, skipped_geo=0)
+    for b, match in enumerate(matches):
+        if "view" in mode:
+            if len(match["pos1"]) == 0:
+                counts["skipped_pairs"] += 1
+                continue
+            sample = choose(b, 0, len(match["pos1"]))
+            q = gather_half_res(features1[b], match["pos1"][sample])
+            k = gather_half_res(features2[b], match["pos2"][sample])
+            total = total + point_info_nce(q, k, temperature, chunk_size=chunk_size) / batch
+            counts["view_terms"] += 1
+        if "geo" in mode:
+            frames = ((features1[b], voxel_features1[b], match["pixels1"], match["voxel_index1"]),
+                      (features2[b], voxel_features2[b], match["pixels2"], match["voxel_index2"]))
+            for kind, (features, voxel_features, pixels, voxel_index) in enumerate(frames, start=1):
+                if len(pixels) == 0:
+                    counts["skipped_geo"] += 1
+                    continue
+                sample = choose(b, kind, len(pixels))
+                anchor = w2d(gather_half_res(features, pixels[sample]))
+                positive = w3d(voxel_features[voxel_index[sample].to(voxel_features.device)])
+                total = total + point_info_nce(anchor, positive, temperature, chunk_size=chunk_size) / (2 * batch)
+                counts["geo_terms"] += 1
+    return total, counts
+
+
+def learning_rate(args, step: int) -> float:
+    if args.schedule == "poly":
+        return args.lr * (1 - step / max(args.steps, 1)) ** 0.9
+    return args.lr * 0.99 ** (step // 1000)  # paper / PointContrast ExpLR
+
+
+# ---------------------------------------------------------------------------------------------------
+# Previews
+# ---------------------------------------------------------------------------------------------------
+
+PALETTE = torch.tensor([[0.6, 0.6, 0.6], [0.85, 0.37, 0.0], [0.0, 0.45, 0.7], [0.8, 0.47, 0.65],
+                        [0.95, 0.9, 0.25], [0.34, 0.7, 0.91], [0.0, 0.62, 0.45], [0.9, 0.6, 0.0],
+                        [0.5, 0.2, 0.7], [0.2, 0.8, 0.2], [0.7, 0.1, 0.1], [0.1, 0.1, 0.5]])
+
+
+def colorize_labels(labels: Tensor) -> Tensor:
+    """(H, W) int, -1 = ignore (black) -> (3, H, W)."""
+    colours = PALETTE[labels.clamp_min(0) % len(PALETTE)]
+    return (colours * (labels >= 0)[..., None]).permute(2, 0, 1)
+
+
+def match_preview(image1: Tensor, image2: Tensor, pos1: Tensor, pos2: Tensor) -> list[Tensor]:
+    """Matched pixels painted with a colour that encodes their frame-1 position, in both frames."""
+    height, width = image1.shape[-2:]
+    hue = torch.stack([pos1[:, 1] / width, pos1[:, 0] / height, 1 - pos1[:, 1] / width], dim=1).float()
+    view1, view2 = image1.clone() * 0.4, image2.clone() * 0.4
+    view1[:, pos1[:, 0], pos1[:, 1]] = hue.T
+    view2[:, pos2[:, 0], pos2[:, 1]] = hue.T
+    return [image1, view1, view2, image2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretraining
+# ---------------------------------------------------------------------------------------------------
+
+def broadcast_parameters(model: nn.Module, dist: runtime.Dist) -> None:
+    """Start every process from rank 0's weights (torchrun)."""
+    if dist.enabled:
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+
+def average_gradients(model: nn.Module, dist: runtime.Dist) -> None:
+    """All-reduce gradients by hand instead of DDP: a process whose pairs were all skipped still joins
+    with zero gradients, so no process waits for a parameter that got no gradient."""
+    if dist.enabled:
+        for parameter in model.parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= dist.world_size
+
+
+def pretrain(args, scenes: list[Scene], dist: runtime.Dist) -> tuple[Path, dict]:
+    device, out = dist.device, Path(args.out)
+    generator = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
+    pairs = [(s, i, j) for s, scene in enumerate(scenes) for i, j in cached_pairs(scene, args)]
+    if not pairs:
+        raise ValueError(f"no frame pairs with overlap >= {args.min_overlap}: more frames or a lower --min-overlap")
+    geo = "geo" in args.mode
+    clouds = [scene_cloud(scene, args.voxel_size, args.convention) for scene in scenes] if geo else None
+    chunk_cache: dict[tuple[int, int], Chunk] = {}
+
+    def chunk_of(s: int, t: int) -> Chunk:
+        if (s, t) not in chunk_cache:
+            chunk_cache[(s, t)] = frame_chunk(scenes[s], clouds[s], t, args)
+        return chunk_cache[(s, t)]
+
+    model = Pri3DNet(args.backbone, geo, not args.no_depth_loss, args.backbone3d)
+    if args.weights:
+        load_torchvision_resnet(model.backbone.encoder, args.weights)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, dampening=0.1)  # official
+    start, history = 0, []
+    last = out / "pri3d_last.pt"
+    if args.resume and last.exists():
+        state = torch.load(last, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+    broadcast_parameters(model, dist)
+    choose = lambda b, kind, n: sample_matches(n, args.num_matches, generator)  # noqa: E731
+    skipped = dict(skipped_pairs=0, skipped_geo=0)
+    progress = tqdm(range(start, args.steps), desc="pretrain", disable=not dist.is_main)
+    started = time.time()
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, step)
+        batch = [pairs[int(i)] for i in torch.randint(len(pairs), (args.batch_size,), generator=generator)]
+        images1 = torch.stack([scenes[s].images[i] for s, i, _ in batch])
+        images2 = torch.stack([scenes[s].images[j] for s, _, j in batch])
+        depth1 = torch.stack([scenes[s].depth[i] for s, i, _ in batch]).to(device)
+        depth2 = torch.stack([scenes[s].depth[j] for s, _, j in batch]).to(device)
+        matches, chunks1, chunks2 = [], [], []
+        for s, i, j in batch:
+            scene = scenes[s]
+            pos1, pos2 = pixel_correspondences(scene.depth[i], scene.depth[j], scene.K, scene.viewmats[i],
+                                               scene.viewmats[j], args.max_distance, args.convention)
+            match = dict(pos1=pos1, pos2=pos2)
+            if geo:
+                chunks1.append(chunk_of(s, i))
+                chunks2.append(chunk_of(s, j))
+                match.update(pixels1=chunks1[-1].pixels, voxel_index1=chunks1[-1].voxel_index,
+                             pixels2=chunks2[-1].pixels, voxel_index2=chunks2[-1].voxel_index)
+            matches.append(match)
+        images = color_jitter(torch.cat([images1, images2]), generator).to(device)
+        features, depth_pred, voxel_features = model(images, chunks1 + chunks2 if geo else None)
+        features1, features2 = features.chunk(2)
+        loss, counts = contrastive_loss(
+            features1, features2, matches, args.mode, args.temperature, choose,
+            voxel_features[:len(batch)] if geo else None, voxel_features[len(batch):] if geo else None,
+            model.w2d, model.w3d, args.loss_chunk_size)
+        for key in skipped:
+            skipped[key] += counts[key]
+        losses = dict(contrastive=loss.detach())
+        if depth_pred is not None:  # official: mean of the two views' depth losses
+            depth_term = (depth_loss(depth_pred[:len(batch)], depth1.to(depth_pred))
+                          + depth_loss(depth_pred[len(batch):], depth2.to(depth_pred))) / 2
+            losses["depth"] = depth_term.detach()
+            loss = loss + depth_term
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
+        optimizer.zero_grad(set_to_none=False)
+        if loss.requires_grad:  # False only when every pair was skipped and the depth loss is off
+            loss.backward()
+        average_gradients(model, dist)
+        optimizer.step()
+        record = {key: float(runtime.all_reduce_mean(value, dist)) for key, value in losses.items()}
+        history.append(dict(step=step, **record))
+        progress.set_postfix(**{key: f"{value:.3f}" for key, value in record.items()})
+        if dist.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
+                            history=history, args=vars(args)), last)
+    checkpoint = out / "pri3d.pt"
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(backbone=model.backbone.state_dict(), args=vars(args)), checkpoint)
+        s, i, j = pairs[0]
+        scene = scenes[s]
+        pos1, pos2 = pixel_correspondences(scene.depth[i], scene.depth[j], scene.K, scene.viewmats[i],
+                                           scene.viewmats[j], args.max_distance, args.convention)
+        runtime.save_png(out / "matches.png", match_preview(scene.images[i], scene.images[j], pos1, pos2))
+        with torch.no_grad():
+            model.eval()
+            features, _, _ = model(torch.stack([scene.images[i], scene.images[j]]).to(device))
+            basis = runtime.pca_basis(features[0])
+            runtime.save_png(out / "features.png", [scene.images[i], runtime.pca_rgb(features[0], basis),
+                                                    runtime.pca_rgb(features[1], basis), scene.images[j]])
+    summary = dict(steps=args.steps, pairs=len(pairs), seconds=time.time() - started, **skipped,
+                   first_loss=history[0] if history else None, last_loss=history[-1] if history else None)
+    return checkpoint, summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downstream: semantic segmentation fine-tuning
+# ---------------------------------------------------------------------------------------------------
+
+def finetune(args, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int,
+             backbone_state: dict | None, label_fraction: float, device: torch.device) -> tuple[dict, Tensor]:
+    """Fine-tune a ResUNet (out = classes; official Semantic2D) and return metrics on val and predictions.
+    train/val: images (N, 3, H, W), labels (N, H, W) with -1 = ignore."""
+    generator = torch.Generator().manual_seed(args.seed + 7)
+    images, labels = train
+    keep = torch.randperm(len(images), generator=generator)[:max(1, round(label_fraction * len(images)))]
+    images, labels = images[keep], labels[keep]
+    model = ResUNet(18 if args.backbone == "resnet18" else 50, num_classes)
+    if backbone_state is not None:
+        state = {key: value for key, value in backbone_state.items() if not key.startswith("decoder.conv0")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not key.startswith("decoder.conv0") for key in missing):
+            raise ValueError(f"checkpoint does not fit the U-Net: missing {missing}, unexpected {unexpected}")
+    elif args.weights:
+        load_torchvision_resnet(model.encoder, args.weights)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.finetune_lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    for step in range(args.finetune_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = args.finetune_lr * (1 - step / args.finetune_steps) ** 0.9  # PolyLR
+        index = torch.randint(len(images), (min(args.finetune_batch_size, len(images)),), generator=generator)
+        batch_images = color_jitter(images[index], generator).to(device)
+        logits = F.interpolate(model(normalize_image(batch_images)), size=batch_images.shape[-2:],
+                               mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, labels[index].to(device), ignore_index=-1)
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(val[0]), 8):
+            batch_images = val[0][start:start + 8].to(device)
+            logits = F.interpolate(model(normalize_image(batch_images)), size=batch_images.shape[-2:],
+                                   mode="bilinear", align_corners=False)
+            predictions.append(logits.argmax(1).cpu())
+    predictions = torch.cat(predictions)
+    metrics = segmentation_metrics(predictions, val[1], num_classes, ignore_index=-1)
+    return dict(metrics, train_frames=len(images), final_loss=float(loss.detach())), predictions
+
+
+def labelled_frames(scenes: list[Scene]) -> tuple[Tensor, Tensor]:
+    scenes = [scene for scene in scenes if scene.labels is not None]
+    if not scenes:
+        raise ValueError("fine-tuning needs labelled frames (<scene>/label/*.png for ScanNet)")
+    return torch.cat([scene.images for scene in scenes]), torch.cat([scene.labels for scene in scenes])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    dist = runtime.init_distributed(runtime.pick_device(args.device))
+    runtime.seed_everything(args.seed, dist.rank)
+    out = Path(args.out)
+    if args.data is None:
+        from minimal3d.synthetic import NUM_ROOM_CLASSES
+
+        train_scenes = synthetic_scenes(range(args.rooms), args)
+        val_scenes = synthetic_scenes(range(1000, 1000 + args.val_rooms), args)  # disjoint rooms
+        num_classes = NUM_ROOM_CLASSES
+    else:
+        folders = sorted(p for p in Path(args.data).iterdir() if (p / "depth").is_dir())
+        if len(folders) < 2:
+            raise ValueError(f"{args.data}: need at least 2 scene folders (the last ~20 % are held out)")
+        split = max(1, len(folders) // 5)
+        train_scenes = [load_scannet_scene(folder, args) for folder in folders[:-split]]
+        val_scenes = [load_scannet_scene(folder, args) for folder in folders[-split:]]
+        num_classes = len(SCANNET_NYU40_IDS)
+    metrics = dict(config=vars(args))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out / "pri3d.pt"
+    if not args.finetune:
+        checkpoint, metrics["pretrain"] = pretrain(args, train_scenes, dist)
+    if args.no_finetune or not dist.is_main:
+        if dist.is_main:
+            runtime.write_metrics(out, metrics)
+        return metrics
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no Pri3D checkpoint at {checkpoint}")
+    backbone_state = torch.load(checkpoint, map_location="cpu")["backbone"]
+    train, val = labelled_frames(train_scenes), labelled_frames(val_scenes)
+    rows, previews = [], {}
+    fractions = [1.0] + ([args.label_fraction] if args.label_fraction < 1 else [])
+    for fraction in tqdm(fractions, desc="fine-tune"):
+        for init, state in (("scratch", None), ("pri3d", backbone_state)):
+            result, predictions = finetune(args, train, val, num_classes, state, fraction, dist.device)
+            rows.append(dict(init=init, labels=f"{fraction:.0%}", mIoU=result["mIoU"], mAcc=result["mAcc"],
+                             aAcc=result["aAcc"], train_frames=result["train_frames"]))
+            previews[(init, fraction)] = predictions
+    metrics["finetune"] = rows
+    runtime.write_metrics(out, metrics)
+    shown = [0, len(val[0]) // 2]
+    for index in shown:
+        runtime.save_png(out / f"segmentation_{index}.png",
+                         [val[0][index], colorize_labels(val[1][index])]
+                         + [colorize_labels(previews[(init, 1.0)][index]) for init in ("scratch", "pri3d")])
+    print(runtime.format_table(rows))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
