@@ -306,8 +306,8 @@ def _nearest_hit(scene: Scene, origin: Tensor, directions: Tensor, chunk_rays: i
     groups, centers, radii = _bounding_groups(scene)
     to_center = centers - origin  # ray-sphere test for all groups at once: (R, G)
     along = directions @ to_center.T
-    discriminant = along ** 2 - ((to_center ** 2).sum(-1) - radii ** 2)
-    touches = (discriminant >= 0) & (along + discriminant.clamp_min(0).sqrt() > 0)
+    outside = (to_center ** 2).sum(-1) - radii ** 2  # > 0 when the origin is outside the sphere
+    touches = (along ** 2 >= outside) & ((along > 0) | (outside < 0))  # a real root with t > 0
     for group, touched in zip(groups, touches.T):
         kind = int(scene.kind[group[0]])
         weights = to_local[group].permute(2, 0, 1).reshape(3, -1)  # directions @ weights = M d per member
