@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="vit_tiny, batch 2, 224, 3 repeats")
-    parser.add_argument("--worker", nargs=5, metavar=("VARIANT", "MODE", "SIZE", "DEVICE", "ARCH"), help=argparse.SUPPRESS)
+    worker_fields = ("VARIANT", "MODE", "SIZE", "DEVICE", "ARCH")
+    parser.add_argument("--worker", nargs=5, metavar=worker_fields, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.arch, args.batch, args.sizes, args.repeats = "vit_tiny", 2, [224], 3
@@ -98,7 +99,8 @@ def main() -> None:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"arch {args.arch}, batch {args.batch}, median of {args.repeats}, threads {torch.get_num_threads()}")
-    print(f"{'device':6} {'size':>5} {'mode':8} {'sdpa ms':>9} {'naive ms':>9} {'speed-up':>8} {'sdpa MB':>9} {'naive MB':>9}")
+    header = ("device", "size", "mode", "sdpa ms", "naive ms", "speed-up", "sdpa MB", "naive MB")
+    print("{:6} {:>5} {:8} {:>9} {:>9} {:>8} {:>9} {:>9}".format(*header))
     for device in devices:
         for size in args.sizes:
             for mode in ("fwd", "fwd+bwd"):
