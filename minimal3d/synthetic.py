@@ -1,11 +1,20 @@
 """Procedural synthetic worlds rendered by an analytic ray caster in pure PyTorch.
 
-Every training script of minimal3d runs on these worlds when no real data is given. Each scene is a
+Every training script of minimal3d runs on these worlds when no real data is given, standing in for
+the data of the four papers: ImageNet-style single images with pseudo depth for 3D-Prior (Aygun et al.,
+"Enhancing 2D Representation Learning with a 3D Prior", 2024, arXiv:2406.02535); ScanNet-style RGB-D
+sequences with poses and semantic labels for Pri3D (Hou et al., 2021, arXiv:2104.11225) and FiT3D
+(Yue et al., 2024, arXiv:2407.20229); PASCAL3D+/ImageNet3D-style posed objects with OccludedPASCAL3D+
+occluder levels and ImageNet-C-style corruptions for 3D-CompNets (Yuan et al., "Scaling 3D Compositional
+Models for Robust Classification and Pose Estimation", ICCV 2025).
+No official code is followed: the worlds are our own, documented below. Each scene is a
 handful of analytic primitives (quads, oriented boxes, ellipsoids, cylinders) with procedural solid
-textures (solid colour, stripes, checkers, value noise), rendered exactly: every pixel ray is
-intersected with every primitive (vectorised, chunked over rays), the nearest hit gives metric z-depth,
-the per-object labels and a Lambert-shaded colour. Cameras follow ``minimal3d.cameras`` (OpenCV axes,
-world-to-camera ``viewmat``, pixel centres at +0.5, depth = camera z). Worlds are z-up.
+textures (solid colour, stripes, checkers, value noise), rendered exactly: the pixel rays are
+intersected with the primitives in closed form, vectorised over rays x primitives (with one bounding
+sphere per object and primitive kind to skip rays that cannot hit it, and chunks of rays to bound
+memory); the nearest hit gives metric z-depth, the per-object labels and a Lambert-shaded colour.
+Cameras follow ``minimal3d.cameras`` (OpenCV axes, world-to-camera ``viewmat``, pixel centres at +0.5,
+depth = camera z). Worlds are z-up.
 
 Determinism: every sample draws from its own ``torch.Generator`` seeded by a hash of (world, seed,
 split, index, stream), so the same arguments give bit-identical tensors in any order of requests.
@@ -32,13 +41,15 @@ Rendering (build your own scenes):
 - ``room_sequence(seed, num_frames=40, height=240, width=320, step_degrees=6.0) -> dict(images
   (T,3,H,W), depth (T,H,W), labels (T,H,W) int64 in [0, NUM_ROOM_CLASSES), instances (T,H,W),
   viewmats (T,4,4), K (3,3), class_names)``. ``seed`` selects the room; use disjoint seeds for splits.
-  ``ROOM_CLASS_NAMES``, ``NUM_ROOM_CLASSES``. Scene geometry: unproject ``depth`` (valid everywhere).
+  ``ROOM_CLASS_NAMES``, ``NUM_ROOM_CLASSES``; ``room_camera_path(seed, num_frames, step_degrees)``.
+  Scene geometry: unproject ``depth`` with ``cameras.unproject_depth`` (valid everywhere).
 3. Object-centric images of Y cuboid classes at a known pose (3D-CompNets):
 - ``object_sample(index, num_classes=10, split="train"|"calib"|"test", occlusion=0..3,
   corruption=None|"noise"|"blur"|"fog"|"brightness", severity=2, height=128, width=128, seed=0)
   -> dict(image, depth, mask (visible object, bool), amodal_mask, occluder_mask, occlusion_fraction,
   label, azimuth, elevation, theta, distance, viewmat, K, cuboid (3,))``; label = index % num_classes.
-- ``ObjectDataset(num_images, num_classes=10, split="train", occlusion=0, corruption=None, ...)``.
+- ``ObjectDataset(num_images, num_classes=10, split="train", occlusion=0, corruption=None, ...)``;
+  ``corrupt_image(image, depth, corruption, severity, generator)``; ``OCCLUSION_TARGETS``, ``CORRUPTIONS``.
 - ``class_cuboid(num_classes, class_index) -> (3,)`` full extents (x, y, z) of the class's cuboid,
   centred on the object origin; ``class_parts(num_classes, class_index) -> list[dict(kind, center,
   half_size)]`` the primitives inside it. Classes come in confusable pairs (2k, 2k+1).
@@ -282,8 +293,8 @@ def _bounding_groups(scene: Scene) -> tuple[list[Tensor], Tensor, Tensor]:
     scaled by half_size, hence within |half_size| of its centre (a quad within |(hx, hy)|)."""
     key = scene.instance * len(PRIMITIVES) + scene.kind
     groups = [torch.nonzero(key == k).squeeze(1) for k in torch.unique(key)]
-    extent = torch.where(scene.kind.unsqueeze(-1) == _QUAD, scene.half_size * torch.tensor([1.0, 1.0, 0.0]).to(scene.half_size),
-                         scene.half_size).norm(dim=-1)  # (P,)
+    flat = torch.tensor([1.0, 1.0, 0.0]).to(scene.half_size)  # a quad has no thickness
+    extent = torch.where(scene.kind.unsqueeze(-1) == _QUAD, scene.half_size * flat, scene.half_size).norm(dim=-1)
     centers = torch.stack([scene.center[g].mean(0) for g in groups])
     radii = torch.stack([((scene.center[g] - c).norm(dim=-1) + extent[g]).amax() for g, c in zip(groups, centers)])
     return groups, centers, radii
@@ -621,19 +632,22 @@ def _furniture_parts(name: str, rng: _Random) -> tuple[list, tuple[float, float]
     if name == "table":
         hx, hy, height = u(0.45, 0.8), u(0.35, 0.55), u(0.7, 0.78)
         parts = [("box", (0, 0, height - 0.025), (hx, hy, 0.025), 0)]
-        parts += [("cylinder", (sx * (hx - 0.07), sy * (hy - 0.07), (height - 0.05) / 2), (0.03, 0.03, (height - 0.05) / 2), 1)
+        leg = (height - 0.05) / 2
+        parts += [("cylinder", (sx * (hx - 0.07), sy * (hy - 0.07), leg), (0.03, 0.03, leg), 1)
                   for sx in (-1, 1) for sy in (-1, 1)]
     elif name == "chair":
         hx = hy = u(0.2, 0.26)
         seat = u(0.42, 0.48)
         back = u(0.2, 0.3)
-        parts = [("box", (0, 0, seat), (hx, hy, 0.03), 0), ("box", (0, hy - 0.03, seat + 0.03 + back), (hx, 0.03, back), 0)]
+        parts = [("box", (0, 0, seat), (hx, hy, 0.03), 0),
+                 ("box", (0, hy - 0.03, seat + 0.03 + back), (hx, 0.03, back), 0)]
         parts += [("box", (sx * (hx - 0.03), sy * (hy - 0.03), (seat - 0.03) / 2), (0.025, 0.025, (seat - 0.03) / 2), 1)
                   for sx in (-1, 1) for sy in (-1, 1)]
     elif name == "bed":
         hx, hy = u(0.7, 0.9), u(0.95, 1.05)
         parts = [("box", (0, 0, 0.17), (hx, hy, 0.17), 1), ("box", (0, 0.02, 0.42), (hx - 0.03, hy - 0.04, 0.09), 0),
-                 ("box", (0, hy - 0.04, 0.5), (hx, 0.04, 0.5), 1), ("box", (0, hy - 0.3, 0.56), (0.6 * hx, 0.16, 0.06), 0)]
+                 ("box", (0, hy - 0.04, 0.5), (hx, 0.04, 0.5), 1),  # headboard
+                 ("box", (0, hy - 0.3, 0.56), (0.6 * hx, 0.16, 0.06), 0)]  # pillow
     elif name == "sofa":
         hx, hy = u(0.8, 1.1), u(0.4, 0.47)
         parts = [("box", (0, 0, 0.22), (hx, hy, 0.22), 0), ("box", (0, hy - 0.1, 0.69), (hx, 0.1, 0.25), 0)]
@@ -644,7 +658,8 @@ def _furniture_parts(name: str, rng: _Random) -> tuple[list, tuple[float, float]
     elif name == "lamp":
         hx = hy = 0.2
         pole = u(0.6, 0.8)
-        parts = [("cylinder", (0, 0, 0.02), (0.15, 0.15, 0.02), 1), ("cylinder", (0, 0, 0.04 + pole), (0.02, 0.02, pole), 1),
+        parts = [("cylinder", (0, 0, 0.02), (0.15, 0.15, 0.02), 1),
+                 ("cylinder", (0, 0, 0.04 + pole), (0.02, 0.02, pole), 1),
                  ("sphere", (0, 0, 0.04 + 2 * pole + 0.12), (0.2, 0.2, 0.18), 0)]
     elif name == "plant":
         radius, pot = u(0.14, 0.2), u(0.14, 0.22)
@@ -738,9 +753,9 @@ def room_sequence(seed: int, num_frames: int = 40, height: int = 240, width: int
     viewmats = room_camera_path(seed, num_frames, step_degrees)
     K = cameras.fov_intrinsics(math.radians(fov_degrees), width, height)
     frames = [render_scene(scene, viewmat, K, width, height) for viewmat in viewmats]
-    return dict(images=torch.stack([f["image"] for f in frames]), depth=torch.stack([f["depth"] for f in frames]),
-                labels=torch.stack([f["label"] for f in frames]), instances=torch.stack([f["instance"] for f in frames]),
-                viewmats=viewmats, K=K, class_names=list(ROOM_CLASS_NAMES))
+    stacked = {key: torch.stack([frame[key] for frame in frames]) for key in frames[0]}
+    return dict(images=stacked["image"], depth=stacked["depth"], labels=stacked["label"],
+                instances=stacked["instance"], viewmats=viewmats, K=K, class_names=list(ROOM_CLASS_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -751,11 +766,11 @@ OBJECT_SPLITS = ("train", "calib", "test")
 CORRUPTIONS = ("noise", "blur", "fog", "brightness")
 OCCLUSION_TARGETS = (0.0, 0.2, 0.4, 0.6)  # covered fraction of the object mask at levels 0..3 (+-0.05)
 OBJECT_DISTANCE = (4.5, 5.5)  # camera distance range; every class's bounding sphere has radius 1.2
-OBJECT_FOCAL = 1.4  # focal length in units of min(H, W)
+OBJECT_FOCAL = 1.6  # focal length in units of min(H, W): the object spans about half the image
 MAX_OBJECT_CLASSES = 1000
 
 
-def _check_object_class(num_classes: int, class_index: int) -> None:
+def _check_object_class(num_classes: int, class_index: int = 0) -> None:
     if not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_OBJECT_CLASSES:
         raise ValueError(f"num_classes must be an int in [2, {MAX_OBJECT_CLASSES}], got {num_classes!r}")
     if not isinstance(class_index, int) or not 0 <= class_index < num_classes:
@@ -859,7 +874,7 @@ def _occluder_scene(amodal: Tensor, level: int, viewmat: Tensor, K: Tensor, near
 def _gaussian_blur(image: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of image (3, H, W) with reflect padding."""
     radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
     x = F.pad(image.unsqueeze(0), (radius, radius, radius, radius), mode="reflect")
@@ -911,7 +926,7 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
     """
     _check_index("index", index)
     _check_size(height, width)
-    _check_object_class(num_classes, index % num_classes if isinstance(num_classes, int) and num_classes > 0 else 0)
+    _check_object_class(num_classes)
     if split not in OBJECT_SPLITS:
         raise ValueError(f"split must be one of {OBJECT_SPLITS}, got {split!r}")
     if occlusion not in (0, 1, 2, 3):
@@ -937,7 +952,8 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
     eye = cameras.camera_center(viewmat.double())
     axes = viewmat[:3, :3].double()  # rows: camera right, down, forward in the object frame
     for k in range(3 + rng.integer(3)):  # clutter behind the object, inside the view
-        direction = F.normalize(axes[2] + rng.uniform(-0.45, 0.45) * axes[0] + rng.uniform(-0.45, 0.45) * axes[1], dim=0)
+        sideways, vertical = rng.uniform(-0.45, 0.45), rng.uniform(-0.45, 0.45)
+        direction = F.normalize(axes[2] + sideways * axes[0] + vertical * axes[1], dim=0)
         center = eye + direction * (distance + rng.uniform(3.5, 8.0))
         builder.add(rng.choice(_SHAPES), center, [rng.uniform(0.3, 1.2) for _ in range(3)],
                     _random_texture(rng, frequency=(0.5, 3.0)), instance=2 + k, yaw=rng.uniform(0, 2 * math.pi))
@@ -956,11 +972,11 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
         image = corrupt_image(image, depth, corruption, severity, rng.generator)
     mask = amodal & ~occluder_mask
     fraction = (amodal & occluder_mask).sum() / amodal.sum().clamp_min(1)
-    as_float = lambda value: torch.tensor(value, dtype=torch.float32)  # noqa: E731
+    angles = torch.tensor([azimuth, elevation, theta, distance], dtype=torch.float32)
     return dict(image=image, depth=depth, mask=mask, amodal_mask=amodal, occluder_mask=occluder_mask,
-                occlusion_fraction=fraction.float(), label=torch.tensor(label), azimuth=as_float(azimuth),
-                elevation=as_float(elevation), theta=as_float(theta), distance=as_float(distance),
-                viewmat=viewmat, K=K, cuboid=2 * torch.tensor(half))
+                occlusion_fraction=fraction.float(), label=torch.tensor(label), azimuth=angles[0],
+                elevation=angles[1], theta=angles[2], distance=angles[3], viewmat=viewmat, K=K,
+                cuboid=2 * torch.tensor(half))
 
 
 class ObjectDataset(torch.utils.data.Dataset):

@@ -64,7 +64,8 @@ def test_camera_inside_box_sees_its_walls_everywhere():
     render = synthetic.render_scene(room, viewmat, K, 32, 24)
     assert (render["depth"] > 0).all()
     points = cameras.unproject_depth(render["depth"], viewmat, K).reshape(-1, 3)
-    local = (points - torch.tensor([0.0, 0.0, 1.5], dtype=torch.float64)).abs() / torch.tensor([3.0, 4.0, 1.5], dtype=torch.float64)
+    center, half = torch.tensor([0.0, 0.0, 1.5]).double(), torch.tensor([3.0, 4.0, 1.5]).double()
+    local = (points - center).abs() / half
     torch.testing.assert_close(local.amax(-1), torch.ones(32 * 24, dtype=torch.float64), atol=1e-9, rtol=0)
 
 
@@ -124,8 +125,10 @@ def naive_ray_cast(primitives, viewmat, K, width, height):
 
 
 def test_ray_caster_matches_naive_loops():
-    primitives = [("quad", (0.0, 0.0, 0.0), (3.0, 3.0, 1.0), 0.2), ("box", (-0.8, 0.3, 0.5), (0.4, 0.3, 0.5), 0.7),
-                  ("sphere", (0.6, -0.2, 0.6), (0.5, 0.35, 0.6), 1.1), ("cylinder", (0.1, 0.9, 0.7), (0.3, 0.2, 0.7), -0.4)]
+    primitives = [("quad", (0.0, 0.0, 0.0), (3.0, 3.0, 1.0), 0.2),
+                  ("box", (-0.8, 0.3, 0.5), (0.4, 0.3, 0.5), 0.7),
+                  ("sphere", (0.6, -0.2, 0.6), (0.5, 0.35, 0.6), 1.1),
+                  ("cylinder", (0.1, 0.9, 0.7), (0.3, 0.2, 0.7), -0.4)]
     builder = synthetic.SceneBuilder()
     for number, (kind, center, half, yaw) in enumerate(primitives):
         builder.add(kind, center, half, synthetic.Texture(), instance=number, yaw=yaw)
@@ -141,7 +144,7 @@ def test_ray_caster_matches_naive_loops():
 def test_textures_and_shading_are_in_range_and_patterned():
     viewmat, K = camera((0.0, -3.0, 1.0), (0.0, 0.0, 1.0), 48, 32, fov=70.0)
     for pattern in synthetic.PATTERNS:
-        texture = synthetic.Texture(pattern, (0.9, 0.2, 0.1), (0.1, 0.3, 0.9), frequency=3.0, axis=(1.0, 0.0, 0.0), seed=5)
+        texture = synthetic.Texture(pattern, (0.9, 0.2, 0.1), (0.1, 0.3, 0.9), frequency=3.0, axis=(1, 0, 0), seed=5)
         builder = synthetic.SceneBuilder()
         builder.add("quad", (0.0, 0.0, 1.0), (3.0, 3.0, 1.0), texture, rotation=[[1, 0, 0], [0, 0, -1], [0, 1, 0]])
         image = synthetic.render_scene(builder.build(), viewmat, K, 48, 32)["image"]
@@ -195,7 +198,8 @@ def test_single_image_classes_differ_by_shape():
     assert counts == expected  # the number of visible objects follows the class layout
     dataset = synthetic.SingleImageDataset(5, "test", size=32, texture_swap=True, seed=1)
     assert len(dataset) == 5
-    assert torch.equal(dataset[4]["image"], synthetic.single_image_sample(4, "test", 32, 32, seed=1, texture_swap=True)["image"])
+    expected = synthetic.single_image_sample(4, "test", 32, 32, seed=1, texture_swap=True)
+    assert torch.equal(dataset[4]["image"], expected["image"])
 
 
 # ------------------------------------------------------------------------------------------------
