@@ -35,6 +35,7 @@ memory; the result does not depend on ``tile_size`` (3.33 sigma boxes make every
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -330,24 +331,96 @@ def find_pixel_pairs(
     return torch.cat(pixel_ids), torch.cat(pair_gaussian_ids)
 
 
-def exclusive_cumsum_per_pixel(values: Tensor, pixel_ids: Tensor) -> Tensor:
-    """Sum of the earlier ``values`` of the same pixel, for pairs stored as contiguous runs per pixel.
+def pixel_runs(pixel_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Structure of pairs stored as contiguous runs, one run per pixel.
 
-    ``values: (M,)``, ``pixel_ids: (M,)``. One global ``cumsum`` whose running total is brought back to
-    ~0 at each run start (by subtracting the previous run's total, a detached constant), so float32
-    keeps full precision however many pairs precede a run; gradients are those of the exact sum.
+    ``pixel_ids: (M,)``. Returns ``run_of_pair (M,)`` (index of each pair's run) and ``run_starts (R + 1,)``
+    (first pair of every run, then M), i.e. the CSR row offsets of the pixel x Gaussian weight matrix.
     """
-    run_start = torch.ones_like(pixel_ids, dtype=torch.bool)
-    run_start[1:] = pixel_ids[1:] != pixel_ids[:-1]
-    run_id = torch.cumsum(run_start, 0) - 1  # (M,) index of each pair's run
-    start_rows = run_start.nonzero().squeeze(-1)  # (R,)
+    starts_run = torch.ones_like(pixel_ids, dtype=torch.bool)
+    starts_run[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    run_of_pair = torch.cumsum(starts_run, 0) - 1
+    run_starts = torch.cat([starts_run.nonzero().squeeze(-1), pixel_ids.new_full((1,), pixel_ids.shape[0])])
+    return run_of_pair, run_starts
+
+
+def exclusive_cumsum_per_run(values: Tensor, run_of_pair: Tensor, run_starts: Tensor) -> Tensor:
+    """Sum of the earlier ``values`` of the same run (pixel), ``values: (M,)`` -> ``(M,)``.
+
+    One global ``cumsum`` whose running total is brought back to ~0 at each run start (by subtracting
+    the previous run's total, a detached constant), so float32 keeps full precision however many pairs
+    precede a run; gradients are those of the exact per-run sums.
+    """
     with torch.no_grad():
-        run_totals = torch.zeros(start_rows.shape[0], dtype=values.dtype, device=values.device)
-        run_totals.index_add_(0, run_id, values)
+        run_totals = torch.zeros(run_starts.shape[0] - 1, dtype=values.dtype, device=values.device)
+        run_totals.index_add_(0, run_of_pair, values)
         restart = torch.zeros_like(values)
-        restart[start_rows[1:]] = -run_totals[:-1]
+        restart[run_starts[1:-1]] = -run_totals[:-1]
     before = torch.cumsum(values + restart, 0) - values  # running total before each pair
-    return before - before[start_rows[run_id]]
+    return before - before[run_starts[run_of_pair]]
+
+
+class SparseWeightedSum(torch.autograd.Function):
+    """``W @ values`` for a sparse matrix ``W`` (R x N) in CSR form whose entries ``weights`` need gradients.
+
+    Forward: ``out[r] = sum_j W[r, j] values[j]``. Backward: ``dW = (grad @ values^T)`` sampled at the
+    non-zeros (``torch.sparse.sampled_addmm``) and ``dvalues = W^T @ grad``. Autograd through a sparse
+    tensor would instead materialise a dense R x N gradient. Equals ``index_add`` of ``w_j values[col_j]``.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, values: Tensor, row_offsets: Tensor, columns: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, values, row_offsets, columns)
+        return _csr(row_offsets, columns, weights, (row_offsets.shape[0] - 1, values.shape[0])) @ values
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        weights, values, row_offsets, columns = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        num_rows, num_columns = row_offsets.shape[0] - 1, values.shape[0]
+        grad_weights = grad_values = None
+        if ctx.needs_input_grad[0]:
+            pattern = _csr(row_offsets, columns, torch.zeros_like(weights), (num_rows, num_columns))
+            grad_weights = torch.sparse.sampled_addmm(pattern, grad_out, values.T.contiguous()).values()
+        if ctx.needs_input_grad[1]:  # W^T in CSR form: entries regrouped by column
+            rows = torch.repeat_interleave(torch.arange(num_rows, device=columns.device), row_offsets.diff())
+            by_column = torch.argsort(columns, stable=True)
+            column_counts = torch.bincount(columns, minlength=num_columns)
+            column_offsets = torch.cat([column_counts.new_zeros(1), torch.cumsum(column_counts, 0)])
+            transposed = _csr(column_offsets, rows[by_column], weights[by_column], (num_columns, num_rows))
+            grad_values = transposed @ grad_out
+        return grad_weights, grad_values, None, None
+
+
+def _csr(row_offsets: Tensor, columns: Tensor, entries: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_offsets, columns, entries, size=size, check_invariants=False)
+
+
+def weighted_sum_per_pixel(
+    weights: Tensor,
+    values: Tensor,
+    pair_gaussian_ids: Tensor,
+    run_starts: Tensor,
+    run_pixels: Tensor,
+    num_pixels: int,
+    sparse: bool | None = None,
+) -> Tensor:
+    """``out[p] = sum over pairs j of pixel p of weights_j values[gaussian_j]``, ``values: (N, C)`` -> ``(P, C)``.
+
+    The readable form is one ``index_add`` of the (M, C) weighted rows; with ``sparse`` (default on CPU
+    and CUDA) the same sum is the product of the sparse pixel x Gaussian weight matrix with ``values``,
+    which never materialises the (M, C) rows (several times faster for 64-dim features).
+    """
+    if sparse is None:
+        sparse = weights.device.type in ("cpu", "cuda")
+    out = torch.zeros(num_pixels, values.shape[-1], dtype=values.dtype, device=values.device)
+    if not sparse:
+        run_of_pair = torch.repeat_interleave(torch.arange(run_pixels.shape[0], device=weights.device), run_starts.diff())
+        return out.index_add(0, run_pixels[run_of_pair], weights[:, None] * values[pair_gaussian_ids])
+    per_run = SparseWeightedSum.apply(weights, values, run_starts, pair_gaussian_ids)  # (R, C)
+    return out.index_copy(0, run_pixels, per_run)
 
 
 def composite_pairs(
@@ -361,6 +434,7 @@ def composite_pairs(
     width: int,
     height: int,
     alpha_max: float = 0.99,
+    sparse: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Front-to-back alpha compositing of the kept pairs (3DGS Eq. 3), differentiable.
 
@@ -368,6 +442,7 @@ def composite_pairs(
         pixel_ids, pair_gaussian_ids: (M,) from ``find_pixel_pairs`` (runs per pixel, front to back).
         means2d (N, 2), conics (N, 3), opacities (N,), depths (N,), colors (N, D): per Gaussian.
         alpha_max: clamp of a single alpha (0.99 in 3DGS/FiT3D, 0.999 in gsplat).
+        sparse: how the weighted sums are formed, see ``weighted_sum_per_pixel``.
     Returns ``color (H*W, D)`` = sum_i c_i alpha_i T_i, ``alpha (H*W,)`` = 1 - final transmittance,
     ``depth_acc (H*W,)`` = sum_i z_i alpha_i T_i, in raster order.
     """
@@ -375,18 +450,18 @@ def composite_pairs(
     pixel_y = torch.div(pixel_ids, width, rounding_mode="floor").to(means2d.dtype) + 0.5
     sigma = pair_sigma(means2d[pair_gaussian_ids], conics[pair_gaussian_ids], pixel_x, pixel_y)  # (M,)
     alpha = torch.clamp(opacities[pair_gaussian_ids] * torch.exp(-sigma), max=alpha_max)  # 3DGS Eq. 2
-    log_one_minus_alpha = torch.log1p(-alpha)
-    transmittance = torch.exp(exclusive_cumsum_per_pixel(log_one_minus_alpha, pixel_ids))  # T_i, Eq. 3
+    run_of_pair, run_starts = pixel_runs(pixel_ids)
+    log_transmittance = exclusive_cumsum_per_run(torch.log1p(-alpha), run_of_pair, run_starts)
+    transmittance = torch.exp(log_transmittance)  # T_i = prod_{j < i} (1 - alpha_j), 3DGS Eq. 3
     # Stop rule as a mask: a pair counts only while the transmittance after it stays above 1e-4.
     reached = (transmittance * (1 - alpha)).detach() > TRANSMITTANCE_STOP
     weights = torch.where(reached, alpha * transmittance, torch.zeros_like(alpha))  # alpha_i T_i, (M,)
 
-    num_pixels = width * height
-    alpha_image = torch.zeros(num_pixels, dtype=weights.dtype, device=weights.device)
-    alpha_image = alpha_image.index_add(0, pixel_ids, weights)  # = 1 - prod(1 - alpha_i) over counted i
-    depth_acc = torch.zeros_like(alpha_image).index_add(0, pixel_ids, weights * depths[pair_gaussian_ids])
-    color = torch.zeros(num_pixels, colors.shape[-1], dtype=colors.dtype, device=colors.device)
-    color = color.index_add(0, pixel_ids, weights[:, None] * colors[pair_gaussian_ids])
+    # Colours, depth and alpha (= sum of weights = 1 - final transmittance) in one weighted sum.
+    values = torch.cat([colors, depths[:, None].to(colors), torch.ones_like(colors[:, :1])], dim=-1)
+    run_pixels = pixel_ids[run_starts[:-1]]
+    blended = weighted_sum_per_pixel(weights.to(colors), values, pair_gaussian_ids, run_starts, run_pixels, width * height, sparse)
+    color, depth_acc, alpha_image = blended[:, :-2], blended[:, -2], blended[:, -1]
     return color, alpha_image, depth_acc
 
 
