@@ -37,6 +37,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+RAY_BLOCK = 64  # rays are processed in multiples of this (see render_triplane)
+
 # Which two world axes (of q = 2 p / box_size) give (u, v) on each of the three planes.
 PLANE_AXES = {
     "xy_yz_zx": ((0, 1), (1, 2), (2, 0)),
@@ -158,15 +160,19 @@ def ray_box_intersection(origins: Tensor, directions: Tensor, box_size: float) -
     return torch.where(hit, t_start, -1.0), torch.where(hit, t_end, -2.0)
 
 
-def stratified_depths(near: Tensor, far: Tensor, num_samples: int, jitter: Tensor) -> Tensor:
+def stratified_depths(near: Tensor | float, far: Tensor | float, num_samples: int, jitter: Tensor) -> Tensor:
     """EG3D's coarse depths (..., S): linspace(near, far, S) + jitter * (far - near) / (S - 1).
 
-    near, far: (..., 1); jitter: broadcastable to (..., S), uniform in [0, 1) for training, 0 for a
-    deterministic render. The last sample can pass ``far`` (EG3D jitters a whole step, not inside a bin).
+    near, far: floats or (..., 1) tensors; jitter: broadcastable to (..., S), uniform in [0, 1) for
+    training, 0 for a deterministic render. The last sample can pass ``far`` (EG3D jitters a whole step,
+    not inside a bin). Rounding follows EG3D (torch.linspace for floats, near + k/(S-1) (far - near) for
+    tensors): the random test planes amplify one-ulp position changes 1000-fold.
     """
-    steps = torch.linspace(0.0, 1.0, num_samples, device=near.device, dtype=near.dtype)
     step_size = (far - near) / (num_samples - 1)
-    return torch.lerp(near, far, steps) + jitter * step_size  # lerp is exact at both ends
+    if isinstance(near, Tensor) or isinstance(far, Tensor):
+        steps = torch.arange(num_samples, device=jitter.device, dtype=jitter.dtype) / (num_samples - 1)
+        return near + steps * (far - near) + jitter * step_size
+    return torch.linspace(near, far, num_samples, device=jitter.device, dtype=jitter.dtype) + jitter * step_size
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,13 +309,13 @@ def _render_rays(planes, decoder, origins, directions, near, far, jitter, import
     return rgb, depth, opacity, raw_sigma
 
 
-def _as_ray_limit(name: str, value, like: Tensor) -> Tensor:
-    """near/far as a float or a tensor broadcastable to (B, R) or (B, R, 1) -> (B, R, 1)."""
+def _as_ray_limit(name: str, value, like: Tensor) -> Tensor | float:
+    """near/far as a finite float, or a tensor broadcastable to (B, R) or (B, R, 1) -> (B, R, 1)."""
     batch, rays = like.shape[:2]
     if not isinstance(value, Tensor):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite float or a tensor, got {value!r}")
-        return torch.full((batch, rays, 1), float(value), dtype=like.dtype, device=like.device)
+        return float(value)
     if value.dtype != like.dtype or value.device != like.device:
         raise TypeError(f"{name} must have the dtype and device of origins, got {value.dtype}, {value.device}")
     try:
@@ -355,12 +361,12 @@ def render_triplane(planes: Tensor, decoder, origins: Tensor, directions: Tensor
         raise ValueError(f"num_importance must be an int >= 0, got {num_importance!r}")
     if num_importance > 0 and num_samples < 3:
         raise ValueError(f"importance sampling needs num_samples >= 3, got {num_samples}")
-    floats = not isinstance(near, Tensor) and not isinstance(far, Tensor)
-    if floats and not near < far:
-        raise ValueError(f"near must be < far, got near={near}, far={far}")
     near = _as_ray_limit("near", near, origins)
     far = _as_ray_limit("far", far, origins)
-    if not floats and not bool((near < far).all()):  # a host sync, only for per-ray limits
+    if isinstance(near, float) and isinstance(far, float):
+        if not near < far:
+            raise ValueError(f"near must be < far, got near={near}, far={far}")
+    elif not bool((near < far).all()):  # a host sync, only for per-ray limits
         raise ValueError("near must be < far for every ray")
     batch, rays = origins.shape[:2]
     if jitter is None:
@@ -383,21 +389,24 @@ def render_triplane(planes: Tensor, decoder, origins: Tensor, directions: Tensor
     if chunk_rays is not None and (not isinstance(chunk_rays, int) or chunk_rays < 1):
         raise ValueError(f"chunk_rays must be a positive int or None, got {chunk_rays!r}")
 
+    # Vectorised CPU kernels (softplus, sigmoid, log1p, ...) run the last numel % 16 elements of a tensor
+    # through a scalar path that can differ in the last bit. Padding the rays to a multiple of RAY_BLOCK
+    # (repeating the last ray) and cutting chunks at multiples of it puts every element on the same code
+    # path whatever the chunking: chunk_rays changes the memory, never the numbers.
+    padded = -(-rays // RAY_BLOCK) * RAY_BLOCK
+    chunk = padded if chunk_rays is None else min(padded, -(-chunk_rays // RAY_BLOCK) * RAY_BLOCK)
+    index = torch.arange(padded, device=origins.device).clamp(max=rays - 1)
+    per_ray = [x if x is None or isinstance(x, float) else x.index_select(1, index)
+               for x in (origins, directions, near, far, jitter, importance_u)]
     options = dict(num_samples=num_samples, box_size=box_size, axes=axes, white_background=white_background)
-    if chunk_rays is None or chunk_rays >= rays:
-        outputs = _render_rays(planes, decoder, origins, directions, near, far, jitter, importance_u, **options)
-    else:
-        use_checkpoint = torch.is_grad_enabled()
-        chunks = []
-        for start in range(0, rays, chunk_rays):
-            part = slice(start, start + chunk_rays)
-            args = (planes, decoder, origins[:, part], directions[:, part], near[:, part], far[:, part],
-                    jitter[:, part], None if importance_u is None else importance_u[:, part])
-            if use_checkpoint:
-                chunks.append(checkpoint(_render_rays, *args, **options, use_reentrant=False))
-            else:
-                chunks.append(_render_rays(*args, **options))
-        outputs = [torch.cat(parts, 1) for parts in zip(*chunks)]
+    chunks = []
+    for start in range(0, padded, chunk):
+        part = [x if x is None or isinstance(x, float) else x[:, start:start + chunk] for x in per_ray]
+        if chunk < padded and torch.is_grad_enabled():  # keep only the chunk inputs, recompute in backward
+            chunks.append(checkpoint(_render_rays, planes, decoder, *part, **options, use_reentrant=False))
+        else:
+            chunks.append(_render_rays(planes, decoder, *part, **options))
+    outputs = [torch.cat(parts, 1)[:, :rays] for parts in zip(*chunks)]
     rgb, depth, opacity, raw_sigma = outputs
     return {"rgb": rgb, "depth": depth, "opacity": opacity, "raw_sigma": raw_sigma}
 

@@ -1,0 +1,417 @@
+"""minimal3d.triplane against naive per-ray loop references, gradcheck, analytic cases and bad inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from minimal3d.triplane import (PLANE_AXES, TriplaneDecoder, TriplaneGenerator, composite, ray_box_intersection,
+                                render_triplane, sample_importance, sample_pdf, sample_triplane)
+
+D = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------
+# Naive references: Python loops over points, samples and rays, straight from the README conventions
+# ---------------------------------------------------------------------------------------------------
+
+
+def naive_bilinear(plane, u, v):
+    """plane (C, H, W); u along W, v along H in [-1, 1]; align_corners=False; zero outside."""
+    channels, height, width = plane.shape
+    x = ((u + 1) * width - 1) / 2
+    y = ((v + 1) * height - 1) / 2
+    x0, y0 = math.floor(x), math.floor(y)
+    out = plane.new_zeros(channels)
+    for xi, wx in ((x0, x0 + 1 - x), (x0 + 1, x - x0)):
+        for yi, wy in ((y0, y0 + 1 - y), (y0 + 1, y - y0)):
+            if 0 <= xi < width and 0 <= yi < height:
+                out = out + wx * wy * plane[:, yi, xi]
+    return out
+
+
+def naive_sample_triplane(planes, points, box_size, plane_axes):
+    batch, _, channels = planes.shape[:3]
+    out = planes.new_zeros(batch, 3, points.shape[1], channels)
+    for b in range(batch):
+        for k, (a0, a1) in enumerate(PLANE_AXES[plane_axes]):
+            for m in range(points.shape[1]):
+                q = points[b, m] * 2 / box_size
+                out[b, k, m] = naive_bilinear(planes[b, k], float(q[a0]), float(q[a1]))
+    return out
+
+
+def naive_composite(colors, raw_sigma, t, shift=-1.0, white=False, far=None):
+    """One ray at a time: colors (R, S, 3), raw_sigma (R, S), t (R, S). Product transmittance."""
+    rgbs, depths, opacities = [], [], []
+    for r in range(t.shape[0]):
+        transmittance, rgb, depth_sum, opacity = 1.0, 0.0, 0.0, 0.0
+        for i in range(t.shape[1] - 1):
+            sigma = F.softplus((raw_sigma[r, i] + raw_sigma[r, i + 1]) / 2 + shift)
+            alpha = 1 - torch.exp(-sigma * (t[r, i + 1] - t[r, i]))
+            weight = alpha * transmittance
+            rgb = rgb + weight * (colors[r, i] + colors[r, i + 1]) / 2
+            depth_sum = depth_sum + weight * (t[r, i] + t[r, i + 1]) / 2
+            opacity = opacity + weight
+            transmittance = transmittance * (1 - alpha)
+        depth = depth_sum / opacity if opacity > 0 else (t[r, -1] if far is None else torch.as_tensor(far, dtype=t.dtype))
+        rgbs.append(rgb + (1 - opacity) if white else rgb)
+        depths.append(depth)
+        opacities.append(opacity)
+    return torch.stack(rgbs), torch.stack(depths).reshape(-1, 1), torch.stack(opacities).reshape(-1, 1)
+
+
+def naive_sample_pdf(bins, weights, u):
+    """One row at a time, linear search instead of searchsorted."""
+    out = torch.empty_like(u)
+    for r in range(u.shape[0]):
+        w = weights[r] + 1e-5
+        cdf = [0.0]
+        for value in w / w.sum():
+            cdf.append(cdf[-1] + float(value))
+        n = len(w)
+        for j, uj in enumerate(u[r].tolist()):
+            k = sum(1 for c in cdf if c <= uj)  # searchsorted(right=True)
+            lo, hi = max(k - 1, 0), min(k, n)
+            denom = cdf[hi] - cdf[lo]
+            denom = 1.0 if denom < 1e-5 else denom
+            out[r, j] = bins[r, lo] + (uj - cdf[lo]) / denom * (bins[r, hi] - bins[r, lo])
+    return out
+
+
+def naive_importance(depths, weights, u):
+    rows = []
+    for r in range(depths.shape[0]):
+        w = weights[r].tolist()
+        m = [max(w[max(i - 1, 0)], w[min(i, len(w) - 1)]) for i in range(len(w) + 1)]  # max_pool1d(2, 1, pad=1)
+        a = [(m[i] + m[i + 1]) / 2 + 0.01 for i in range(len(w))]  # avg_pool1d(2, 1) + 0.01
+        mids = [(depths[r, i] + depths[r, i + 1]) / 2 for i in range(depths.shape[1] - 1)]
+        rows.append((torch.stack(mids[:-1]), torch.tensor(a[1:-1], dtype=depths.dtype)))
+    return naive_sample_pdf(torch.stack([b for b, _ in rows]), torch.stack([w for _, w in rows]), u)
+
+
+def tiny_decoder(features):
+    """A smooth fixed decoder for float64 checks: (…, C) -> raw_sigma (…, 1), rgb (…, 3)."""
+    raw_sigma = 4 * features[..., :1] + features[..., 1:2] ** 2
+    rgb = torch.sigmoid(features[..., :3] * torch.tensor([1.0, -2.0, 0.5], dtype=features.dtype))
+    return raw_sigma, rgb
+
+
+def naive_render(planes, decoder, origins, directions, near, far, t_samples, box, axes):
+    """Sample positions given (R, K, sorted): loops over rays and samples, naive lookup and march."""
+    batch, rays = origins.shape[:2]
+    rgb, depth, opacity = [], [], []
+    for b in range(batch):
+        colors = torch.zeros(rays, t_samples.shape[-1], 3, dtype=planes.dtype)
+        raw = torch.zeros(rays, t_samples.shape[-1], dtype=planes.dtype)
+        for r in range(rays):
+            for k in range(t_samples.shape[-1]):
+                point = origins[b, r] + t_samples[b, r, k] * directions[b, r]
+                features = naive_sample_triplane(planes[b:b + 1], point.reshape(1, 1, 3), box, axes).mean(1)[0, 0]
+                raw_k, rgb_k = decoder(features)
+                raw[r, k], colors[r, k] = raw_k[0], rgb_k
+        out = naive_composite(colors, raw, t_samples[b], far=far)
+        rgb.append(out[0]), depth.append(out[1]), opacity.append(out[2])
+    return torch.stack(rgb), torch.stack(depth), torch.stack(opacity)
+
+
+def random_rays(batch, rays, dtype=D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    origins = torch.tensor([0.0, 0.0, -1.5], dtype=dtype).expand(batch, rays, 3).clone()
+    directions = torch.randn(batch, rays, 3, generator=gen, dtype=dtype) * 0.3 + torch.tensor([0, 0, 1.0], dtype=dtype)
+    return origins, F.normalize(directions, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Naive-reference comparisons
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plane_axes", ["xy_yz_zx", "eg3d"])
+def test_sample_triplane_matches_naive(plane_axes):
+    gen = torch.Generator().manual_seed(1)
+    planes = torch.randn(2, 3, 4, 5, 7, generator=gen, dtype=D)  # non-square: u must run along W
+    points = (torch.rand(2, 20, 3, generator=gen, dtype=D) - 0.5) * 1.6  # some points outside the 1.2 box
+    got = sample_triplane(planes, points, 1.2, plane_axes)
+    assert_close(got, naive_sample_triplane(planes, points, 1.2, plane_axes), rtol=1e-12, atol=1e-12)
+    outside = (points.abs() > 0.6).any(-1)
+    assert outside.any() and (got.abs().sum((1, 3))[outside] < 1e-12).any()  # zero padding outside the cube
+
+
+def test_composite_matches_naive():
+    gen = torch.Generator().manual_seed(2)
+    rays, samples = 6, 7
+    t = torch.sort(torch.rand(rays, samples, generator=gen, dtype=D) * 2 + 1, -1).values
+    raw_sigma = torch.randn(rays, samples, generator=gen, dtype=D) * 3
+    raw_sigma[0] = -1e4  # an empty ray: zero weight, depth = far
+    colors = torch.rand(rays, samples, 3, generator=gen, dtype=D)
+    for white in (False, True):
+        rgb, depth, opacity, weights = composite(colors, raw_sigma, t, white_background=white, far=5.0)
+        expected = naive_composite(colors, raw_sigma, t, white=white, far=5.0)
+        for got, want in zip((rgb, depth, opacity), expected):
+            assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert depth[0, 0] == 5.0 and opacity[0, 0] == 0
+        assert_close(weights.sum(-1, keepdim=True), opacity)
+
+
+def test_sample_pdf_and_importance_match_naive():
+    gen = torch.Generator().manual_seed(3)
+    rows, n, count = 9, 6, 11
+    bins = torch.sort(torch.rand(rows, n + 1, generator=gen, dtype=D), -1).values
+    weights = torch.rand(rows, n, generator=gen, dtype=D)
+    weights[0] = 0  # an all-zero pdf is uniform after + 1e-5
+    weights[1] = torch.tensor([0, 0, 1.0, 0, 0, 0], dtype=D)  # one-hot: every sample lands in bin 2
+    u = torch.rand(rows, count, generator=gen, dtype=D)
+    u[:, 0], u[:, -1] = 0.0, 1.0
+    got = sample_pdf(bins, weights, u)
+    assert_close(got, naive_sample_pdf(bins, weights, u), rtol=1e-12, atol=1e-12)
+    inner = (u[1] > 1e-4) & (u[1] < 1 - 1e-4)
+    assert ((got[1][inner] >= bins[1, 2]) & (got[1][inner] <= bins[1, 3])).all()
+    depths = torch.sort(torch.rand(rows, 8, generator=gen, dtype=D), -1).values
+    march_weights = torch.rand(rows, 7, generator=gen, dtype=D)
+    fine = sample_importance(depths, march_weights, u)
+    assert_close(fine, naive_importance(depths, march_weights, u), rtol=1e-12, atol=1e-12)
+    mids = (depths[:, 1:] + depths[:, :-1]) / 2  # EG3D's slice: samples stay in [tm_0, tm_{S-3}]
+    assert ((fine >= mids[:, :1] - 1e-12) & (fine <= mids[:, -2:-1] + 1e-12)).all()
+
+
+@pytest.mark.parametrize("num_importance", [0, 4])
+def test_render_matches_naive(num_importance):
+    gen = torch.Generator().manual_seed(4)
+    planes = torch.randn(2, 3, 4, 6, 6, generator=gen, dtype=D)
+    origins, directions = random_rays(2, 5, seed=4)
+    jitter = torch.rand(2, 5, 6, generator=gen, dtype=D)
+    u = torch.rand(2, 5, num_importance, generator=gen, dtype=D) if num_importance else None
+    out = render_triplane(planes, tiny_decoder, origins, directions, 0.8, 2.2, num_samples=6,
+                          num_importance=num_importance, box_size=1.5, jitter=jitter, importance_u=u)
+    # the naive renderer gets the sample positions: coarse from the EG3D formula, fine from the naive sampler
+    t = 0.8 + (torch.arange(6, dtype=D) + jitter) * (1.4 / 5)
+    if num_importance:
+        raw, rgb = [], []
+        for b in range(2):
+            features = naive_sample_triplane(planes[b:b + 1], (origins[b, :, None] + t[b, ..., None] * directions[b, :, None]).reshape(1, -1, 3), 1.5, "xy_yz_zx").mean(1)
+            raw_b, rgb_b = tiny_decoder(features[0])
+            raw.append(raw_b.reshape(5, 6)), rgb.append(rgb_b.reshape(5, 6, 3))
+        weights = [naive_composite_weights(rgb[b], raw[b], t[b]) for b in range(2)]
+        fine = torch.stack([naive_importance(t[b], weights[b], u[b]) for b in range(2)])
+        t = torch.sort(torch.cat([t, fine], -1), -1).values
+    rgb, depth, opacity = naive_render(planes, tiny_decoder, origins, directions, 0.8, 2.2, t, 1.5, "xy_yz_zx")
+    assert_close(out["rgb"], rgb, rtol=1e-10, atol=1e-12)
+    assert_close(out["depth"], depth, rtol=1e-10, atol=1e-12)
+    assert_close(out["opacity"], opacity, rtol=1e-10, atol=1e-12)
+
+
+def naive_composite_weights(colors, raw_sigma, t):
+    weights = torch.zeros(t.shape[0], t.shape[1] - 1, dtype=t.dtype)
+    for r in range(t.shape[0]):
+        transmittance = 1.0
+        for i in range(t.shape[1] - 1):
+            sigma = F.softplus((raw_sigma[r, i] + raw_sigma[r, i + 1]) / 2 - 1)
+            alpha = 1 - torch.exp(-sigma * (t[r, i + 1] - t[r, i]))
+            weights[r, i] = alpha * transmittance
+            transmittance = transmittance * (1 - alpha)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradients in float64
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_gradcheck_sample_triplane():
+    gen = torch.Generator().manual_seed(5)
+    planes = torch.randn(1, 3, 2, 3, 4, generator=gen, dtype=D, requires_grad=True)
+    points = ((torch.rand(1, 4, 3, generator=gen, dtype=D) - 0.5) * 0.9).requires_grad_(True)
+    for axes in ("xy_yz_zx", "eg3d"):
+        assert torch.autograd.gradcheck(lambda p, x: sample_triplane(p, x, 1.0, axes), (planes, points))
+
+
+def test_gradcheck_composite():
+    gen = torch.Generator().manual_seed(6)
+    colors = torch.rand(3, 5, 3, generator=gen, dtype=D, requires_grad=True)
+    raw_sigma = torch.randn(3, 5, generator=gen, dtype=D, requires_grad=True)
+    t = torch.sort(torch.rand(3, 5, generator=gen, dtype=D), -1).values.add(1).requires_grad_(True)
+    for white in (False, True):
+        assert torch.autograd.gradcheck(lambda c, s, z: composite(c, s, z, white_background=white)[:3],
+                                        (colors, raw_sigma, t))
+
+
+def test_gradcheck_render_triplane():
+    gen = torch.Generator().manual_seed(7)
+    planes = torch.randn(1, 3, 3, 4, 4, generator=gen, dtype=D, requires_grad=True)
+    decoder = TriplaneDecoder(feature_dim=3, hidden_dim=4).double()
+    origins, directions = random_rays(1, 3, seed=7)
+    directions.requires_grad_(True)
+    jitter = torch.rand(1, 3, 4, generator=gen, dtype=D)
+
+    def render(p, d, w1):
+        def dec(f):
+            return decoder.fc2(F.softplus(F.linear(f, w1, decoder.fc1.bias))).split([1, 3], -1)
+        out = render_triplane(p, dec, origins, d, 1.0, 2.0, num_samples=4, num_importance=0, jitter=jitter)
+        return out["rgb"], out["depth"], out["opacity"]
+
+    weight = decoder.fc1.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(render, (planes, directions, weight))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunking, analytic cases, robustness
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_chunked_is_bit_identical():
+    gen = torch.Generator().manual_seed(8)
+    planes = torch.randn(2, 3, 8, 16, 16, generator=gen, requires_grad=True)
+    decoder = TriplaneDecoder(feature_dim=8)
+    origins, directions = random_rays(2, 150, dtype=torch.float32, seed=8)
+    kwargs = dict(num_samples=8, num_importance=8, jitter=torch.rand(2, 150, 8, generator=gen),
+                  importance_u=torch.rand(2, 150, 8, generator=gen))
+    full = render_triplane(planes, decoder, origins, directions, 0.5, 2.5, **kwargs)
+    for chunk in (7, 16, 64):
+        with torch.no_grad():
+            chunked = render_triplane(planes, decoder, origins, directions, 0.5, 2.5, chunk_rays=chunk, **kwargs)
+        for key in full:
+            assert torch.equal(full[key], chunked[key]), key
+    # with gradients: checkpointed chunks, the same forward and the same gradients (summed in another order)
+    grad_full = torch.autograd.grad(full["rgb"].sum() + full["depth"].sum(), planes)[0]
+    chunked = render_triplane(planes, decoder, origins, directions, 0.5, 2.5, chunk_rays=64, **kwargs)
+    assert torch.equal(full["rgb"], chunked["rgb"])
+    grad_chunked = torch.autograd.grad(chunked["rgb"].sum() + chunked["depth"].sum(), planes)[0]
+    assert_close(grad_chunked, grad_full, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_density_and_colour():
+    """Constant raw density s over [near, far]: opacity = 1 - exp(-softplus(s - 1) (far - near)); rgb = c * opacity."""
+    planes = torch.zeros(1, 3, 2, 4, 4, dtype=D)
+    colour = torch.tensor([0.2, 0.5, 0.9], dtype=D)
+
+    def decoder(features):
+        return torch.full_like(features[..., :1], 0.7), colour.expand(*features.shape[:-1], 3)
+
+    origins, directions = random_rays(1, 4, seed=9)
+    out = render_triplane(planes, decoder, origins, directions, 1.0, 3.0, num_samples=9, num_importance=5)
+    assert_close(out["rgb"], colour * out["opacity"], rtol=1e-12, atol=1e-12)
+    zero_jitter = render_triplane(planes, decoder, origins, directions, 1.0, 3.0, num_samples=9, num_importance=0,
+                                  jitter=torch.zeros(()))
+    opacity = 1 - torch.exp(-F.softplus(torch.tensor(0.7 - 1.0, dtype=D)) * 2.0)  # marched length far - near
+    assert_close(zero_jitter["opacity"], opacity.expand(1, 4, 1), rtol=1e-12, atol=1e-12)
+    assert_close(zero_jitter["depth"].min(), zero_jitter["depth"].max())  # same on every ray
+
+
+def test_empty_missing_and_huge_density_rays_are_finite():
+    planes = torch.randn(1, 3, 4, 8, 8, requires_grad=True)
+    decoder = TriplaneDecoder(feature_dim=4)
+    origins, directions = random_rays(1, 6, dtype=torch.float32)
+    origins = origins + torch.tensor([0.0, 0, 0, 5, 5, 5]).reshape(1, 6, 1) * torch.tensor([1.0, 0, 0])
+    start, end = ray_box_intersection(origins, directions, 1.0)  # the last 3 rays pass beside the box
+    assert (end[:, 3:] < start[:, 3:]).all() and (end[:, :3] > start[:, :3]).all()
+    for scale in (-1e4, 0.0, 1e6, 1e30):  # zero density, the decoder as is, huge densities
+        def dec(features, scale=scale):
+            raw, rgb = decoder(features)
+            return (raw * 0 + scale) if scale else raw, rgb
+        out = render_triplane(planes, dec, origins, directions, 0.1, 4.0, num_samples=8, num_importance=8)
+        loss = sum(value.sum() for value in out.values() if value.dtype.is_floating_point)
+        grads = torch.autograd.grad(loss, [planes, *decoder.parameters()], allow_unused=True)
+        assert all(torch.isfinite(value).all() for value in out.values())
+        assert all(g is None or torch.isfinite(g).all() for g in grads)
+        if scale == -1e4:
+            assert (out["opacity"] == 0).all() and (out["depth"] == 4.0).all()
+        if scale >= 1e6:
+            assert_close(out["opacity"], torch.ones_like(out["opacity"]))
+
+
+def test_decoder_matches_formula():
+    decoder = TriplaneDecoder(feature_dim=5, hidden_dim=7)
+    features = torch.randn(4, 5)
+    raw_sigma, rgb = decoder(features)
+    hidden = F.softplus(features @ decoder.fc1.weight.T + decoder.fc1.bias)
+    out = hidden @ decoder.fc2.weight.T + decoder.fc2.bias
+    assert_close(raw_sigma, out[:, :1])
+    assert_close(rgb, torch.sigmoid(out[:, 1:]) * 1.002 - 0.001)
+    assert (rgb > -0.001).all() and (rgb < 1.001).all()
+
+
+def test_generator_shapes_and_token_order_invariance():
+    torch.manual_seed(0)
+    generator = TriplaneGenerator(input_dim=12, plane_channels=4, plane_resolution=16, embed_resolution=4,
+                                  dim=16, num_heads=2, num_layers=1)
+    tokens = torch.randn(2, 10, 12)
+    planes = generator(tokens)
+    assert planes.shape == (2, 3, 4, 16, 16)
+    # cross-attention without positions on the memory: permuting h's tokens changes nothing
+    assert_close(generator(tokens[:, torch.randperm(10)]), planes, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(generator(tokens[:1]), generator(tokens[1:]))
+    planes.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in generator.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs: ValueError / TypeError naming the argument
+# ---------------------------------------------------------------------------------------------------
+
+
+def _render_call(**overrides):
+    planes = torch.zeros(1, 3, 4, 8, 8)
+    origins, directions = random_rays(1, 5, dtype=torch.float32)
+    args = dict(planes=planes, decoder=TriplaneDecoder(4), origins=origins, directions=directions, near=1.0, far=2.0)
+    args.update(overrides)
+    return lambda: render_triplane(**args)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (_render_call(planes=torch.zeros(1, 2, 4, 8, 8)), ValueError, "planes"),
+    (_render_call(planes=torch.zeros(3, 4, 8, 8)), ValueError, "planes"),
+    (_render_call(planes=torch.zeros(1, 3, 4, 8, 8, dtype=torch.long)), TypeError, "planes"),
+    (_render_call(origins=torch.zeros(1, 5, 2)), ValueError, "origins"),
+    (_render_call(directions=torch.zeros(1, 4, 3)), ValueError, "directions"),
+    (_render_call(directions=torch.zeros(1, 5, 3, dtype=D)), TypeError, "directions"),
+    (_render_call(near=2.0, far=1.0), ValueError, "near"),
+    (_render_call(near=1.0, far=1.0), ValueError, "near"),
+    (_render_call(near=torch.full((1, 5, 1), 3.0)), ValueError, "near"),
+    (_render_call(near=float("nan")), ValueError, "near"),
+    (_render_call(far=torch.ones(1, 4)), ValueError, "far"),
+    (_render_call(box_size=float("inf")), ValueError, "box_size"),
+    (_render_call(box_size=-1.0), ValueError, "box_size"),
+    (_render_call(plane_axes="xz"), ValueError, "plane_axes"),
+    (_render_call(num_samples=1), ValueError, "num_samples"),
+    (_render_call(num_importance=-1), ValueError, "num_importance"),
+    (_render_call(jitter=torch.zeros(1, 5, 3)), ValueError, "jitter"),
+    (_render_call(importance_u=torch.zeros(1, 5, 3)), ValueError, "importance_u"),
+    (_render_call(chunk_rays=0), ValueError, "chunk_rays"),
+    (lambda: sample_triplane(torch.zeros(1, 4, 2, 3, 3), torch.zeros(1, 5, 3), 1.0), ValueError, "planes"),
+    (lambda: sample_triplane(torch.zeros(1, 3, 2, 3, 3), torch.zeros(1, 5, 2), 1.0), ValueError, "points"),
+    (lambda: sample_triplane(torch.zeros(1, 3, 2, 3, 3), torch.zeros(2, 5, 3), 1.0), ValueError, "points"),
+    (lambda: sample_triplane(torch.zeros(1, 3, 2, 3, 3), torch.zeros(1, 5, 3), float("nan")), ValueError, "box_size"),
+    (lambda: composite(torch.zeros(1, 3), torch.zeros(1), torch.zeros(1)), ValueError, "colors"),
+    (lambda: composite(torch.zeros(2, 4, 3), torch.zeros(2, 5), torch.zeros(2, 4)), ValueError, "raw_sigma"),
+    (lambda: sample_pdf(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, 3)), ValueError, "bins"),
+    (lambda: sample_importance(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, 3)), ValueError, "weights"),
+])
+def test_bad_inputs(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.compile gives the same numbers (slow)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_matches_eager():
+    gen = torch.Generator().manual_seed(10)
+    planes = torch.randn(1, 3, 8, 16, 16, generator=gen)
+    decoder = TriplaneDecoder(feature_dim=8)
+    origins, directions = random_rays(1, 64, dtype=torch.float32, seed=10)
+    kwargs = dict(num_samples=8, num_importance=8, jitter=torch.rand(1, 64, 8, generator=gen),
+                  importance_u=torch.rand(1, 64, 8, generator=gen))
+
+    def render(p):
+        return render_triplane(p, decoder, origins, directions, 1.0, 2.0, **kwargs)
+
+    eager = render(planes)
+    compiled = torch.compile(render)(planes)
+    for key in eager:
+        assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-5)
