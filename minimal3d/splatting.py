@@ -344,20 +344,41 @@ def pixel_runs(pixel_ids: Tensor) -> tuple[Tensor, Tensor]:
     return run_of_pair, run_starts
 
 
-def exclusive_cumsum_per_run(values: Tensor, run_of_pair: Tensor, run_starts: Tensor) -> Tensor:
-    """Sum of the earlier ``values`` of the same run (pixel), ``values: (M,)`` -> ``(M,)``.
+@torch.no_grad()
+def _exclusive_cumsum_per_run(values: Tensor, run_of_pair: Tensor) -> Tensor:
+    """Sum of the earlier ``values`` of the same run, for runs stored contiguously (no autograd).
 
     One global ``cumsum`` whose running total is brought back to ~0 at each run start (by subtracting
-    the previous run's total, a detached constant), so float32 keeps full precision however many pairs
-    precede a run; gradients are those of the exact per-run sums.
+    the previous run's total), so float32 keeps full precision however many pairs precede a run.
     """
-    with torch.no_grad():
-        run_totals = torch.zeros(run_starts.shape[0] - 1, dtype=values.dtype, device=values.device)
-        run_totals.index_add_(0, run_of_pair, values)
-        restart = torch.zeros_like(values)
-        restart[run_starts[1:-1]] = -run_totals[:-1]
-    before = torch.cumsum(values + restart, 0) - values  # running total before each pair
-    return before - before[run_starts[run_of_pair]]
+    num_runs = int(run_of_pair[-1]) + 1 if run_of_pair.numel() else 0
+    run_totals = torch.zeros(num_runs, dtype=values.dtype, device=values.device).index_add_(0, run_of_pair, values)
+    starts_run = torch.ones_like(run_of_pair, dtype=torch.bool)
+    starts_run[1:] = run_of_pair[1:] != run_of_pair[:-1]
+    restart = torch.zeros_like(values)
+    restart[starts_run.nonzero().squeeze(-1)[1:]] = -run_totals[:-1]
+    before = torch.cumsum(values + restart, 0) - values  # running total before each pair, ~0 at a run start
+    run_start_value = torch.zeros_like(run_totals).index_copy_(0, run_of_pair[starts_run], before[starts_run])
+    return before - run_start_value[run_of_pair]
+
+
+class ExclusiveCumsumPerRun(torch.autograd.Function):
+    """``out_j = sum of values_i over the earlier pairs i of j's run`` (runs contiguous), ``(M,) -> (M,)``.
+
+    The backward is the same scan in reverse order, again per run: autograd through one global
+    ``cumsum`` would accumulate gradients across all runs and lose float32 precision.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, run_of_pair: Tensor) -> Tensor:
+        ctx.save_for_backward(run_of_pair)
+        return _exclusive_cumsum_per_run(values, run_of_pair)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
+        (run_of_pair,) = ctx.saved_tensors
+        reversed_runs = run_of_pair.flip(0)
+        return _exclusive_cumsum_per_run(grad_out.flip(0), reversed_runs[0] - reversed_runs).flip(0), None
 
 
 class SparseWeightedSum(torch.autograd.Function):
@@ -451,7 +472,7 @@ def composite_pairs(
     sigma = pair_sigma(means2d[pair_gaussian_ids], conics[pair_gaussian_ids], pixel_x, pixel_y)  # (M,)
     alpha = torch.clamp(opacities[pair_gaussian_ids] * torch.exp(-sigma), max=alpha_max)  # 3DGS Eq. 2
     run_of_pair, run_starts = pixel_runs(pixel_ids)
-    log_transmittance = exclusive_cumsum_per_run(torch.log1p(-alpha), run_of_pair, run_starts)
+    log_transmittance = ExclusiveCumsumPerRun.apply(torch.log1p(-alpha), run_of_pair)
     transmittance = torch.exp(log_transmittance)  # T_i = prod_{j < i} (1 - alpha_j), 3DGS Eq. 3
     # Stop rule as a mask: a pair counts only while the transmittance after it stays above 1e-4.
     reached = (transmittance * (1 - alpha)).detach() > TRANSMITTANCE_STOP
