@@ -310,8 +310,6 @@ def _nearest_hit(scene: Scene, origin: Tensor, directions: Tensor, chunk_rays: i
     num_rays = directions.shape[0]
     nearest_t = directions.new_full((num_rays,), math.inf)
     nearest_index = torch.zeros(num_rays, dtype=torch.int64, device=directions.device)
-    if scene.kind.shape[0] == 0:
-        return nearest_t, nearest_index
     to_local = scene.rotation.transpose(1, 2) / scene.half_size.unsqueeze(-1)  # (P, 3, 3): q = M (x - c)
     origin_local = ((origin - scene.center).unsqueeze(1) * to_local).sum(-1)  # (P, 3)
     groups, centers, radii = _bounding_groups(scene)
@@ -383,10 +381,16 @@ def render_scene(scene: Scene, viewmat: Tensor, K: Tensor, width: int, height: i
     (0 where nothing is hit), label and instance (H, W) int64 of the hit primitive (-1 where nothing is hit).
     """
     _check_size(height, width)
+    if not isinstance(viewmat, Tensor) or not isinstance(K, Tensor):
+        raise TypeError("viewmat and K must be torch.Tensors")
     if viewmat.shape != (4, 4) or K.shape != (3, 3):
         raise ValueError(f"viewmat must be (4, 4) and K (3, 3), got {tuple(viewmat.shape)} and {tuple(K.shape)}")
     viewmat, K = viewmat.to(scene.center), K.to(scene.center)
     origins, directions = cameras.pixel_rays(viewmat, K, width, height)  # (R, 3) each
+    if scene.kind.shape[0] == 0:  # an empty scene: every ray misses
+        misses = torch.full((height, width), -1, dtype=torch.int64, device=directions.device)
+        return dict(image=directions.new_zeros(3, height, width), depth=directions.new_zeros(height, width),
+                    label=misses, instance=misses.clone())
     t, index = _nearest_hit(scene, origins[0], directions, chunk_rays)
     hit = torch.isfinite(t)
     t = torch.where(hit, t, torch.zeros_like(t))
@@ -456,7 +460,7 @@ def _add_room(builder: SceneBuilder, rng: _Random, center_xy, half_xy, height: f
     hx, hy = half_xy
     hz = height / 2
     x, y, z = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
-    walls_y = [[x[i], z[i], y[i]] for i in range(3)]  # columns (x, z, y): a proper rotation, normal y
+    walls_y = [[x[i], z[i], -y[i]] for i in range(3)]  # columns (x, z, -y): a proper rotation, normal -y
     walls_x = [[y[i], z[i], x[i]] for i in range(3)]  # columns (y, z, x), normal x
     floor_texture = _random_texture(rng, frequency=frequency)
     builder.add("quad", (cx, cy, 0.0), (hx, hy, 1), floor_texture, label=labels[0], instance=instance)

@@ -69,6 +69,16 @@ def test_camera_inside_box_sees_its_walls_everywhere():
     torch.testing.assert_close(local.amax(-1), torch.ones(32 * 24, dtype=torch.float64), atol=1e-9, rtol=0)
 
 
+def test_empty_scene_and_misses():
+    viewmat, K = camera((0.0, -3.0, 1.0), (0.0, 0.0, 1.0), 16, 12)
+    render = synthetic.render_scene(synthetic.SceneBuilder().build(), viewmat, K, 16, 12)
+    assert (render["depth"] == 0).all() and (render["image"] == 0).all() and (render["label"] == -1).all()
+    behind = one_primitive_scene("sphere", (0.0, -6.0, 1.0), (0.5, 0.5, 0.5))  # behind the camera
+    assert (synthetic.render_scene(behind, viewmat, K, 16, 12)["instance"] == -1).all()
+    with pytest.raises(TypeError):
+        synthetic.render_scene(behind, viewmat.tolist(), K, 16, 12)
+
+
 def naive_ray_cast(primitives, viewmat, K, width, height):
     """Per-pixel, per-primitive loops in float64 Python: (depth (H, W), index (H, W)) of the nearest hit."""
     R = viewmat[:3, :3].double().tolist()
