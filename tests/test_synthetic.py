@@ -323,7 +323,7 @@ def test_corruptions_change_the_image_and_stay_in_range():
     distance_to_grey = (fogged - 0.75).abs().mean(0)
     near, far = clean["depth"] < clean["depth"].median(), clean["depth"] >= clean["depth"].median()
     assert distance_to_grey[far].mean() < distance_to_grey[near].mean()
-    # blur: a box blur of a constant image is the constant
+    # blur: a Gaussian blur (reflect padding) of a constant image is the constant
     flat = torch.full((3, 16, 16), 0.3)
     torch.testing.assert_close(synthetic.corrupt_image(flat, torch.ones(16, 16), "blur", 2), flat)
     dataset = synthetic.ObjectDataset(4, num_classes=4, split="calib", occlusion=1, height=32, width=32)
