@@ -378,7 +378,7 @@ class ExclusiveCumsumPerRun(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
         (run_of_pair,) = ctx.saved_tensors
         reversed_runs = run_of_pair.flip(0)
-        return _exclusive_cumsum_per_run(grad_out.flip(0), reversed_runs[0] - reversed_runs).flip(0), None
+        return _exclusive_cumsum_per_run(grad_out.flip(0), reversed_runs[:1] - reversed_runs).flip(0), None
 
 
 class SparseWeightedSum(torch.autograd.Function):
