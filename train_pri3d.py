@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-overlap", type=float, default=0.3, help="pair list: overlap >= 30%%")
     parser.add_argument("--rooms", type=int, default=4, help="synthetic: pretraining/fine-tuning rooms")
     parser.add_argument("--val-rooms", type=int, default=2, help="synthetic: held-out evaluation rooms")
-    parser.add_argument("--frames", type=int, default=24, help="synthetic: frames per room")
+    parser.add_argument("--frames", type=int, default=16, help="synthetic: frames per room")
     parser.add_argument("--convention", default="minimal3d", choices=["minimal3d", "pri3d"],
                         help="pixel convention; pri3d also uses the official fixed ScanNet intrinsics")
     # pretraining (official scripts/scannet.sh unless noted)
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the paper starts from ImageNet; random init without it)")
     parser.add_argument("--backbone3d", default="minkunet14", choices=["minkunet14", "minkunet34c"],
                         help="official: minkunet34c; minkunet14 = half-width, one block per stage (CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="paper 60000; synthetic default 150")
+    parser.add_argument("--steps", type=int, default=None, help="paper 60000; synthetic default 120")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per step and process (official 8/GPU)")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--schedule", default="exp", choices=["exp", "poly"],
@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.4)
     parser.add_argument("--num-matches", type=int, default=1024, help="sampled per pair (replace iff fewer)")
     parser.add_argument("--max-distance", type=float, default=0.05, help="official 0.05 m, paper text 0.02 m")
-    parser.add_argument("--voxel-size", type=float, default=None, help="2 cm (paper); 8 cm synthetic default")
+    parser.add_argument("--voxel-size", type=float, default=None, help="2 cm (paper); 10 cm synthetic default")
     parser.add_argument("--max-depth-diff", type=float, default=0.2, help="voxel-pixel depth tolerance (m)")
     parser.add_argument("--no-depth-loss", action="store_true", help="drop the auxiliary depth loss")
     parser.add_argument("--loss-chunk-size", type=int, default=None, help="stream the n x n logits")
@@ -95,17 +95,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="Pri3D checkpoint for --finetune")
     parser.add_argument("--no-finetune", action="store_true", help="pretraining only")
     parser.add_argument("--label-fraction", type=float, default=0.2, help="data-efficiency row (also 1.0)")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="synthetic default 150")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="synthetic default 120")
     parser.add_argument("--finetune-batch-size", type=int, default=8)
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="official semseg: SGD 0.01, PolyLR")
     args = parser.parse_args(argv)
     synthetic = args.data is None
     defaults = dict(height=64 if synthetic else 240, width=80 if synthetic else 320,
-                    steps=150 if synthetic else 60000, voxel_size=0.08 if synthetic else 0.02,
-                    finetune_steps=150 if synthetic else 20000)
+                    steps=120 if synthetic else 60000, voxel_size=0.1 if synthetic else 0.02,
+                    finetune_steps=120 if synthetic else 20000)
     if args.quick:
         defaults.update(height=64, width=64, steps=3, finetune_steps=3, voxel_size=0.15)
-        args.rooms, args.val_rooms, args.frames, args.num_matches = 1, 1, 6, 128
+        args.rooms, args.val_rooms, args.frames, args.num_matches = 1, 1, 5, 128
         args.finetune_batch_size = 2
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -234,6 +234,7 @@ class Chunk:
     colours: Tensor  # (V, 3) in [0, 1]: the 3D network's input (official: RGB / 255)
     pixels: Tensor  # (M, 2) (row, col) of the voxel-pixel matches
     voxel_index: Tensor  # (M,)
+    kernel_maps: dict | None = None  # sparse_conv's coordinate/kernel-map cache, filled on first use
 
 
 def frame_chunk(scene: Scene, cloud: tuple[Tensor, Tensor], t: int, args) -> Chunk:
@@ -281,7 +282,8 @@ class Pri3DNet(nn.Module):
 
     def forward(self, images: Tensor, chunks: list[Chunk] | None = None):
         """images: (N, 3, H, W) in [0, 1] -> features (N, C, H/2, W/2), depth (N, 1, H, W) or None,
-        voxel features: list of (V_i, 96) per chunk or None."""
+        voxel features: list of (V_i, 96) per chunk or None. Chunks run one by one (BatchNorm statistics
+        per chunk; the official code batches them) and cache their kernel maps."""
         features = self.backbone(normalize_image(images))
         depth = None
         if self.depth_head is not None:
@@ -289,10 +291,12 @@ class Pri3DNet(nn.Module):
                                   align_corners=True)  # official: bilinear, align_corners=True
         voxel_features = None
         if self.backbone3d is not None and chunks:
-            coords = batch_coordinates([chunk.voxels for chunk in chunks]).to(images.device)
-            colours = torch.cat([chunk.colours for chunk in chunks]).to(images)
-            out = self.backbone3d(SparseTensor(coords, colours)).feats
-            voxel_features = list(out.split([len(chunk.voxels) for chunk in chunks]))
+            voxel_features = []
+            for chunk in chunks:  # one chunk at a time so each keeps its kernel maps across steps
+                voxels = SparseTensor(batch_coordinates([chunk.voxels]).to(images.device), chunk.colours.to(images),
+                                      cache=chunk.kernel_maps)
+                voxel_features.append(self.backbone3d(voxels).feats)
+                chunk.kernel_maps = voxels.cache
         return features, depth, voxel_features
 
 

@@ -287,20 +287,21 @@ def _cell_keys(cells: Tensor) -> Tensor:
 
 
 def _has_neighbour(query: Tensor, reference: Tensor, radius: float) -> Tensor:
-    """(Nq,) bool: query point has a reference point within radius (grid hashing, 27 cells)."""
+    """(Nq,) bool: query point has a reference point within radius (grid hashing with cell = radius, so
+    candidates lie in the 27 cells around the query's cell; all cells are looked up in one batch)."""
     keys, order = torch.sort(_cell_keys(torch.floor(reference / radius).long()))
-    query_cells = torch.floor(query / radius).long()
-    found = torch.zeros(len(query), dtype=torch.bool, device=query.device)
     shifts = torch.tensor([-1, 0, 1], device=query.device)
-    for offset in torch.cartesian_prod(shifts, shifts, shifts):  # the 27 neighbouring cells
-        cell_keys = _cell_keys(query_cells + offset)
-        start = torch.searchsorted(keys, cell_keys)
-        count = torch.searchsorted(keys, cell_keys, right=True) - start
-        query_index = torch.repeat_interleave(torch.arange(len(query), device=query.device), count)
-        first = torch.repeat_interleave(start - (torch.cumsum(count, 0) - count), count)
-        reference_index = order[first + torch.arange(len(query_index), device=query.device)]
-        close = ((query[query_index] - reference[reference_index]) ** 2).sum(dim=1) <= radius ** 2
-        found[query_index[close]] = True
+    offsets = torch.cartesian_prod(shifts, shifts, shifts)  # (27, 3)
+    query_cells = (torch.floor(query / radius).long()[:, None] + offsets).reshape(-1, 3)  # (Nq*27, 3)
+    cell_keys = _cell_keys(query_cells)
+    start = torch.searchsorted(keys, cell_keys)
+    count = torch.searchsorted(keys, cell_keys, right=True) - start
+    query_index = torch.repeat_interleave(torch.arange(len(query), device=query.device).repeat_interleave(27), count)
+    first = torch.repeat_interleave(start - (torch.cumsum(count, 0) - count), count)  # candidate run starts
+    reference_index = order[first + torch.arange(len(query_index), device=query.device)]
+    close = ((query[query_index] - reference[reference_index]) ** 2).sum(dim=1) <= radius ** 2
+    found = torch.zeros(len(query), dtype=torch.bool, device=query.device)
+    found[query_index[close]] = True
     return found
 
 

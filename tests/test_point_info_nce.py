@@ -152,3 +152,17 @@ def test_depth_loss_without_valid_pixels_is_zero():
     assert loss.item() == 0.0 and torch.isfinite(pred.grad).all()
     with pytest.raises(ValueError, match="target"):
         depth_loss(pred, torch.zeros(1, 5, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_torch_compile_gives_same_numbers(chunk_size):
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(64, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(64, 8, generator=generator, dtype=torch.float64)
+    eager = point_info_nce(q, k, chunk_size=chunk_size)
+    (grad_eager,) = torch.autograd.grad(eager, q)
+    compiled = torch.compile(point_info_nce)(q, k, chunk_size=chunk_size)
+    (grad_compiled,) = torch.autograd.grad(compiled, q)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=0, atol=1e-12)
