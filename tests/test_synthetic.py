@@ -356,3 +356,19 @@ def test_corruptions_change_the_image_and_stay_in_range():
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.slow
+def test_default_room_sequence_overlap_and_classes():
+    sequence = synthetic.room_sequence(seed=0, num_frames=24)  # 240 x 320, 6 degrees per frame
+    depth, viewmats, K = sequence["depth"], sequence["viewmats"], sequence["K"]
+    assert len(sequence["labels"].unique()) >= 7
+    for k in (1, 5):
+        points = cameras.unproject_depth(depth[:-k], viewmats[:-k], K).flatten(1, 2)  # (T - k, H W, 3)
+        uv, z = cameras.project(points, viewmats[k:], K)
+        col, row = uv[..., 0].floor().long(), uv[..., 1].floor().long()
+        inside = (col >= 0) & (col < 320) & (row >= 0) & (row < 240) & (z > 0)
+        frames = torch.arange(len(points))[:, None].expand_as(col)
+        target = depth[k:][frames, row.clamp(0, 239), col.clamp(0, 319)]
+        overlap = (inside & ((target - z).abs() < 0.05)).float().mean(-1)
+        assert overlap.min() > 0.3, (k, overlap.min())
