@@ -271,9 +271,16 @@ class GaussianSchedule:
     min_opacity: float = 0.005
     max_screen_size: float = 20.0  # pixels of 3D-sigma radius, used after the first opacity reset
     max_world_size: float = 0.1  # times the scene extent
+    max_gaussians: int | None = None  # optional cap on densification (3DGS: unlimited)
 
-    def scaled(self, iterations: int) -> "GaussianSchedule":
-        """The same schedule compressed to `iterations` steps: every step count is scaled proportionally."""
+    def scaled(self, iterations: int, min_densification_interval: int = 10) -> "GaussianSchedule":
+        """The same schedule compressed to `iterations` steps (every step count times iterations / 30000).
+
+        Short runs keep densification_interval >= min_densification_interval (the view-space gradient is
+        averaged over that many views before it is thresholded) and opacity_reset_interval >= 10 x the
+        densification interval (after a reset the opacities need steps to recover; 3DGS has 30 rounds of
+        densification between two resets).
+        """
         if iterations < 1:
             raise ValueError(f"iterations must be positive, got {iterations}")
         factor = iterations / self.iterations
@@ -281,10 +288,10 @@ class GaussianSchedule:
         def steps(n: int) -> int:
             return max(1, round(n * factor))
 
+        interval = max(steps(self.densification_interval), min_densification_interval)
         return replace(self, iterations=iterations, densify_from=steps(self.densify_from),
-                       densify_until=steps(self.densify_until),
-                       densification_interval=steps(self.densification_interval),
-                       opacity_reset_interval=steps(self.opacity_reset_interval),
+                       densify_until=steps(self.densify_until), densification_interval=interval,
+                       opacity_reset_interval=max(steps(self.opacity_reset_interval), 10 * interval),
                        sh_increase_interval=steps(self.sh_increase_interval))
 
 
@@ -400,16 +407,25 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
 
 @torch.no_grad()
 def densify(model: FeatureGaussians, optimizer: torch.optim.Optimizer, grad_threshold: float,
-            extent: float, percent_dense: float = 0.01, generator: torch.Generator | None = None) -> dict:
+            extent: float, percent_dense: float = 0.01, generator: torch.Generator | None = None,
+            max_gaussians: int | None = None) -> dict:
     """Clone small and split large Gaussians whose mean view-space gradient exceeds `grad_threshold`.
 
     Clone (under-reconstruction): max scale <= percent_dense * extent -> an identical copy is appended.
     Split (over-reconstruction): max scale > percent_dense * extent -> replaced by two Gaussians sampled
     from the original, with scales divided by 1.6 (3DGS densify_and_split, N = 2).
+    Both add one Gaussian net. With `max_gaussians` (not in 3DGS; a budget for short, small runs) only
+    the candidates with the largest gradients are taken so the count stays <= max_gaussians.
     Resets the statistics afterwards. Returns {"cloned": int, "split": int}.
     """
     grads = model.grad_accum / model.grad_count.clamp_min(1)
     selected = grads >= grad_threshold
+    if max_gaussians is not None:
+        budget = max(max_gaussians - model.num_gaussians, 0)
+        if int(selected.sum()) > budget:
+            ranked = torch.where(selected, grads, torch.full_like(grads, -1.0))
+            selected = torch.zeros_like(selected)
+            selected[ranked.topk(budget).indices] = True
     large = model.scales.amax(dim=1) > percent_dense * extent
     clone, split = selected & ~large, selected & large
 
@@ -468,7 +484,7 @@ def densification_step(model: FeatureGaussians, optimizer: torch.optim.Optimizer
         return events
     if step > schedule.densify_from and step % schedule.densification_interval == 0:
         events.update(densify(model, optimizer, schedule.densify_grad_threshold, extent,
-                              schedule.percent_dense, generator))
+                              schedule.percent_dense, generator, schedule.max_gaussians))
         screen = schedule.max_screen_size if step > schedule.opacity_reset_interval else None
         events["pruned"] = prune(model, optimizer, schedule.min_opacity, extent, screen, schedule.max_world_size)
     if step % schedule.opacity_reset_interval == 0 or (background_is_white and step == schedule.densify_from):

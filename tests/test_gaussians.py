@@ -151,6 +151,17 @@ def test_densify_clones_small_and_splits_large_gaussians_with_consistent_optimiz
     optimizer.step()
 
 
+def test_densify_respects_the_gaussian_budget_by_largest_gradient():
+    model, optimizer = _model_with_adam_state()
+    grads = torch.tensor([[1e-3, 0.0], [0.0, 3e-3], [2e-3, 0.0]])
+    accumulate_densification_stats(model, grads, torch.tensor([3, 3, 3]), width=2, height=2)
+    old_means = model.means.detach().clone()
+    events = densify(model, optimizer, grad_threshold=2e-4, extent=100.0, max_gaussians=5)
+    assert events == {"cloned": 2, "split": 0} and model.num_gaussians == 5
+    torch.testing.assert_close(model.means[3:].detach(), old_means[[1, 2]])  # the two largest gradients
+    _assert_state_consistent(model, optimizer)
+
+
 def test_prune_removes_transparent_and_huge_gaussians():
     model, optimizer = _model_with_adam_state()
     with torch.no_grad():
@@ -180,8 +191,10 @@ def test_reset_opacity_clamps_and_clears_moments():
 
 def test_schedule_scaling_and_position_lr():
     schedule = GaussianSchedule().scaled(300)
-    assert (schedule.densify_from, schedule.densify_until, schedule.densification_interval) == (5, 150, 1)
-    assert (schedule.opacity_reset_interval, schedule.sh_increase_interval) == (30, 10)
+    assert (schedule.densify_from, schedule.densify_until, schedule.densification_interval) == (5, 150, 10)
+    assert (schedule.opacity_reset_interval, schedule.sh_increase_interval) == (100, 10)
+    paper = GaussianSchedule().scaled(30_000)
+    assert (paper.densification_interval, paper.opacity_reset_interval) == (100, 3000)
     assert math.isclose(position_lr(0, schedule, 2.0), 3.2e-4)
     assert math.isclose(position_lr(300, schedule, 2.0), 3.2e-6)
     assert math.isclose(position_lr(150, schedule, 1.0), math.sqrt(1.6e-4 * 1.6e-6))
