@@ -278,6 +278,35 @@ def _gather_matmul_scatter(feats: Tensor, weight: Tensor, kernel_map: KernelMap,
     return out
 
 
+class _SparseConvFunction(torch.autograd.Function):
+    """Gather-matmul-scatter whose backward re-gathers instead of saving K gathered copies of feats, so a
+    conv keeps O(N C) memory for backward (plain autograd would keep sum_k |map_k| x C_in).
+    The backward is the same kernel map read the other way (a transposed conv) plus per-offset x^T g."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, kernel_map: KernelMap, num_out: int) -> Tensor:
+        ctx.save_for_backward(feats, weight)
+        ctx.kernel_map = kernel_map
+        return _gather_matmul_scatter(feats, weight, kernel_map, num_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        feats, weight = ctx.saved_tensors
+        grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for k, in_rows, out_rows in ctx.kernel_map:
+            grad_k = grad_out if out_rows is None else grad_out[out_rows]  # (M_k, C_out)
+            if grad_weight is not None:
+                grad_weight[k] = (feats if in_rows is None else feats[in_rows]).T @ grad_k
+            if grad_feats is not None:
+                if in_rows is None:
+                    grad_feats += grad_k @ weight[k].T
+                else:
+                    grad_feats.index_add_(0, in_rows, grad_k @ weight[k].T)
+        return grad_feats, grad_weight, None, None
+
+
 def _downsampled_index(cache: dict, in_stride: int, out_stride: int) -> CoordinateIndex:
     """Coordinate index at ``out_stride``: unique(floor(coords / out_stride) * out_stride), cached."""
     key = ("coords", out_stride)
@@ -328,7 +357,7 @@ def sparse_conv3d(
             raise ValueError("dilation > 1 is only supported with stride 1")
         kernel_map = _strided_map(x.cache, x.stride, kernel_size, stride)
         out_coords = x.cache[("coords", x.stride * stride)].coords
-    feats = _gather_matmul_scatter(x.feats, weight, kernel_map, out_coords.shape[0])
+    feats = _SparseConvFunction.apply(x.feats, weight, kernel_map, out_coords.shape[0])
     if bias is not None:
         feats = feats + bias
     return SparseTensor(out_coords, feats, x.stride * stride, x.cache)
@@ -351,7 +380,7 @@ def sparse_conv_transpose3d(
     fine_index = x.cache[("coords", fine_stride)]
     forward_map = _strided_map(x.cache, fine_stride, kernel_size, stride)
     reversed_map = [(k, out_rows, in_rows) for k, in_rows, out_rows in forward_map]
-    feats = _gather_matmul_scatter(x.feats, weight, reversed_map, fine_index.coords.shape[0])
+    feats = _SparseConvFunction.apply(x.feats, weight, reversed_map, fine_index.coords.shape[0])
     if bias is not None:
         feats = feats + bias
     return SparseTensor(fine_index.coords, feats, fine_stride, x.cache)
