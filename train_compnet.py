@@ -75,6 +75,8 @@ parser.add_argument("--omega-every", type=int, default=2, help="epochs between c
 parser.add_argument("--omega-threshold", type=float, default=0.05)
 parser.add_argument("--cross-class-scale", default="none", choices=["none", "k_over_n"])
 parser.add_argument("--full-contrast", action="store_true", help="train only the NOVUM full-contrast model")
+parser.add_argument("--models", nargs="+", default=["grouped", "full", "plain"], choices=["grouped", "full", "plain"],
+                    help="which of 3D-CompNets (grouped), NOVUM (full) and the plain head to train")
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--steps", type=int, default=None, help="optimizer steps per model (overrides --epochs)")
 parser.add_argument("--batch-size", type=int, default=16)
@@ -536,7 +538,9 @@ if dist.is_main:
     print(f"{len(known)} known classes, {len(heldout)} held out; {len(train)} train, {len(calib)} calib, "
           f"{sum(len(t) for t in tests.values())} test, {len(unknown)} unknown-class images; device {device}")
 
-modes = ["full"] if args.full_contrast else ["grouped", "full"]
+if args.full_contrast:
+    args.models = ["full"]
+modes = [m for m in ("grouped", "full") if m in args.models]
 results, loss_times, grid_cache = {}, {}, {}
 trained = {}
 for mode in modes:
@@ -552,7 +556,7 @@ for mode in modes:
         if unknown:
             metrics_unknown, _ = evaluate_compnet(model, memory, meshes, unknown, grid_cache, closest=True)
             results[mode]["unknown_class_pose"] = {k: v for k, v in metrics_unknown.items() if k != "accuracy"}
-if not args.full_contrast:
+if "plain" in args.models:
     plain = train_plain(train, len(known))
     if dist.is_main:
         results["plain"] = {name: evaluate_plain(plain, samples, len(known)) for name, samples in tests.items()}
