@@ -44,7 +44,7 @@ ALPHA_MIN = 1.0 / 255.0  # skip pairs with alpha below this (3DGS / gsplat)
 TRANSMITTANCE_STOP = 1e-4  # stop a pixel before its transmittance would drop to this (gsplat)
 BOX_SIGMAS = 3.33  # per-axis radius of the screen-space box in standard deviations (gsplat 1.5)
 JACOBIAN_FOV_MARGIN = 0.3  # the EWA Jacobian is evaluated inside 1.3 x the half field of view
-PAIR_BLOCK_ELEMENTS = 1 << 22  # (tile pixels x tile Gaussians) evaluated at once in find_pixel_pairs
+PAIR_BLOCK_ELEMENTS = 1 << 20  # (tile pixels x tile Gaussians) evaluated at once in find_pixel_pairs
 
 # Real spherical harmonics constants of the 3DGS basis, degree 0-3 (Sloan, "Efficient Spherical
 # Harmonic Evaluation", JCGT 2013), in the order of 3DGS `features_dc` + `features_rest`.
@@ -312,19 +312,25 @@ def find_pixel_pairs(
         in_list = slot < tile_counts[tiles, None]  # (T, L)
         rows = torch.minimum(tile_starts[tiles, None] + slot, tile_starts[-1:] - 1)
         gaussians = gaussian_ids[rows]  # (T, L), padded slots repeat a valid id and are masked
-        column = (tiles % tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel columns in the tile
-        row = (tiles // tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel rows in the tile
-        sigma = pair_sigma(
-            means2d[gaussians][:, None, None],  # (T, 1, 1, L, 2)
-            conics[gaussians][:, None, None],
-            (column + 0.5)[:, None, :, None],  # (T, 1, S, 1) pixel centres
-            (row + 0.5)[:, :, None, None],  # (T, S, 1, 1)
-        )  # (T, S rows, S columns, L)
-        keep = (sigma >= 0) & (sigma <= log_threshold[gaussians][:, None, None]) & in_list[:, None, None]
-        keep &= ((row < height)[:, :, None] & (column < width)[:, None, :])[..., None]  # partial tiles
+        threshold = torch.where(in_list, log_threshold[gaussians], -torch.inf)  # (T, L)
+        column = (tiles % tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel columns of the tile
+        row = (tiles // tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel rows of the tile
+        # sigma of pair_sigma, split into per-column and per-row parts so that only three operations
+        # run on the full (T, S rows, S columns, L) block.
+        a, b, c = conics[gaussians].unbind(-1)  # (T, L)
+        dx = means2d[gaussians, 0][:, None, :] - (column + 0.5)[:, :, None]  # (T, S, L)
+        dy = means2d[gaussians, 1][:, None, :] - (row + 0.5)[:, :, None]  # (T, S, L)
+        sigma_x, sigma_y, b_dx = 0.5 * a[:, None] * dx * dx, 0.5 * c[:, None] * dy * dy, b[:, None] * dx
+        sigma = (sigma_y[:, :, None] + sigma_x[:, None]) + b_dx[:, None] * dy[:, :, None]  # (T, S, S, L)
+        keep = (sigma <= threshold[:, None, None]) & (sigma >= 0)
         tile_index, in_row, in_column, in_slot = keep.nonzero(as_tuple=True)  # pixel-major, front to back
-        pixel_ids.append(row[tile_index, in_row] * width + column[tile_index, in_column])
-        pair_gaussian_ids.append(gaussians[tile_index, in_slot])
+        pair_row, pair_column = row[tile_index, in_row], column[tile_index, in_column]
+        pair_gaussians = gaussians[tile_index, in_slot]
+        if width % tile_size or height % tile_size:  # drop the parts of edge tiles outside the image
+            on_image = (pair_row < height) & (pair_column < width)
+            pair_row, pair_column, pair_gaussians = pair_row[on_image], pair_column[on_image], pair_gaussians[on_image]
+        pixel_ids.append(pair_row * width + pair_column)
+        pair_gaussian_ids.append(pair_gaussians)
     if not pixel_ids:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty
@@ -358,8 +364,7 @@ def _exclusive_cumsum_per_run(values: Tensor, run_of_pair: Tensor) -> Tensor:
     restart = torch.zeros_like(values)
     restart[starts_run.nonzero().squeeze(-1)[1:]] = -run_totals[:-1]
     before = torch.cumsum(values + restart, 0) - values  # running total before each pair, ~0 at a run start
-    run_start_value = torch.zeros_like(run_totals).index_copy_(0, run_of_pair[starts_run], before[starts_run])
-    return before - run_start_value[run_of_pair]
+    return before - before[starts_run][run_of_pair]  # runs are numbered in storage order
 
 
 class ExclusiveCumsumPerRun(torch.autograd.Function):
@@ -469,8 +474,11 @@ def composite_pairs(
     """
     pixel_x = (pixel_ids % width).to(means2d.dtype) + 0.5  # pixel centres (column + 0.5, row + 0.5)
     pixel_y = torch.div(pixel_ids, width, rounding_mode="floor").to(means2d.dtype) + 0.5
-    sigma = pair_sigma(means2d[pair_gaussian_ids], conics[pair_gaussian_ids], pixel_x, pixel_y)  # (M,)
-    alpha = torch.clamp(opacities[pair_gaussian_ids] * torch.exp(-sigma), max=alpha_max)  # 3DGS Eq. 2
+    pair_means2d = means2d.index_select(0, pair_gaussian_ids)  # (M, 2); index_select: fast backward
+    pair_conics = conics.index_select(0, pair_gaussian_ids)  # (M, 3)
+    sigma = pair_sigma(pair_means2d, pair_conics, pixel_x, pixel_y)  # (M,)
+    pair_opacities = opacities.index_select(0, pair_gaussian_ids)
+    alpha = torch.clamp(pair_opacities * torch.exp(-sigma), max=alpha_max)  # 3DGS Eq. 2
     run_of_pair, run_starts = pixel_runs(pixel_ids)
     log_transmittance = ExclusiveCumsumPerRun.apply(torch.log1p(-alpha), run_of_pair)
     transmittance = torch.exp(log_transmittance)  # T_i = prod_{j < i} (1 - alpha_j), 3DGS Eq. 3
