@@ -11,8 +11,9 @@ voxels. This file re-implements the parts of MinkowskiEngine that the U-Net need
 1. Coordinates (N, 4) int64 = (batch, x, y, z) are packed into one int64 key per voxel (shifted by the
    minimum so negative coordinates work) and sorted once per coordinate set.
 2. A kernel map lists, per kernel offset, the pairs (input row, output row) with
-   ``in_coords[i] == out_coords[o] + offset``; it is found with ``torch.searchsorted`` on the sorted keys
-   and cached, because one coordinate set is reused by many convolutions.
+   ``in_coords[i] == out_coords[o] + offset``. Keys are linear in the coordinates, so a neighbour's key is
+   one addition; ``torch.searchsorted`` on the sorted keys finds it for all (voxel, offset) pairs at once.
+   Maps are cached per stride, because one coordinate set is reused by many convolutions.
 3. A convolution is, per offset k: gather rows, multiply by W_k (C_in, C_out), ``index_add`` into outputs:
    ``out[o] = sum_k sum_{(i, o) in map_k} feats[i] @ W_k``.
 
@@ -57,61 +58,46 @@ from torch import Tensor
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class CoordinateIndex:
-    """One coordinate set with its sorted keys. ``order[j]`` is the row of the j-th smallest key."""
+def _pack(coords: Tensor, lower: Tensor, extent: Tensor) -> Tensor:
+    """Mixed-radix int64 key of (M, D) coordinates inside [lower, lower + extent): (M,).
 
-    coords: Tensor  # (N, 4) int64, unique rows
-    lower: Tensor  # (4,) minimum per column, subtracted before packing
-    extent: Tensor  # (4,) max - min + 1 per column
-    sorted_keys: Tensor  # (N,)
-    order: Tensor  # (N,)
-
-
-def _pack(shifted: Tensor, extent: Tensor) -> Tensor:
-    """Mixed-radix key of non-negative coordinates ``shifted`` (M, D) < ``extent`` (D,) -> (M,) int64."""
+    The key is linear in the coordinates: key(c + o) = key(c) + _pack(o, 0, extent) for an offset o as
+    long as c + o stays inside the box; kernel maps pad the box by the kernel reach to guarantee that."""
+    shifted = coords - lower
     key = shifted[:, 0]
     for axis in range(1, shifted.shape[1]):
         key = key * extent[axis] + shifted[:, axis]
     return key
 
 
-def _unpack(key: Tensor, extent: Tensor) -> Tensor:
-    """Inverse of ``_pack``: (M,) keys -> (M, D) shifted coordinates."""
+def _unpack(key: Tensor, lower: Tensor, extent: Tensor) -> Tensor:
+    """Inverse of ``_pack``: (M,) keys -> (M, D) coordinates."""
     columns = []
     for axis in range(extent.shape[0] - 1, 0, -1):
         columns.append(key % extent[axis])
         key = torch.div(key, extent[axis], rounding_mode="floor")
     columns.append(key)
-    return torch.stack(columns[::-1], dim=1)
+    return torch.stack(columns[::-1], dim=1) + lower
 
 
-def _bounds(coords: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-column minimum and extent of (N, D) integer coordinates; raises if keys would overflow int64."""
-    lower = coords.min(0).values
-    extent = coords.max(0).values - lower + 1
+def _box(*coord_sets: Tensor, margin: int = 0) -> tuple[Tensor, Tensor]:
+    """Lower corner and extent (D,) of a box holding all coord sets (M_i, D), padded by ``margin`` in every
+    column but the first (the batch index); raises if its keys would overflow int64."""
+    lower = torch.stack([c.min(0).values for c in coord_sets]).min(0).values
+    upper = torch.stack([c.max(0).values for c in coord_sets]).max(0).values
+    pad = torch.full_like(lower, margin)
+    pad[0] = 0
+    lower, extent = lower - pad, upper - lower + 1 + 2 * pad
     if math.prod(extent.tolist()) >= 2**62:
         raise ValueError(f"coords span {extent.tolist()} voxels per axis: too large to pack into int64 keys")
     return lower, extent
 
 
-def _unique_index(coords: Tensor) -> tuple[CoordinateIndex, Tensor]:
-    """Index of the unique rows of (N, D) coords (sorted by key) and the inverse map (N,)."""
-    lower, extent = _bounds(coords)
-    unique_keys, inverse = torch.unique(_pack(coords - lower, extent), sorted=True, return_inverse=True)
-    unique_coords = _unpack(unique_keys, extent) + lower
-    order = torch.arange(unique_keys.shape[0], device=coords.device)
-    return CoordinateIndex(unique_coords, lower, extent, unique_keys, order), inverse
-
-
-def _lookup(index: CoordinateIndex, query: Tensor) -> Tensor:
-    """Row of each query coordinate (M, 4) in ``index.coords``, or -1 where it is not a voxel."""
-    shifted = query - index.lower
-    inside = ((shifted >= 0) & (shifted < index.extent)).all(dim=1)
-    key = _pack(torch.minimum(shifted.clamp(min=0), index.extent - 1), index.extent)
-    position = torch.searchsorted(index.sorted_keys, key).clamp(max=index.sorted_keys.shape[0] - 1)
-    found = inside & (index.sorted_keys[position] == key)
-    return torch.where(found, index.order[position], -1)
+def _unique_coords(coords: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique rows of (N, D) integer coords, sorted by key, and the inverse map (N,)."""
+    lower, extent = _box(coords)
+    unique_keys, inverse = torch.unique(_pack(coords, lower, extent), sorted=True, return_inverse=True)
+    return _unpack(unique_keys, lower, extent), inverse
 
 
 def kernel_offsets(kernel_size: int, device: torch.device | None = None) -> Tensor:
@@ -124,14 +110,32 @@ def kernel_offsets(kernel_size: int, device: torch.device | None = None) -> Tens
 KernelMap = list[tuple[int, Tensor | None, Tensor | None]]  # (offset k, input rows, output rows)
 
 
-def _kernel_map(in_index: CoordinateIndex, out_coords: Tensor, offsets: Tensor, same_set: bool) -> KernelMap:
-    """Pairs (i, o) with ``in_coords[i] == out_coords[o] + offsets[k]`` for every offset k.
+def neighbour_table(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, block: int = 2**22) -> Tensor:
+    """(N_out, K) int64 row of ``out_coords[o] + offsets[k]`` in ``in_coords``, or -1 where no voxel is there.
+
+    in_coords, out_coords: (N, 4) (batch, x, y, z); offsets: (K, 3) in voxel units. The input keys are
+    sorted once; each query is one key addition plus a binary search (torch.searchsorted). Output rows are
+    processed in blocks of ``block`` queries to bound memory."""
+    reach = int(offsets.abs().max()) if offsets.numel() else 0
+    lower, extent = _box(in_coords, out_coords, margin=reach)
+    sorted_keys, order = torch.sort(_pack(in_coords, lower, extent))
+    out_keys = _pack(out_coords, lower, extent)
+    offsets4 = torch.cat([offsets.new_zeros(offsets.shape[0], 1), offsets], dim=1)  # never cross batches
+    deltas = _pack(offsets4, lower.new_zeros(4), extent)  # (K,) key(c + o) - key(c)
+    table = torch.empty(out_keys.shape[0], offsets.shape[0], dtype=torch.int64, device=out_keys.device)
+    for rows in torch.arange(out_keys.shape[0], device=out_keys.device).split(max(1, block // len(deltas))):
+        queries = out_keys[rows, None] + deltas  # (rows, K)
+        position = torch.searchsorted(sorted_keys, queries).clamp(max=sorted_keys.shape[0] - 1)
+        table[rows] = torch.where(sorted_keys[position] == queries, order[position], -1)
+    return table
+
+
+def _kernel_map(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, same_set: bool) -> KernelMap:
+    """Pairs (i, o) with ``in_coords[i] == out_coords[o] + offsets[k]``, grouped by offset k.
 
     offsets: (K, 3) already scaled to input-voxel units. When input and output are the same set, the zero
     offset maps every row to itself and is stored as ``(k, None, None)`` (a plain matmul, no gather)."""
-    batch_zero = offsets.new_zeros(offsets.shape[0], 1)
-    offsets4 = torch.cat([batch_zero, offsets], dim=1)  # (K, 4): offsets never cross batches
-    table = torch.stack([_lookup(in_index, out_coords + offset) for offset in offsets4], dim=1)  # (N_out, K)
+    table = neighbour_table(in_coords, out_coords, offsets)  # (N_out, K)
     found = table >= 0
     offset_ids, out_rows = found.T.nonzero(as_tuple=True)  # grouped by offset, one sync for all offsets
     in_rows = table[out_rows, offset_ids]
@@ -157,7 +161,7 @@ class SparseTensor:
 
     coords: (N, 4) int64 (batch, x, y, z), unique rows, xyz multiples of ``stride``.
     feats: (N, C) floating. ``cache`` is shared by every tensor derived from the same input: it holds the
-    coordinate index of each stride (key ``("coords", s)``) and the kernel maps built so far."""
+    coordinates of each stride (key ``("coords", s)``) and the kernel maps built so far."""
 
     def __init__(self, coords: Tensor, feats: Tensor, stride: int = 1, cache: dict | None = None):
         if not isinstance(coords, Tensor) or not isinstance(feats, Tensor):
@@ -178,21 +182,18 @@ class SparseTensor:
         self.feats = feats
         self.stride = stride
         if cache is None:
-            cache = {("coords", stride): self._validated_index()}
+            self._validate_coords()
+            cache = {("coords", stride): self.coords}
         self.cache = cache
 
-    def _validated_index(self) -> CoordinateIndex:
-        """Sort the keys of user-given coordinates once, rejecting duplicates and bad batch/stride."""
+    def _validate_coords(self) -> None:
+        """Reject duplicate voxels, negative batch indices and coordinates off the stride lattice."""
         if (self.coords[:, 0] < 0).any():
             raise ValueError("coords[:, 0] (batch index) must be >= 0")
         if self.stride > 1 and (self.coords[:, 1:] % self.stride != 0).any():
             raise ValueError(f"coords xyz must be multiples of stride={self.stride}")
-        index, inverse = _unique_index(self.coords)
-        if index.coords.shape[0] != self.coords.shape[0]:
+        if _unique_coords(self.coords)[0].shape[0] != self.coords.shape[0]:
             raise ValueError("coords contain duplicate voxels; merge them first (sparse_quantize)")
-        rows = torch.arange(inverse.shape[0], device=inverse.device)
-        sorted_position_to_row = torch.empty_like(inverse).scatter_(0, inverse, rows)
-        return CoordinateIndex(self.coords, index.lower, index.extent, index.sorted_keys, sorted_position_to_row)
 
     def replace(self, feats: Tensor) -> "SparseTensor":
         """Same voxels (and cache), new features (N, C')."""
@@ -224,13 +225,12 @@ def sparse_quantize(
         raise ValueError(f"rounding must be 'floor' or 'trunc', got {rounding!r}")
     scaled = points / voxel_size
     grid = (torch.floor(scaled) if rounding == "floor" else torch.trunc(scaled)).long()
-    index, inverse = _unique_index(grid)
+    coords, inverse = _unique_coords(grid)
     if features is None:
-        return index.coords, None, inverse
-    counts = torch.zeros(index.coords.shape[0], device=points.device, dtype=features.dtype)
-    counts.index_add_(0, inverse, torch.ones_like(inverse, dtype=features.dtype))
-    sums = features.new_zeros(index.coords.shape[0], features.shape[1]).index_add_(0, inverse, features)
-    return index.coords, sums / counts[:, None], inverse
+        return coords, None, inverse
+    counts = features.new_zeros(coords.shape[0]).index_add_(0, inverse, features.new_ones(inverse.shape[0]))
+    sums = features.new_zeros(coords.shape[0], features.shape[1]).index_add_(0, inverse, features)
+    return coords, sums / counts[:, None], inverse
 
 
 def batch_coordinates(coords_list: list[Tensor]) -> Tensor:
@@ -307,13 +307,13 @@ class _SparseConvFunction(torch.autograd.Function):
         return grad_feats, grad_weight, None, None
 
 
-def _downsampled_index(cache: dict, in_stride: int, out_stride: int) -> CoordinateIndex:
-    """Coordinate index at ``out_stride``: unique(floor(coords / out_stride) * out_stride), cached."""
+def _downsampled_coords(cache: dict, in_stride: int, out_stride: int) -> Tensor:
+    """Voxels at ``out_stride``: unique(floor(coords / out_stride) * out_stride), cached."""
     key = ("coords", out_stride)
     if key not in cache:
-        coords = cache[("coords", in_stride)].coords.clone()
+        coords = cache[("coords", in_stride)].clone()
         coords[:, 1:] = torch.div(coords[:, 1:], out_stride, rounding_mode="floor") * out_stride
-        cache[key] = _unique_index(coords)[0]
+        cache[key] = _unique_coords(coords)[0]
     return cache[key]
 
 
@@ -321,10 +321,10 @@ def _strided_map(cache: dict, in_stride: int, kernel_size: int, stride: int) -> 
     """Kernel map from the set at ``in_stride`` s to its downsampled set at s * stride; offsets step s."""
     key = ("down", in_stride, kernel_size, stride)
     if key not in cache:
-        in_index = cache[("coords", in_stride)]
-        out_index = _downsampled_index(cache, in_stride, in_stride * stride)
-        offsets = kernel_offsets(kernel_size, in_index.coords.device) * in_stride
-        cache[key] = _kernel_map(in_index, out_index.coords, offsets, same_set=False)
+        in_coords = cache[("coords", in_stride)]
+        out_coords = _downsampled_coords(cache, in_stride, in_stride * stride)
+        offsets = kernel_offsets(kernel_size, in_coords.device) * in_stride
+        cache[key] = _kernel_map(in_coords, out_coords, offsets, same_set=False)
     return cache[key]
 
 
@@ -332,9 +332,9 @@ def _submanifold_map(cache: dict, in_stride: int, kernel_size: int, dilation: in
     """Kernel map of a stride-1 conv on the set at ``in_stride`` s; offsets step s * dilation."""
     key = ("sub", in_stride, kernel_size, dilation)
     if key not in cache:
-        index = cache[("coords", in_stride)]
-        offsets = kernel_offsets(kernel_size, index.coords.device) * in_stride * dilation
-        cache[key] = _kernel_map(index, index.coords, offsets, same_set=True)
+        coords = cache[("coords", in_stride)]
+        offsets = kernel_offsets(kernel_size, coords.device) * in_stride * dilation
+        cache[key] = _kernel_map(coords, coords, offsets, same_set=True)
     return cache[key]
 
 
@@ -356,7 +356,7 @@ def sparse_conv3d(
         if dilation != 1:
             raise ValueError("dilation > 1 is only supported with stride 1")
         kernel_map = _strided_map(x.cache, x.stride, kernel_size, stride)
-        out_coords = x.cache[("coords", x.stride * stride)].coords
+        out_coords = x.cache[("coords", x.stride * stride)]
     feats = _SparseConvFunction.apply(x.feats, weight, kernel_map, out_coords.shape[0])
     if bias is not None:
         feats = feats + bias
@@ -377,13 +377,13 @@ def sparse_conv_transpose3d(
     fine_stride = x.stride // stride
     if ("coords", fine_stride) not in x.cache:
         raise ValueError(f"x was not downsampled from a stride-{fine_stride} tensor: no target voxels")
-    fine_index = x.cache[("coords", fine_stride)]
+    fine_coords = x.cache[("coords", fine_stride)]
     forward_map = _strided_map(x.cache, fine_stride, kernel_size, stride)
     reversed_map = [(k, out_rows, in_rows) for k, in_rows, out_rows in forward_map]
-    feats = _SparseConvFunction.apply(x.feats, weight, reversed_map, fine_index.coords.shape[0])
+    feats = _SparseConvFunction.apply(x.feats, weight, reversed_map, fine_coords.shape[0])
     if bias is not None:
         feats = feats + bias
-    return SparseTensor(fine_index.coords, feats, fine_stride, x.cache)
+    return SparseTensor(fine_coords, feats, fine_stride, x.cache)
 
 
 def sparse_relu(x: SparseTensor) -> SparseTensor:
@@ -440,6 +440,11 @@ class SparseBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d over the (N, C) features of all voxels of the batch (MinkowskiBatchNorm)."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
+        if self.training and len(x) < 2:
+            raise ValueError(
+                f"SparseBatchNorm in training mode needs >= 2 voxels, got 1 at stride {x.stride}: "
+                "batch more scenes, use a larger chunk, or call .eval()"
+            )
         return x.replace(super().forward(x.feats))
 
 
