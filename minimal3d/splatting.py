@@ -35,6 +35,7 @@ memory; the result does not depend on ``tile_size`` (3.33 sigma boxes make every
 """
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -499,23 +500,26 @@ def composite_pairs(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_finite(name: str, value: Tensor) -> None:
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} must be finite, got NaN or Inf values")
-
-
 def _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background):
-    """Validate the arguments of ``rasterize_gaussians`` (ValueError/TypeError naming the argument)."""
+    """Validate the arguments of ``rasterize_gaussians`` (ValueError/TypeError naming the argument).
+
+    Shapes, dtypes and devices are checked on the host; all value checks are reduced to one tensor of
+    flags, read with a single device sync.
+    """
     tensors = {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors}
     tensors |= {"viewmat": viewmat, "K": K}
+    if background is not None:
+        tensors["background"] = background
     for name, value in tensors.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
-    for name in ("width", "height"):
-        size = {"width": width, "height": height}[name]
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    for name in ("quats", "scales", "opacities", "colors"):
+        if tensors[name].dtype != means.dtype or tensors[name].device != means.device:
+            raise TypeError(f"{name} must have the dtype and device of means ({means.dtype}, {means.device})")
+    for name, size in (("width", width), ("height", height)):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     if means.ndim != 2 or means.shape[1] != 3:
         raise ValueError(f"means must have shape (N, 3), got {tuple(means.shape)}")
@@ -542,22 +546,22 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, he
         raise ValueError(f"viewmat must have shape (4, 4) (world-to-camera), got {tuple(viewmat.shape)}")
     if K.shape != (3, 3):
         raise ValueError(f"K must have shape (3, 3), got {tuple(K.shape)}")
-    for name, value in tensors.items():
-        _check_finite(name, value)
-    if (quats.norm(dim=-1) == 0).any():
-        raise ValueError("quats must have non-zero norm (they are normalised inside)")
-    if (scales <= 0).any():
-        raise ValueError("scales must be > 0 (standard deviations, post-activation)")
-    if ((opacities <= 0) | (opacities >= 1)).any():
-        raise ValueError("opacities must lie in (0, 1) (post-activation)")
-    if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise ValueError(f"K must have positive focal lengths, got fx={K[0, 0].item()}, fy={K[1, 1].item()}")
     if background is not None:
         channels = 3 if sh_degree is not None else colors.shape[-1]
-        if not isinstance(background, Tensor) or background.shape != (channels,):
-            shape = tuple(background.shape) if isinstance(background, Tensor) else type(background).__name__
-            raise ValueError(f"background must be a tensor of shape (D,) = ({channels},), got {shape}")
-        _check_finite("background", background)
+        if background.shape != (channels,):
+            raise ValueError(f"background must have shape (D,) = ({channels},), got {tuple(background.shape)}")
+
+    problems = [(f"{name} must be finite, got NaN or Inf values", ~torch.isfinite(value)) for name, value in tensors.items()]
+    problems += [
+        ("quats must have non-zero norm (they are normalised inside)", (quats == 0).all(dim=-1)),
+        ("scales must be > 0 (standard deviations, post-activation)", scales <= 0),
+        ("opacities must lie in (0, 1) (post-activation)", (opacities <= 0) | (opacities >= 1)),
+        ("K must have positive focal lengths K[0, 0] and K[1, 1]", K.diagonal()[:2] <= 0),
+    ]
+    flags = torch.stack([violated.any().to(means.device) for _, violated in problems]).tolist()  # one sync
+    for (message, _), flag in zip(problems, flags):
+        if flag:
+            raise ValueError(message)
 
 
 def rasterize_gaussians(
@@ -603,6 +607,7 @@ def rasterize_gaussians(
         when it requires grad), ``depths`` (N,) camera z, ``conics`` (N, 3).
     """
     _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background)
+    width, height = int(width), int(height)
     if not isinstance(tile_size, int) or tile_size <= 0:
         raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
     if not 1.0 / 255.0 < alpha_max < 1.0:
