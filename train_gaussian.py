@@ -54,7 +54,7 @@ parser.add_argument("--out", type=str, default="runs/fit3d")
 parser.add_argument("--quick", action="store_true", help="a run of seconds with tiny sizes (smoke test)")
 parser.add_argument("--resume", action="store_true", help="reuse scenes and backbones already in --out")
 # data
-parser.add_argument("--num-scenes", type=int, default=3, help="synthetic scenes lifted and used to fine-tune")
+parser.add_argument("--num-scenes", type=int, default=2, help="synthetic scenes lifted and used to fine-tune")
 parser.add_argument("--probe-scenes", type=int, default=3, help="extra synthetic scenes for the probes")
 parser.add_argument("--frames", type=int, default=24, help="views per scene")
 parser.add_argument("--height", type=int, default=84)
@@ -62,9 +62,9 @@ parser.add_argument("--width", type=int, default=112)
 parser.add_argument("--test-every", type=int, default=8, help="every n-th view is held out (3DGS llffhold)")
 parser.add_argument("--depth-scale", type=float, default=0.001, help="metres per depth-PNG unit (real data)")
 # Stage I (3DGS / FiT3D schedule, compressed to --steps)
-parser.add_argument("--steps", type=int, default=200, help="Stage I iterations per scene (paper: 30000)")
-parser.add_argument("--max-points", type=int, default=4000, help="initial Gaussians per scene")
-parser.add_argument("--max-gaussians", type=int, default=12000,
+parser.add_argument("--steps", type=int, default=120, help="Stage I iterations per scene (paper: 30000)")
+parser.add_argument("--max-points", type=int, default=3000, help="initial Gaussians per scene")
+parser.add_argument("--max-gaussians", type=int, default=6000,
                     help="cap on densification (not in 3DGS; 0 = unlimited as in the paper)")
 parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
 parser.add_argument("--sh-degree", type=int, default=3)
@@ -382,6 +382,7 @@ def stage_finetune(scenes: dict, backbone) -> tuple:
               for name in scenes}  # all scenes pre-loaded; targets are rendered on the fly
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]))[0]]
     finetuned = load_dinov2(out_dir / "backbone_original.pth").to(device).train()
+    finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
     optimizer = torch.optim.AdamW(finetuned.parameters(), lr=args.finetune_lr, weight_decay=args.weight_decay)
     losses = []
@@ -447,22 +448,23 @@ def stage_probe(probe_scenes: dict, original, finetuned) -> list[dict]:
     train, test = probe_split(probe_scenes)
     generator = torch.Generator().manual_seed(args.seed)
 
-    def gather(frames, backbones, pixels_per_frame=None):
-        feats, labels, depths = [], [], []
-        for name, view in frames:
-            scene = probe_scenes[name]
-            f = dense_features(backbones, scene["images"][view : view + 1])[0].flatten(1).T  # (H*W, C)
-            label = scene["labels"][view].flatten() if scene["labels"] is not None else None
-            depth = scene["depths"][view].flatten() if scene["depths"] is not None else None
-            if pixels_per_frame is not None:
-                pick = torch.randperm(len(f), generator=generator)[:pixels_per_frame]
-                f, label = f[pick], None if label is None else label[pick]
-                depth = None if depth is None else depth[pick]
-            feats.append(f)
-            labels.append(label)
-            depths.append(depth)
+    def frame_data(frame, backbones):
+        """Per-pixel features (H*W, C), labels (H*W,) or None, depths (H*W,) or None of one frame."""
+        scene, view = probe_scenes[frame[0]], frame[1]
+        feats = dense_features(backbones, scene["images"][view : view + 1])[0].flatten(1).T
+        labels = scene["labels"][view].flatten() if scene["labels"] is not None else None
+        depths = scene["depths"][view].flatten() if scene["depths"] is not None else None
+        return feats, labels, depths
+
+    def training_pixels(backbones, per_frame):
+        parts = []
+        for frame in train:
+            feats, labels, depths = frame_data(frame, backbones)
+            pick = torch.randperm(len(feats), generator=generator)[:per_frame]
+            parts.append((feats[pick], None if labels is None else labels[pick],
+                          None if depths is None else depths[pick]))
         cat = lambda items: None if any(i is None for i in items) else torch.cat(items)  # noqa: E731
-        return torch.cat(feats), cat(labels), cat(depths)
+        return tuple(cat([part[k] for part in parts]) for k in range(3))
 
     per_frame = max(1, args.probe_pixels // len(train))
     num_classes = max(scene["num_classes"] for scene in probe_scenes.values())
@@ -470,19 +472,24 @@ def stage_probe(probe_scenes: dict, original, finetuned) -> list[dict]:
     for label, backbones in [("original", [original]), ("fine-tuned", [finetuned]),
                              ("[original, fine-tuned]", [original, finetuned])]:
         generator.manual_seed(args.seed)  # the same training pixels for every feature set
-        feats, labels, depths = gather(train, backbones, per_frame)
-        test_feats, test_labels, test_depths = gather(test, backbones)
+        feats, labels, depths = training_pixels(backbones, per_frame)
+        classifier = fit_linear_classifier(feats, labels, num_classes) if labels is not None else None
+        valid = None if depths is None else torch.isfinite(depths) & (depths > 0)
+        regressor = fit_linear_regressor(feats[valid], depths[valid]) if depths is not None else None
+        predictions, targets = [], []  # test frames one at a time (features of all pixels never stored)
+        for frame in test:
+            test_feats, test_labels, test_depths = frame_data(frame, backbones)
+            predictions.append((None if classifier is None else classifier(test_feats).argmax(1),
+                                None if regressor is None else regressor(test_feats)[:, 0].float()))
+            targets.append((test_labels, test_depths))
         row = {"features": label, "dim": feats.shape[1]}
-        if labels is not None and num_classes > 0:
-            classifier = fit_linear_classifier(feats, labels, num_classes)
-            pred = torch.cat([classifier(chunk).argmax(1) for chunk in test_feats.split(8192)])
-            row.update(segmentation_metrics(pred, test_labels, num_classes))
-        if depths is not None:
-            valid = torch.isfinite(depths) & (depths > 0)
-            regressor = fit_linear_regressor(feats[valid], depths[valid])
-            pred = torch.cat([regressor(chunk)[:, 0] for chunk in test_feats.split(8192)]).float()
-            test_valid = torch.isfinite(test_depths) & (test_depths > 0)
-            row.update(depth_metrics(pred.clamp_min(1e-3), test_depths, mask=test_valid))
+        if classifier is not None:
+            row.update(segmentation_metrics(torch.cat([p[0] for p in predictions]),
+                                            torch.cat([t[0] for t in targets]), num_classes))
+        if regressor is not None:
+            pred, target = torch.cat([p[1] for p in predictions]), torch.cat([t[1] for t in targets])
+            test_valid = torch.isfinite(target) & (target > 0)
+            row.update(depth_metrics(pred.clamp_min(1e-3), target, mask=test_valid))
         rows.append(row)
     # PCA before / after fine-tuning with one basis (fitted on the original features)
     name, view = test[0]

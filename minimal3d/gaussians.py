@@ -351,6 +351,8 @@ def accumulate_densification_stats(model: FeatureGaussians, means2d_grad: Tensor
     0 = not visible.
     """
     n = model.num_gaussians
+    if means2d_grad is None:
+        raise ValueError("means2d_grad is None: call backward on a loss of render_rgb(...) first")
     if means2d_grad.shape != (n, 2):
         raise ValueError(f"means2d_grad must have shape ({n}, 2), got {tuple(means2d_grad.shape)}")
     radius = radii.reshape(n, -1).amax(dim=1).to(model.max_radii.dtype)

@@ -214,6 +214,7 @@ def test_feature_loss_gives_zero_gradient_to_geometry():
     model, viewmat, K = _tiny_scene()
     with torch.no_grad():
         model.features.normal_()
+        model.log_scales.add_(0.3 * torch.randn(model.log_scales.shape))  # anisotropic: rotations matter
     target = torch.randn(6, 20, 24)
     loss = feature_loss(render_features(model, viewmat, K, 24, 20), target)
     loss.backward()
@@ -222,6 +223,11 @@ def test_feature_loss_gives_zero_gradient_to_geometry():
         assert grad is None or grad.abs().max() == 0, name
     assert model.features.grad.abs().max() > 0
     assert model.up_projection.weight.grad.abs().max() > 0
+    out = render_rgb(model, viewmat, K, 24, 20)  # the RGB loss, by contrast, reaches every parameter
+    rgb_loss(out["render"].permute(2, 0, 1), torch.rand(3, 20, 24)).backward()
+    for name in ("means", "log_scales", "quats", "opacity_logits", "sh_dc"):
+        assert getattr(model, name).grad.abs().max() > 0, name
+    assert out["means2d"].grad.abs().max() > 0
 
 
 def test_save_load_round_trip(tmp_path):
