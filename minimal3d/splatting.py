@@ -1,4 +1,4 @@
-"""Tile-based 3D Gaussian splatting in pure PyTorch (forward by vectorised ops, backward by autograd).
+"""Tile-based 3D Gaussian splatting in pure PyTorch: vectorised forward, autograd backward.
 
 Papers: Kerbl, Kopanas, Leimkühler, Drettakis, "3D Gaussian Splatting for Real-Time Radiance Field
 Rendering", SIGGRAPH 2023 (arXiv:2308.04079); Yue, Das, Engelmann, Tang, Lenssen, "Improving 2D Feature
@@ -32,6 +32,10 @@ is ``exp`` of an exclusive cumulative sum of ``log(1 - alpha)`` within its pixel
 transmittance is ``<= 1e-4`` get weight 0, which is exactly the stop rule because the transmittance never
 increases along a pixel's list. Tiles are processed in chunks of similar list length, which bounds
 memory; the result does not depend on ``tile_size`` (3.33 sigma boxes make every skipped pair invisible).
+Two steps have a small hand-written backward (``ExclusiveCumsumPerRun`` keeps float32 precision,
+``SparseWeightedSum`` avoids materialising (pairs x channels) rows on CPU); everything else is autograd.
+Host syncs: the list sizes (``repeat_interleave``, ``nonzero``), the tile list lengths (read once to
+chunk the tiles) and one for input validation, as in any sort-based rasterizer without custom kernels.
 """
 
 import math
@@ -86,7 +90,7 @@ def quaternion_to_rotation(quats: Tensor) -> Tensor:
 
 
 def gaussian_covariances(quats: Tensor, scales: Tensor) -> Tensor:
-    """World-space covariances ``Sigma = R S S^T R^T`` (3DGS Eq. 6) from ``quats: (N, 4)``, ``scales: (N, 3)``.
+    """World covariances ``Sigma = R S S^T R^T`` (3DGS Eq. 6), ``quats: (N, 4)``, ``scales: (N, 3)``.
 
     Returns ``(N, 3, 3)``.
     """
@@ -174,7 +178,7 @@ def project_gaussians(
 
 
 def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
-    """Evaluate real spherical harmonics of degree 0-3 in the 3DGS basis: ``sum_k Y_k(dir) coeffs_k``.
+    """Real spherical harmonics of degree 0-3 in the 3DGS basis: ``sum_k Y_k(dir) coeffs_k``.
 
     Args:
         degree: 0, 1, 2 or 3; the first ``(degree + 1)^2`` coefficients are used.
@@ -185,7 +189,7 @@ def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
         raise ValueError(f"degree must be 0, 1, 2 or 3, got {degree}")
     num_bases = (degree + 1) ** 2
     if coeffs.shape[-2] < num_bases:
-        raise ValueError(f"coeffs must have at least {num_bases} coefficients on dim -2, got shape {tuple(coeffs.shape)}")
+        raise ValueError(f"coeffs must be (..., K >= {num_bases}, C), got shape {tuple(coeffs.shape)}")
     x, y, z = torch.unbind(dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-12), dim=-1)
     bases = [torch.full_like(x, SH_C0)]
     if degree >= 1:
@@ -240,7 +244,8 @@ def intersect_tiles(
     tiles_per_gaussian = tile_extent.prod(dim=-1) * (radii > 0).all(dim=-1)
 
     # One row per intersection: which Gaussian, and which tile of its box (row-major inside the box).
-    gaussian_ids = torch.repeat_interleave(torch.arange(num_gaussians, device=means2d.device), tiles_per_gaussian)
+    all_ids = torch.arange(num_gaussians, device=means2d.device)
+    gaussian_ids = torch.repeat_interleave(all_ids, tiles_per_gaussian)  # host sync: list size
     first_row = torch.cumsum(tiles_per_gaussian, 0) - tiles_per_gaussian
     index_in_box = torch.arange(gaussian_ids.shape[0], device=means2d.device) - first_row[gaussian_ids]
     box_width = tile_extent[gaussian_ids, 0].clamp(min=1)
@@ -250,7 +255,7 @@ def intersect_tiles(
 
     # The depth order enters the key as a rank, which is exact for any dtype and ties (stable order).
     depth_rank = gaussian_ids.new_empty(num_gaussians)
-    depth_rank[torch.argsort(depths, stable=True)] = torch.arange(num_gaussians, device=means2d.device)
+    depth_rank[torch.argsort(depths, stable=True)] = all_ids
     sort_key = tile_ids * num_gaussians + depth_rank[gaussian_ids]
     order = torch.sort(sort_key).indices  # the one sort: by tile, then front to back
     tile_ids, gaussian_ids = tile_ids[order], gaussian_ids[order]
@@ -291,7 +296,7 @@ def find_pixel_pairs(
     in chunks of similar list length (longest first) so that a block has at most
     ``PAIR_BLOCK_ELEMENTS`` entries. A pair is kept iff ``sigma >= 0`` and ``o exp(-sigma) >= 1/255``,
     written as ``sigma <= log(255 o)`` (gsplat's skip rule; alpha_max > 1/255 does not change it).
-    This reads the tile list lengths on the host once (one device sync).
+    The tile list lengths are read on the host once, to form the chunks.
 
     Returns ``pixel_ids`` (M,) raster indices ``row * width + column`` and ``pair_gaussian_ids`` (M,).
     """
@@ -299,7 +304,7 @@ def find_pixel_pairs(
     tiles_x = math.ceil(width / tile_size)
     tile_counts = tile_starts[1:] - tile_starts[:-1]
     tiles_by_count = torch.argsort(tile_counts, descending=True, stable=True)
-    sorted_counts = tile_counts[tiles_by_count].tolist()  # the one host sync of the rasterizer
+    sorted_counts = tile_counts[tiles_by_count].tolist()  # host sync: chunk sizes
     log_threshold = torch.log(opacities / ALPHA_MIN)  # skip iff sigma > log(255 o)
     offsets = torch.arange(tile_size, device=device)
     pixel_ids, pair_gaussian_ids = [], []
@@ -329,7 +334,8 @@ def find_pixel_pairs(
         pair_gaussians = gaussians[tile_index, in_slot]
         if width % tile_size or height % tile_size:  # drop the parts of edge tiles outside the image
             on_image = (pair_row < height) & (pair_column < width)
-            pair_row, pair_column, pair_gaussians = pair_row[on_image], pair_column[on_image], pair_gaussians[on_image]
+            pair_row, pair_column = pair_row[on_image], pair_column[on_image]
+            pair_gaussians = pair_gaussians[on_image]
         pixel_ids.append(pair_row * width + pair_column)
         pair_gaussian_ids.append(pair_gaussians)
     if not pixel_ids:
@@ -359,7 +365,8 @@ def _exclusive_cumsum_per_run(values: Tensor, run_of_pair: Tensor) -> Tensor:
     the previous run's total), so float32 keeps full precision however many pairs precede a run.
     """
     num_runs = int(run_of_pair[-1]) + 1 if run_of_pair.numel() else 0
-    run_totals = torch.zeros(num_runs, dtype=values.dtype, device=values.device).index_add_(0, run_of_pair, values)
+    run_totals = torch.zeros(num_runs, dtype=values.dtype, device=values.device)
+    run_totals.index_add_(0, run_of_pair, values)
     starts_run = torch.ones_like(run_of_pair, dtype=torch.bool)
     starts_run[1:] = run_of_pair[1:] != run_of_pair[:-1]
     restart = torch.zeros_like(values)
@@ -434,18 +441,19 @@ def weighted_sum_per_pixel(
     num_pixels: int,
     sparse: bool | None = None,
 ) -> Tensor:
-    """``out[p] = sum over pairs j of pixel p of weights_j values[gaussian_j]``, ``values: (N, C)`` -> ``(P, C)``.
+    """``out[p] = sum_j weights_j values[gaussian_j]`` over the pairs j of pixel p; ``(N, C) -> (P, C)``.
 
-    The readable form is one ``index_add`` of the (M, C) weighted rows; with ``sparse`` (default on CPU
-    and CUDA) the same sum is the product of the sparse pixel x Gaussian weight matrix with ``values``,
-    which never materialises the (M, C) rows (several times faster for 64-dim features).
+    The readable form is one ``index_add`` of the (M, C) weighted rows (the default off CPU, where
+    atomic adds are fast); with ``sparse`` (default on CPU) the same sum is the product of the sparse
+    pixel x Gaussian weight matrix with ``values``, which never materialises the (M, C) rows (several
+    times faster for 64-dim features on CPU).
     """
     if sparse is None:
-        sparse = weights.device.type in ("cpu", "cuda")
+        sparse = weights.device.type == "cpu"
     out = torch.zeros(num_pixels, values.shape[-1], dtype=values.dtype, device=values.device)
     if not sparse:
-        run_of_pair = torch.repeat_interleave(torch.arange(run_pixels.shape[0], device=weights.device), run_starts.diff())
-        return out.index_add(0, run_pixels[run_of_pair], weights[:, None] * values[pair_gaussian_ids])
+        pair_pixels = torch.repeat_interleave(run_pixels, run_starts.diff())
+        return out.index_add(0, pair_pixels, weights[:, None] * values[pair_gaussian_ids])
     per_run = SparseWeightedSum.apply(weights, values, run_starts, pair_gaussian_ids)  # (R, C)
     return out.index_copy(0, run_pixels, per_run)
 
@@ -479,7 +487,7 @@ def composite_pairs(
     pair_conics = conics.index_select(0, pair_gaussian_ids)  # (M, 3)
     sigma = pair_sigma(pair_means2d, pair_conics, pixel_x, pixel_y)  # (M,)
     pair_opacities = opacities.index_select(0, pair_gaussian_ids)
-    alpha = torch.clamp(pair_opacities * torch.exp(-sigma), max=alpha_max)  # 3DGS Eq. 2
+    alpha = torch.clamp(pair_opacities * torch.exp(-sigma), max=alpha_max)  # alpha_i = o_i G_i (3DGS Eq. 4)
     run_of_pair, run_starts = pixel_runs(pixel_ids)
     log_transmittance = ExclusiveCumsumPerRun.apply(torch.log1p(-alpha), run_of_pair)
     transmittance = torch.exp(log_transmittance)  # T_i = prod_{j < i} (1 - alpha_j), 3DGS Eq. 3
@@ -490,7 +498,9 @@ def composite_pairs(
     # Colours, depth and alpha (= sum of weights = 1 - final transmittance) in one weighted sum.
     values = torch.cat([colors, depths[:, None].to(colors), torch.ones_like(colors[:, :1])], dim=-1)
     run_pixels = pixel_ids[run_starts[:-1]]
-    blended = weighted_sum_per_pixel(weights.to(colors), values, pair_gaussian_ids, run_starts, run_pixels, width * height, sparse)
+    blended = weighted_sum_per_pixel(
+        weights.to(colors), values, pair_gaussian_ids, run_starts, run_pixels, width * height, sparse
+    )  # (H*W, D + 2)
     color, depth_acc, alpha_image = blended[:, :-2], blended[:, -2], blended[:, -1]
     return color, alpha_image, depth_acc
 
@@ -551,7 +561,7 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, he
         if background.shape != (channels,):
             raise ValueError(f"background must have shape (D,) = ({channels},), got {tuple(background.shape)}")
 
-    problems = [(f"{name} must be finite, got NaN or Inf values", ~torch.isfinite(value)) for name, value in tensors.items()]
+    problems = [(f"{name} must be finite, got NaN or Inf", ~torch.isfinite(value)) for name, value in tensors.items()]
     problems += [
         ("quats must have non-zero norm (they are normalised inside)", (quats == 0).all(dim=-1)),
         ("scales must be > 0 (standard deviations, post-activation)", scales <= 0),

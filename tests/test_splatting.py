@@ -318,27 +318,26 @@ def test_scan_keeps_float32_precision_over_many_runs():
 
 
 def test_sparse_and_index_add_blending_agree():
-    from minimal3d import splatting
+    """The two forms of the weighted sums (sparse matrix product, index_add) agree, values and gradients."""
+    from minimal3d.splatting import composite_pairs, find_pixel_pairs, gaussian_covariances, intersect_tiles, project_gaussians
 
     width, height = 24, 20
     viewmat, K = camera(width, height)
     params = leaves(random_scene(80, channels=5, seed=9))
-    outputs = {}
-    original = splatting.weighted_sum_per_pixel
+    covars = gaussian_covariances(params["quats"], params["scales"])
+    projected = project_gaussians(params["means"], covars, viewmat, K, width, height)
+    means2d, conics, depths = projected["means2d"], projected["conics"], projected["depths"]
+    _, gaussian_ids, tile_starts = intersect_tiles(means2d.detach(), projected["radii"], depths.detach(), width, height, 16)
+    pairs = find_pixel_pairs(means2d.detach(), conics.detach(), params["opacities"], gaussian_ids, tile_starts, width, height, 16)
+    assert pairs[0].shape[0] > 200
+    weights = torch.randn(3, width * height, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = {}
     for sparse in (True, False):
-        def forced(*args, sparse_flag=sparse, **kwargs):
-            return original(*args[:6], sparse=sparse_flag)
-
-        splatting.weighted_sum_per_pixel = forced
-        try:
-            out = rasterize_gaussians(*params.values(), viewmat, K, width, height)
-        finally:
-            splatting.weighted_sum_per_pixel = original
-        outputs[sparse] = (out, grads_of(out, params, loss_weights(height, width, 5)))
-    for key in ("render", "alpha", "depth_acc"):
-        torch.testing.assert_close(outputs[True][0][key], outputs[False][0][key], atol=1e-14, rtol=0)
-    for key in PARAMS:
-        torch.testing.assert_close(outputs[True][1][key], outputs[False][1][key], atol=1e-12, rtol=1e-12)
+        outputs = composite_pairs(*pairs, means2d, conics, params["opacities"], depths, params["colors"], width, height, sparse=sparse)
+        loss = (outputs[0] * weights[0]).sum() + (outputs[1] * weights[1, :, 0]).sum() + (outputs[2] * weights[2, :, 0]).sum()
+        results[sparse] = outputs + torch.autograd.grad(loss, [params[k] for k in PARAMS], retain_graph=True)
+    for dense_value, sparse_value in zip(results[False], results[True]):
+        torch.testing.assert_close(sparse_value, dense_value, atol=1e-13, rtol=1e-12)
 
 
 def test_detach_geometry_trains_only_features():
