@@ -238,12 +238,14 @@ def test_gradcheck_composite():
                                         (colors, raw_sigma, t))
 
 
-def test_gradcheck_render_triplane():
+@pytest.mark.parametrize("position_grad", [False, True])
+def test_gradcheck_render_triplane(position_grad):
+    """Without position gradients the renderer takes its gather/index_add lookup; with them, grid_sample."""
     gen = torch.Generator().manual_seed(7)
     planes = torch.randn(1, 3, 3, 4, 4, generator=gen, dtype=D, requires_grad=True)
     decoder = TriplaneDecoder(feature_dim=3, hidden_dim=4).double()
     origins, directions = random_rays(1, 3, seed=7)
-    directions.requires_grad_(True)
+    directions.requires_grad_(position_grad)
     jitter = torch.rand(1, 3, 4, generator=gen, dtype=D)
 
     def render(p, d, w1):
