@@ -95,14 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="Pri3D checkpoint for --finetune")
     parser.add_argument("--no-finetune", action="store_true", help="pretraining only")
     parser.add_argument("--label-fraction", type=float, default=0.2, help="data-efficiency row (also 1.0)")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="synthetic default 120")
-    parser.add_argument("--finetune-batch-size", type=int, default=8)
+    parser.add_argument("--finetune-steps", type=int, default=None, help="synthetic default 60")
+    parser.add_argument("--finetune-batch-size", type=int, default=None, help="official 8; synthetic 4")
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="official semseg: SGD 0.01, PolyLR")
     args = parser.parse_args(argv)
     synthetic = args.data is None
     defaults = dict(height=64 if synthetic else 240, width=80 if synthetic else 320,
                     steps=120 if synthetic else 60000, voxel_size=0.1 if synthetic else 0.02,
-                    finetune_steps=120 if synthetic else 20000)
+                    finetune_steps=60 if synthetic else 20000, finetune_batch_size=4 if synthetic else 8)
     if args.quick:
         defaults.update(height=64, width=64, steps=3, finetune_steps=3, voxel_size=0.15)
         args.rooms, args.val_rooms, args.frames, args.num_matches = 1, 1, 5, 128
@@ -523,7 +523,9 @@ def finetune(args, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.finetune_lr, momentum=0.9, weight_decay=1e-4)
     model.train()
-    for step in range(args.finetune_steps):
+    progress = tqdm(range(args.finetune_steps), desc=f"fine-tune {'pri3d' if backbone_state else 'scratch'} "
+                    f"{label_fraction:.0%}", leave=False)
+    for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = args.finetune_lr * (1 - step / args.finetune_steps) ** 0.9  # PolyLR
         index = torch.randint(len(images), (min(args.finetune_batch_size, len(images)),), generator=generator)
@@ -536,6 +538,7 @@ def finetune(args, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
     model.eval()
     predictions = []
     with torch.no_grad():
@@ -589,7 +592,7 @@ def main(argv=None) -> dict:
     train, val = labelled_frames(train_scenes), labelled_frames(val_scenes)
     rows, previews = [], {}
     fractions = [1.0] + ([args.label_fraction] if args.label_fraction < 1 else [])
-    for fraction in tqdm(fractions, desc="fine-tune"):
+    for fraction in fractions:
         for init, state in (("scratch", None), ("pri3d", backbone_state)):
             result, predictions = finetune(args, train, val, num_classes, state, fraction, dist.device)
             rows.append(dict(init=init, labels=f"{fraction:.0%}", mIoU=result["mIoU"], mAcc=result["mAcc"],
