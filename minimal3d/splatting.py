@@ -565,7 +565,7 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, he
     problems += [
         ("quats must have non-zero norm (they are normalised inside)", (quats == 0).all(dim=-1)),
         ("scales must be > 0 (standard deviations, post-activation)", scales <= 0),
-        ("opacities must lie in (0, 1) (post-activation)", (opacities <= 0) | (opacities >= 1)),
+        ("opacities must lie in [0, 1] (post-activation)", (opacities < 0) | (opacities > 1)),
         ("K must have positive focal lengths K[0, 0] and K[1, 1]", K.diagonal()[:2] <= 0),
     ]
     flags = torch.stack([violated.any().to(means.device) for _, violated in problems]).tolist()  # one sync
@@ -598,7 +598,8 @@ def rasterize_gaussians(
 
     Args:
         means: (N, 3) world centres. quats: (N, 4) rotations (w, x, y, z), any non-zero norm.
-        scales: (N, 3) standard deviations (> 0). opacities: (N,) in (0, 1).
+        scales: (N, 3) standard deviations (> 0). opacities: (N,) in (0, 1); exactly 0 or 1 (a
+            saturated float32 sigmoid) are accepted: such a Gaussian is invisible or clamped to alpha_max.
         colors: (N, D) colours or features (any D), or with ``sh_degree`` SH coefficients (N, K, 3),
             K >= (sh_degree + 1)^2, evaluated along ``normalise(mean - camera centre)`` (world frame) and
             mapped to colour by ``max(SH + 0.5, 0)`` (gsplat / 3DGS).
