@@ -90,18 +90,18 @@ def run_once(method, scene, viewmat, K, size, backward):
     return out
 
 
-def median_time(method, scene, viewmat, K, size, backward, repeats):
+def median_time(method, scene, viewmat, K, size, backward, repeats, clock=time.perf_counter):
     device = scene["means"].device
     run_once(method, scene, viewmat, K, size, backward)  # warm up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         run_once(method, scene, viewmat, K, size, backward)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -147,6 +147,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dense-gaussians", type=int, default=1000, help="Gaussians of the dense baseline")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
+    parser.add_argument("--timer", choices=["wall", "process"], default="wall",
+                        help="wall clock, or CPU time of this process (steadier on a loaded machine; CPU only)")
     args = parser.parse_args()
 
     scenes = [(20_000, 128, 3), (20_000, 128, 64)]
@@ -159,19 +161,23 @@ def main():
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
 
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, median of {repeats}")
+    clock = time.process_time if args.timer == "process" else time.perf_counter
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, median of {repeats}, "
+          f"{args.timer} time")
     header = ["device", "scene", "method", "fwd s", "fwd+bwd s", "peak MB fwd+bwd", "dense/ours fwd", "dense/ours fwd+bwd"]
     rows = []
     for device in devices:
         for num, size, channels in scenes:
             scene, viewmat, K = make_scene(num, size, channels, device)
-            times = {bw: median_time(ours_render, scene, viewmat, K, size, bw, repeats) for bw in (False, True)}
+            times = {bw: median_time(ours_render, scene, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
             memory = float("nan") if args.quick else peak_memory_mb("ours", num, size, channels, True, device)
             name = f"{num // 1000}k {size}x{size} D={channels}"
             rows.append([device.type, name, "ours", f"{times[False]:.3f}", f"{times[True]:.3f}", f"{memory:.0f}", "", ""])
             subset = {key: value[:dense_num] for key, value in scene.items()}
-            ours_small = {bw: median_time(ours_render, subset, viewmat, K, size, bw, repeats) for bw in (False, True)}
-            dense_small = {bw: median_time(dense_render, subset, viewmat, K, size, bw, max(1, repeats // 2)) for bw in (False, True)}
+            ours_small = {bw: median_time(ours_render, subset, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
+            dense_small = {
+                bw: median_time(dense_render, subset, viewmat, K, size, bw, max(1, repeats // 2), clock) for bw in (False, True)
+            }
             memory_ours = memory_dense = float("nan")
             if not args.quick:
                 memory_ours = peak_memory_mb("ours", dense_num, size, channels, True, device)
@@ -180,7 +186,8 @@ def main():
             rows.append([device.type, small, "ours", f"{ours_small[False]:.3f}", f"{ours_small[True]:.3f}", f"{memory_ours:.0f}", "", ""])
             ratio_fwd, ratio_bwd = dense_small[False] / ours_small[False], dense_small[True] / ours_small[True]
             rows.append([device.type, small, "dense", f"{dense_small[False]:.3f}", f"{dense_small[True]:.3f}", f"{memory_dense:.0f}", f"{ratio_fwd:.1f}x", f"{ratio_bwd:.1f}x"])
-            print(" | ".join(rows[-3]), flush=True)
+            for row in rows[-3:]:
+                print(" | ".join(row), flush=True)
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     print()
     for row in [header, ["-" * w for w in widths]] + rows:

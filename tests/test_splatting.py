@@ -54,7 +54,9 @@ def naive_render(means, quats, scales, opacities, colors, viewmat, K, width, hei
         visible = near_plane < depth.item() < far_plane
         visible &= bool((mean2d + radius > 0).all() and mean2d[0] - radius[0] < width and mean2d[1] - radius[1] < height)
         projected.append((i, mean2d, depth, inverse, radius if visible else torch.zeros_like(radius), visible))
-    rows, columns = torch.meshgrid(torch.arange(height, dtype=means.dtype), torch.arange(width, dtype=means.dtype), indexing="ij")
+    rows, columns = torch.meshgrid(
+        torch.arange(height, dtype=means.dtype), torch.arange(width, dtype=means.dtype), indexing="ij"
+    )
     centres = torch.stack([columns + 0.5, rows + 0.5], dim=-1).reshape(-1, 2)  # (H*W, 2)
     means2d = torch.stack([p[1] for p in projected])  # (N, 2), used below so that means2d.grad exists
     transmittance = torch.ones(height * width, dtype=means.dtype)
@@ -180,7 +182,9 @@ def test_matches_naive_reference(alpha_max):
     viewmat, K = camera(width, height)
     background = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
     params = leaves(small_scene())
-    ours = rasterize_gaussians(*params.values(), viewmat, K, width, height, background=background, alpha_max=alpha_max, tile_size=8)
+    ours = rasterize_gaussians(
+        *params.values(), viewmat, K, width, height, background=background, alpha_max=alpha_max, tile_size=8
+    )
     naive = naive_render(*params.values(), viewmat, K, width, height, background=background, alpha_max=alpha_max)
     assert naive["stops"] > 0 and naive["clamps"] > 0  # the scene exercises both rules
     assert (naive["radii"] == 0).all(-1).sum() == 2  # behind the camera and outside the image
@@ -268,7 +272,8 @@ def test_gradcheck_spherical_harmonics_colour():
     projections = torch.randn(4, height * width * 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def render(means):  # the view direction makes the colour depend on the means (coeffs: parity tests)
-        out = rasterize_gaussians(means, scene["quats"], scene["scales"], scene["opacities"], scene["colors"], viewmat, K, width, height, sh_degree=2)
+        geometry = (means, scene["quats"], scene["scales"], scene["opacities"])
+        out = rasterize_gaussians(*geometry, scene["colors"], viewmat, K, width, height, sh_degree=2)
         return projections @ out["render"].reshape(-1)
 
     assert torch.autograd.gradcheck(render, (scene["means"].requires_grad_(),), eps=1e-6, atol=1e-6)
@@ -282,7 +287,8 @@ def test_gradcheck_kernels():
     row_offsets, columns = torch.tensor([0, 2, 3, 6]), torch.tensor([0, 3, 1, 0, 2, 3])
     weights = torch.rand(6, dtype=torch.float64, generator=generator, requires_grad=True)
     matrix_values = torch.randn(4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda w, v: SparseWeightedSum.apply(w, v, row_offsets, columns), (weights, matrix_values))
+    product = lambda w, v: SparseWeightedSum.apply(w, v, row_offsets, columns)  # noqa: E731
+    assert torch.autograd.gradcheck(product, (weights, matrix_values))
     dirs = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     coeffs = torch.randn(6, 16, 2, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(lambda d, c: spherical_harmonics(3, d, c), (dirs, coeffs))
@@ -319,7 +325,13 @@ def test_scan_keeps_float32_precision_over_many_runs():
 
 def test_sparse_and_index_add_blending_agree():
     """The two forms of the weighted sums (sparse matrix product, index_add) agree, values and gradients."""
-    from minimal3d.splatting import composite_pairs, find_pixel_pairs, gaussian_covariances, intersect_tiles, project_gaussians
+    from minimal3d.splatting import (
+        composite_pairs,
+        find_pixel_pairs,
+        gaussian_covariances,
+        intersect_tiles,
+        project_gaussians,
+    )
 
     width, height = 24, 20
     viewmat, K = camera(width, height)
@@ -328,13 +340,18 @@ def test_sparse_and_index_add_blending_agree():
     projected = project_gaussians(params["means"], covars, viewmat, K, width, height)
     means2d, conics, depths = projected["means2d"], projected["conics"], projected["depths"]
     _, gaussian_ids, tile_starts = intersect_tiles(means2d.detach(), projected["radii"], depths.detach(), width, height, 16)
-    pairs = find_pixel_pairs(means2d.detach(), conics.detach(), params["opacities"], gaussian_ids, tile_starts, width, height, 16)
+    pairs = find_pixel_pairs(
+        means2d.detach(), conics.detach(), params["opacities"], gaussian_ids, tile_starts, width, height, 16
+    )
     assert pairs[0].shape[0] > 200
     weights = torch.randn(3, width * height, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     results = {}
     for sparse in (True, False):
-        outputs = composite_pairs(*pairs, means2d, conics, params["opacities"], depths, params["colors"], width, height, sparse=sparse)
-        loss = (outputs[0] * weights[0]).sum() + (outputs[1] * weights[1, :, 0]).sum() + (outputs[2] * weights[2, :, 0]).sum()
+        outputs = composite_pairs(
+            *pairs, means2d, conics, params["opacities"], depths, params["colors"], width, height, sparse=sparse
+        )
+        color, alpha, depth_acc = outputs
+        loss = (color * weights[0]).sum() + (alpha * weights[1, :, 0]).sum() + (depth_acc * weights[2, :, 0]).sum()
         results[sparse] = outputs + torch.autograd.grad(loss, [params[k] for k in PARAMS], retain_graph=True)
     for dense_value, sparse_value in zip(results[False], results[True]):
         torch.testing.assert_close(sparse_value, dense_value, atol=1e-13, rtol=1e-12)
@@ -375,7 +392,8 @@ def test_all_gaussians_behind_camera_give_background():
     width, height = 16, 12
     viewmat, K = camera(width, height)
     scene = random_scene(20, seed=14)
-    scene["means"] = (torch.tensor([0.0, 0.0, -3.0], dtype=torch.float64) + 0.5 * torch.randn(20, 3, dtype=torch.float64) - viewmat[:3, 3]) @ viewmat[:3, :3]
+    behind = torch.tensor([0.0, 0.0, -3.0], dtype=torch.float64) + 0.5 * torch.randn(20, 3, dtype=torch.float64)
+    scene["means"] = (behind - viewmat[:3, 3]) @ viewmat[:3, :3]  # camera -> world
     scene["means"][0] = -viewmat[:3, :3].T @ viewmat[:3, 3]  # one exactly at the camera centre (z = 0)
     params = leaves(scene)
     background = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
@@ -399,7 +417,8 @@ def test_lower_sh_degree_uses_leading_coefficients():
     prefix = rasterize_gaussians(*geometry, coeffs[:, :4].clone(), viewmat, K, width, height, sh_degree=1)
     torch.testing.assert_close(full["render"], prefix["render"], atol=0, rtol=0)
     degree0 = rasterize_gaussians(*geometry, coeffs, viewmat, K, width, height, sh_degree=0)
-    plain = rasterize_gaussians(*geometry, (0.28209479177387814 * coeffs[:, 0] + 0.5).clamp_min(0), viewmat, K, width, height)
+    colour = (0.28209479177387814 * coeffs[:, 0] + 0.5).clamp_min(0)  # Y_0 c_0 + 0.5, clamped
+    plain = rasterize_gaussians(*geometry, colour, viewmat, K, width, height)
     torch.testing.assert_close(degree0["render"], plain["render"], atol=1e-14, rtol=0)
 
 
