@@ -80,7 +80,7 @@ def measure(fn, device: torch.device, repeats: int) -> tuple[float, float | None
         before = _current_rss()
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         fn()
-        peak = (_peak_rss() - before) / 2**20
+        peak = max(_peak_rss() - before, 0) / 2**20
     else:
         peak = None
     times = []

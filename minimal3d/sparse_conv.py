@@ -140,11 +140,12 @@ def _kernel_map(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, same_set
     offset_ids, out_rows = found.T.nonzero(as_tuple=True)  # grouped by offset, one sync for all offsets
     in_rows = table[out_rows, offset_ids]
     counts = found.sum(dim=0).tolist()
+    is_zero_offset = (offsets == 0).all(dim=1).tolist()
     kernel_map: KernelMap = []
     for k, (rows_in, rows_out) in enumerate(zip(in_rows.split(counts), out_rows.split(counts))):
         if counts[k] == 0:
             continue
-        if same_set and not offsets[k].any():
+        if same_set and is_zero_offset[k]:
             kernel_map.append((k, None, None))
         else:
             kernel_map.append((k, rows_in, rows_out))
@@ -160,8 +161,9 @@ class SparseTensor:
     """Features on sparse voxels, like MinkowskiEngine's ``SparseTensor``.
 
     coords: (N, 4) int64 (batch, x, y, z), unique rows, xyz multiples of ``stride``.
-    feats: (N, C) floating. ``cache`` is shared by every tensor derived from the same input: it holds the
-    coordinates of each stride (key ``("coords", s)``) and the kernel maps built so far."""
+    feats: (N, C) floating. ``cache`` is shared by every tensor derived from the same input (pass None to
+    start a new one): it holds the coordinates of each stride (key ``("coords", s)``) and the kernel maps
+    built so far, like MinkowskiEngine's coordinate manager. Build a new SparseTensor for new voxels."""
 
     def __init__(self, coords: Tensor, feats: Tensor, stride: int = 1, cache: dict | None = None):
         if not isinstance(coords, Tensor) or not isinstance(feats, Tensor):
@@ -262,6 +264,8 @@ def _check_conv_inputs(x: SparseTensor, weight: Tensor, bias: Tensor | None) -> 
     kernel_size = _kernel_size_of(weight)
     if weight.shape[1] != x.feats.shape[1]:
         raise ValueError(f"weight expects C_in={weight.shape[1]} but x has {x.feats.shape[1]} channels")
+    if weight.dtype != x.feats.dtype or weight.device != x.feats.device:
+        raise ValueError(f"weight is {weight.dtype} on {weight.device}, feats {x.feats.dtype} on {x.feats.device}")
     if bias is not None and bias.shape != (weight.shape[2],):
         raise ValueError(f"bias must have shape ({weight.shape[2]},), got {tuple(bias.shape)}")
     return kernel_size
@@ -387,6 +391,7 @@ def sparse_conv_transpose3d(
 
 
 def sparse_relu(x: SparseTensor) -> SparseTensor:
+    """ReLU of the features, same voxels."""
     return x.replace(F.relu(x.feats))
 
 
