@@ -11,13 +11,17 @@ of a scanned surface. Rows per grid size:
 Times are medians over --repeats runs (forward, forward+backward). Memory: on CUDA the peak of
 torch.cuda.max_memory_allocated above the memory held before the call; on CPU the peak resident set size
 above the one before the call (VmHWM after resetting it through /proc/self/clear_refs), i.e. the memory
-the process really touched, including allocator overhead; "n/a" where /proc is missing.
+the process really touched, including allocator overhead; "n/a" where /proc is missing. On glibc the
+mmap threshold is pinned to 64 KiB (mallopt) so that large freed tensors leave the resident set and the
+delta is not hidden by memory the allocator kept from an earlier run.
 
     python benchmarks/bench_sparse_conv.py --quick
     python benchmarks/bench_sparse_conv.py --sizes 32 64 128 --channels 32
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +54,13 @@ def naive_sparse_conv(coords: torch.Tensor, feats: torch.Tensor, weight: torch.T
             in_rows, out_rows = torch.tensor(pairs, device=feats.device).T
             out = out.index_add(0, out_rows, feats[in_rows] @ weight[k])
     return out
+
+
+def _pin_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after big frees and then recycles heap pages invisibly to RSS."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and "libc.so" in libc_name:
+        ctypes.CDLL(libc_name).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
 
 
 def _current_rss() -> int:
@@ -106,6 +117,7 @@ def main() -> None:
         args.sizes, args.repeats, args.channels = [24, 32], 2, 16
     if args.threads:
         torch.set_num_threads(args.threads)
+    _pin_mmap_threshold()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(0)

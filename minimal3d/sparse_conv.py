@@ -272,13 +272,14 @@ def _check_conv_inputs(x: SparseTensor, weight: Tensor, bias: Tensor | None) -> 
 
 
 def _gather_matmul_scatter(feats: Tensor, weight: Tensor, kernel_map: KernelMap, num_out: int) -> Tensor:
-    """out[o] = sum_k sum_{(i, o) in map_k} feats[i] @ weight[k]: (N_in, C_in) -> (num_out, C_out)."""
+    """out[o] = sum_k sum_{(i, o) in map_k} feats[i] @ weight[k]: (N_in, C_in) -> (num_out, C_out).
+    (index_select is the gather: on CPU it is several times faster than ``feats[in_rows]``.)"""
     out = feats.new_zeros(num_out, weight.shape[2])
     for k, in_rows, out_rows in kernel_map:
         if in_rows is None:
             out += feats @ weight[k]  # centre offset of a submanifold conv: every voxel maps to itself
         else:
-            out.index_add_(0, out_rows, feats[in_rows] @ weight[k])
+            out.index_add_(0, out_rows, feats.index_select(0, in_rows) @ weight[k])
     return out
 
 
@@ -300,9 +301,9 @@ class _SparseConvFunction(torch.autograd.Function):
         grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for k, in_rows, out_rows in ctx.kernel_map:
-            grad_k = grad_out if out_rows is None else grad_out[out_rows]  # (M_k, C_out)
+            grad_k = grad_out if out_rows is None else grad_out.index_select(0, out_rows)  # (M_k, C_out)
             if grad_weight is not None:
-                grad_weight[k] = (feats if in_rows is None else feats[in_rows]).T @ grad_k
+                grad_weight[k] = (feats if in_rows is None else feats.index_select(0, in_rows)).T @ grad_k
             if grad_feats is not None:
                 if in_rows is None:
                     grad_feats += grad_k @ weight[k].T
