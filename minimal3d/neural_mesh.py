@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minimal3d.cameras import pose_from_angles, project
+from minimal3d.vmf_contrast import VertexMemory, classification_scores
 
 # ---------------------------------------------------------------------------------------------------
 # Cuboid mesh (NOVUM createCuboidMesh.py)
@@ -270,7 +271,7 @@ class PoseEstimate:
 def estimate_pose(
     feature_map: Tensor,
     meshes: list[Mesh],
-    memory,
+    memory: VertexMemory,
     K: Tensor,
     candidates: list[int] | None = None,
     top_k: int = 3,
@@ -288,8 +289,6 @@ def estimate_pose(
     class and kept in `grid_cache`), then refine (azimuth, elevation, theta, distance) of the best one
     with Adam(lr, betas) for `steps` steps. The candidate with the lowest final loss wins.
     """
-    from minimal3d.vmf_contrast import classification_scores
-
     if feature_map.ndim != 3 or feature_map.shape[0] != memory.vertices.shape[1]:
         raise ValueError(f"feature_map must be ({memory.vertices.shape[1]}, H, W), got {tuple(feature_map.shape)}")
     if len(meshes) != memory.num_classes:

@@ -211,3 +211,15 @@ def test_classification_scores_match_loops():
                     best = max(range(9), key=lambda r: similarity[r])
                     s_novum += similarity[best] / 12.0 if int(owner[best]) == y else 0.0
             assert abs(float(compnet[b, y]) - s_compnet) < 1e-12 and abs(float(novum[b, y]) - s_novum) < 1e-12
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_loss():
+    memory, features, keypoints, visible, labels, omega = make_case(seed=8)
+    compiled = torch.compile(grouped_vmf_contrast)
+    for num_sampled in (None, 2):
+        eager = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=num_sampled,
+                                     generator=torch.Generator().manual_seed(0))
+        again = compiled(features, keypoints, visible, labels, memory, omega=omega, num_sampled=num_sampled,
+                         generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(again, eager, rtol=1e-12, atol=1e-12)
