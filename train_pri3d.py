@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     steps=120 if synthetic else 60000, voxel_size=0.1 if synthetic else 0.02,
                     finetune_steps=60 if synthetic else 20000, finetune_batch_size=4 if synthetic else 8)
     if args.quick:
-        defaults.update(height=64, width=64, steps=3, finetune_steps=3, voxel_size=0.15)
+        defaults.update(height=32, width=48, steps=3, finetune_steps=3, voxel_size=0.2)
         args.rooms, args.val_rooms, args.frames, args.num_matches = 1, 1, 5, 128
         args.finetune_batch_size = 2
     for key, value in defaults.items():
@@ -293,6 +293,9 @@ class Pri3DNet(nn.Module):
         if self.backbone3d is not None and chunks:
             voxel_features = []
             for chunk in chunks:  # one chunk at a time so each keeps its kernel maps across steps
+                if len(chunk.voxels) == 0:  # a frame without depth: no voxels, its Geo terms are skipped
+                    voxel_features.append(features.new_zeros(0, self.backbone3d.config.out_channels))
+                    continue
                 voxels = SparseTensor(batch_coordinates([chunk.voxels]).to(images.device), chunk.colours.to(images),
                                       cache=chunk.kernel_maps)
                 voxel_features.append(self.backbone3d(voxels).feats)
@@ -565,11 +568,11 @@ def main(argv=None) -> dict:
     runtime.seed_everything(args.seed, dist.rank)
     out = Path(args.out)
     if args.data is None:
-        from minimal3d.synthetic import NUM_ROOM_CLASSES
+        from minimal3d.synthetic import ROOM_CLASS_NAMES
 
         train_scenes = synthetic_scenes(range(args.rooms), args)
         val_scenes = synthetic_scenes(range(1000, 1000 + args.val_rooms), args)  # disjoint rooms
-        num_classes = NUM_ROOM_CLASSES
+        class_names = ROOM_CLASS_NAMES
     else:
         folders = sorted(p for p in Path(args.data).iterdir() if (p / "depth").is_dir())
         if len(folders) < 2:
@@ -577,8 +580,9 @@ def main(argv=None) -> dict:
         split = max(1, len(folders) // 5)
         train_scenes = [load_scannet_scene(folder, args) for folder in folders[:-split]]
         val_scenes = [load_scannet_scene(folder, args) for folder in folders[-split:]]
-        num_classes = len(SCANNET_NYU40_IDS)
-    metrics = dict(config=vars(args))
+        class_names = SCANNET_CLASS_NAMES
+    num_classes = len(class_names)
+    metrics = dict(config=vars(args), classes=list(class_names))
     checkpoint = Path(args.checkpoint) if args.checkpoint else out / "pri3d.pt"
     if not args.finetune:
         checkpoint, metrics["pretrain"] = pretrain(args, train_scenes, dist)

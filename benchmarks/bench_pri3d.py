@@ -102,7 +102,7 @@ def naive_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float)
 
 def bench_loss(args, device: torch.device) -> list[list[str]]:
     rows = []
-    sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
+    sizes = [1024, 4096] if args.quick else [int(n) for n in args.sizes.split(",")]
     for n in sizes:
         generator = torch.Generator().manual_seed(0)
         q = torch.randn(n, 64, generator=generator).to(device).requires_grad_(True)
@@ -226,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="1024,4096,16384,65536", help="loss sizes n (comma separated)")
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--max-dense-gib", type=float, default=8.0, help="skip dense losses above this")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -204,7 +204,7 @@ def voxel_pixel_correspondences(
     (M,) rows of ``voxels``, ascending.
     """
     _check_convention(convention)
-    if not isinstance(voxels, Tensor) or voxels.ndim != 2 or voxels.shape[1] != 3:
+    if not isinstance(voxels, Tensor) or voxels.ndim != 2 or voxels.shape[1] != 3 or voxels.is_floating_point():
         raise ValueError("voxels must be a (V, 3) tensor of integer voxel indices")
     _check_depth(depth, "depth")
     _check_intrinsics(K)
