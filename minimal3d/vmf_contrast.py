@@ -130,7 +130,7 @@ def _vertex_rows(memory: VertexMemory, vertex_features: Tensor, visible: Tensor,
         raise ValueError(f"{name}: visible must be ({B}, {K_max}), got {tuple(visible.shape)}")
     _check_labels(labels, B, memory.num_classes, name)
     sizes = torch.tensor(memory.num_vertices, device=labels.device)[labels]  # (B,)
-    if K_max < int(sizes.max()):
+    if B and K_max < int(sizes.max()):
         raise ValueError(f"{name}: vertex_features has {K_max} slots but class {int(labels[sizes.argmax()])} "
                          f"has {int(sizes.max())} vertices")
     slot = torch.arange(K_max, device=labels.device)
@@ -239,7 +239,7 @@ def grouped_vmf_contrast(
         logits = f @ columns.to(f.dtype).T / temperature  # (V_y, C_y) vMF log-likelihoods
 
         kp = keypoints[image].to(f.dtype)  # (V_y, K_max, 2)
-        dist = (kp[:, :K_y] - kp[torch.arange(len(slot)), slot][:, None]).norm(dim=-1)  # (V_y, K_y)
+        dist = (kp[:, :K_y] - kp[torch.arange(len(slot), device=slot.device), slot][:, None]).norm(dim=-1)  # (V_y, K_y)
         near = (dist <= distance_threshold) & (torch.arange(K_y, device=labels.device) != slot[:, None])
         own_bias = near.to(f.dtype) * MASKED_LOGIT
         bias = torch.cat([own_bias,

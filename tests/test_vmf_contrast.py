@@ -223,3 +223,9 @@ def test_torch_compile_gives_the_same_loss():
         again = compiled(features, keypoints, visible, labels, memory, omega=omega, num_sampled=num_sampled,
                          generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(again, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch_is_a_zero_loss():
+    memory, features, keypoints, visible, labels, _ = make_case(seed=9)
+    loss = grouped_vmf_contrast(features[:0], keypoints[:0], visible[:0], labels[:0], memory)
+    assert float(loss) == 0.0
