@@ -29,7 +29,6 @@ computed once per scene and cached in <data>/pri3d_pairs/.
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minimal3d import runtime
-from minimal3d.correspondences import (frame_chunk_voxels, overlap_points, pixel_correspondences, point_overlap,
-                                       sample_matches, voxel_pixel_correspondences, voxelize_points,
-                                       depth_to_world)
+from minimal3d.correspondences import (depth_to_world, frame_chunk_voxels, overlap_points, pixel_correspondences,
+                                       point_overlap, sample_matches, voxel_pixel_correspondences, voxelize_points)
 from minimal3d.point_info_nce import depth_loss, point_info_nce
 from minimal3d.probes import segmentation_metrics
 from minimal3d.resunet import ResUNet, load_torchvision_resnet
