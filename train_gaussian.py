@@ -22,6 +22,7 @@ Example: python train_gaussian.py --out runs/fit3d        (synthetic, a few minu
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -226,11 +227,14 @@ def upsample(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def original_backbone():
+    """--weights, else the seeded random ViT (saved once, so every stage and rank uses the same one)."""
+    if args.weights:
+        return build_backbone(args.weights).to(device).eval()
     path = out_dir / "backbone_original.pth"
     if path.exists():
         return load_dinov2(path).to(device).eval()
-    torch.manual_seed(args.seed)  # the random ViT must be the same in every stage and rank
-    backbone = build_backbone(args.weights, arch=args.arch)
+    torch.manual_seed(args.seed)
+    backbone = build_backbone(arch=args.arch)
     if dist.is_main:
         save_dinov2(backbone, path)
     return backbone.to(device).eval()
@@ -377,11 +381,11 @@ class PatchFeatures(torch.nn.Module):
         return vit_features(self.backbone, images)
 
 
-def stage_finetune(scenes: dict, backbone) -> tuple:
+def stage_finetune(scenes: dict, original) -> tuple:
     models = {name: load_scene(out_dir / "scenes" / f"{name}.pt", map_location=device).to(device).eval()
               for name in scenes}  # all scenes pre-loaded; targets are rendered on the fly
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]))[0]]
-    finetuned = load_dinov2(out_dir / "backbone_original.pth").to(device).train()
+    finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
     optimizer = torch.optim.AdamW(finetuned.parameters(), lr=args.finetune_lr, weight_decay=args.weight_decay)
@@ -523,6 +527,8 @@ if run_finetune and not (args.resume and finetuned_path.exists()):
         print(f"Stage II: {metrics['finetune']['steps']} steps, L1 {metrics['finetune']['loss_first']:.4f} -> "
               f"{metrics['finetune']['loss_last']:.4f}")
 if run_probe and dist.is_main:
+    if not finetuned_path.exists():
+        raise FileNotFoundError(f"{finetuned_path} is missing: run --stage finetune first")
     finetuned = load_dinov2(finetuned_path).to(device).eval()
     probe_scenes = scenes if args.data else synthetic_scenes(args.seed * 1000 + 500, args.probe_scenes)
     metrics["probe"] = stage_probe(probe_scenes, original, finetuned)
