@@ -556,6 +556,7 @@ for mode in modes:
         if unknown:
             metrics_unknown, _ = evaluate_compnet(model, memory, meshes, unknown, grid_cache, closest=True)
             results[mode]["unknown_class_pose"] = {k: v for k, v in metrics_unknown.items() if k != "accuracy"}
+        runtime.write_metrics(out, dict(results=results, partial=True))  # kept if a later model fails
 if "plain" in args.models:
     plain = train_plain(train, len(known))
     if dist.is_main:
