@@ -56,7 +56,7 @@ def _check_viewmat(viewmat: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a (4, 4) world-to-camera matrix")
     if not bool(torch.isfinite(viewmat).all()):
         raise ValueError(f"{name} is not finite (ScanNet marks frames with lost tracking by -inf poses)")
-    if not bool(torch.linalg.det(viewmat[:3, :3].double()).abs() > 1e-9):
+    if not bool(torch.linalg.det(viewmat[:3, :3].float()).abs() > 1e-6):
         raise ValueError(f"{name} is singular: its 3x3 rotation part has determinant ~0")
 
 
@@ -114,7 +114,8 @@ def depth_to_world(depth: Tensor, K: Tensor, viewmat: Tensor, convention: str = 
     _check_intrinsics(K)
     _check_viewmat(viewmat, "viewmat")
     dtype = _working_dtype(depth, K, viewmat)
-    depth, K, viewmat = depth.to(dtype), K.to(dtype), viewmat.to(dtype)
+    device = depth.device  # K and viewmat follow the depth map
+    depth, K, viewmat = depth.to(dtype), K.to(device, dtype), viewmat.to(device, dtype)
     points = backproject_depth(depth, K, convention)[depth.reshape(-1) > 0]
     return _transform(points, torch.linalg.inv(viewmat))  # camera -> world
 
@@ -154,12 +155,13 @@ def pixel_correspondences(
     if not max_distance > 0:
         raise ValueError(f"max_distance must be > 0 metres, got {max_distance}")
     dtype = _working_dtype(depth1, depth2, K, K2, viewmat1, viewmat2)
-    depth1, depth2, K, K2 = depth1.to(dtype), depth2.to(dtype), K.to(dtype), K2.to(dtype)
+    device = depth1.device  # everything follows frame 1's depth map
+    depth1, depth2, K, K2 = depth1.to(dtype), depth2.to(device, dtype), K.to(device, dtype), K2.to(device, dtype)
     height1, width1 = depth1.shape
     height2, width2 = depth2.shape
 
     points1 = backproject_depth(depth1, K, convention)  # (H1*W1, 3) in camera 1
-    camera1_to_camera2 = viewmat2.to(dtype) @ torch.linalg.inv(viewmat1.to(dtype))
+    camera1_to_camera2 = viewmat2.to(device, dtype) @ torch.linalg.inv(viewmat1.to(device, dtype))
     points2 = _transform(points1, camera1_to_camera2)  # (H1*W1, 3) in camera 2
     u2, v2, z2 = _project(points2, K2)
     col2, row2 = _pixel_index(u2, width2, convention), _pixel_index(v2, height2, convention)
@@ -212,11 +214,12 @@ def voxel_pixel_correspondences(
     if not (voxel_size > 0 and max_depth_diff > 0):
         raise ValueError(f"voxel_size and max_depth_diff must be > 0, got {voxel_size}, {max_depth_diff}")
     dtype = _working_dtype(depth, K, viewmat)
-    depth, K, viewmat = depth.to(dtype), K.to(dtype), viewmat.to(dtype)
+    device = depth.device
+    depth, K, viewmat = depth.to(dtype), K.to(device, dtype), viewmat.to(device, dtype)
     height, width = depth.shape
 
     offset = 0.5 if convention == "minimal3d" else 0.0  # voxel centre vs corner
-    world = (voxels.to(dtype) + offset) * voxel_size  # (V, 3)
+    world = (voxels.to(device, dtype) + offset) * voxel_size  # (V, 3)
     u, v, z = _project(_transform(world, viewmat), K)
     inside = (u >= 0) & (u < width) & (v >= 0) & (v < height)  # NaN (behind the camera) compares False
     col, row = _pixel_index(u, width, convention), _pixel_index(v, height, convention)
