@@ -178,6 +178,8 @@ class SparseTensor:
             raise ValueError(f"feats has {feats.shape[0]} rows but coords has {coords.shape[0]}")
         if coords.shape[0] == 0:
             raise ValueError("coords must contain at least one voxel")
+        if coords.device != feats.device:
+            raise ValueError(f"coords are on {coords.device} but feats on {feats.device}")
         if not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be a positive int, got {stride!r}")
         self.coords = coords.long()

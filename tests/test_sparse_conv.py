@@ -1,6 +1,5 @@
 """Tests of minimal3d/sparse_conv.py against dense convolutions and a naive dict-lookup reference."""
 
-import itertools
 import time
 
 import pytest
@@ -52,7 +51,8 @@ def random_voxels(num: int, batches: int = 2, low: int = -6, high: int = 6, seed
     coords = torch.cat(
         [torch.randint(0, batches, (num, 1), generator=g), torch.randint(low, high, (num, 3), generator=g)], 1
     )
-    return torch.unique(coords, dim=0)[torch.randperm(torch.unique(coords, dim=0).shape[0], generator=g)]
+    unique = torch.unique(coords, dim=0)
+    return unique[torch.randperm(len(unique), generator=g)]  # unsorted rows, as real inputs are
 
 
 def surface_voxels(n: int, thickness: float = 1.0) -> torch.Tensor:
