@@ -175,6 +175,17 @@ def representation(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([cls[:, None], patches], 1) for patches, cls in layers], -1)
 
 
+class Representation(nn.Module):
+    """The backbone as a module whose forward is h, so that DDP sees (and syncs) the student's forward."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return representation(self.backbone, images)
+
+
 def probe_features(backbone: nn.Module, images: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features: class token + mean patch token (N, 2D), and patch tokens (N, P, D), last layer."""
     pooled, patches = [], []
@@ -257,8 +268,10 @@ class Prior3D(nn.Module):
 
 
 def losses(prior: nn.Module, student: nn.Module, teacher, images, depth) -> tuple[torch.Tensor, dict, dict]:
-    """Eq. 5 on a batch of augmented images (B, 3, S, S) and raw pseudo depth (B, S, S)."""
-    tokens = representation(student, images)
+    """Eq. 5 on a batch of augmented images (B, 3, S, S) and raw pseudo depth (B, S, S).
+
+    student: a ``Representation`` (maybe DDP-wrapped); teacher: the frozen backbone or None."""
+    tokens = student(images)
     out = prior(tokens)
     target_rgb = resize(images, args.render_size)
     target_z = map_pseudo_depth(F.interpolate(depth[:, None], (args.render_size,) * 2, mode="area")[:, 0])
@@ -323,15 +336,17 @@ def pretrain_2d(backbone: nn.Module, data: dict) -> float:
     """Plain 2D supervision (cross-entropy on the class token) to get a 2D teacher; returns train accuracy."""
     log(f"No --weights: pretraining a random {args.arch} on the synthetic classes with plain 2D supervision "
         f"for {args.pretrain_steps} steps, to get a 2D teacher.")
-    head = nn.Linear(backbone.embed_dim, data["num_classes"]).to(device)
-    optimizer = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=5e-4, weight_decay=0.05)
+    backbone.mask_token.requires_grad_(False)  # unused here; DDP needs every trainable parameter used
+    classifier = nn.Sequential(backbone, nn.Linear(backbone.embed_dim, data["num_classes"])).to(device)
+    model = runtime.wrap_ddp(classifier, dist)  # DDP also broadcasts rank 0's initial weights
+    optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
     images, labels = data["train"]["images"], data["train"]["labels"]
     correct = []
     backbone.train()
     for step in tqdm(range(args.pretrain_steps), desc="2D pretraining", disable=not dist.is_main):
         index = torch.randint(0, len(labels), (args.batch_size * 2,))
         batch, _ = augment(images[index], data["train"]["depth"][index], args.image_size)
-        logits = head(backbone(vit.normalize_image(batch.to(device))))
+        logits = model(vit.normalize_image(batch.to(device)))
         loss = F.cross_entropy(logits, labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -384,14 +399,16 @@ def main() -> None:
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     if args.from_scratch:
         student = vit.build_backbone(None, args.arch, **quick_arch).to(device).train()
+    student.mask_token.requires_grad_(False)  # iBOT's mask token takes no part here (DDP needs every grad used)
     distill = not (args.no_distill or args.from_scratch)
     if dist.is_main:
         vit.save_dinov2(teacher, out_dir / "teacher_dinov2.pth")
 
     token_dim = 4 * student.embed_dim
     prior = Prior3D(token_dim, args.image_size // 14).to(device)
-    student_ddp, prior_ddp = runtime.wrap_ddp(student, dist), runtime.wrap_ddp(prior, dist)
-    optimizer = torch.optim.Adam([*student.parameters(), *prior.parameters()], lr=args.lr)
+    student_ddp, prior_ddp = runtime.wrap_ddp(Representation(student), dist), runtime.wrap_ddp(prior, dist)
+    optimizer = torch.optim.Adam([p for p in [*student.parameters(), *prior.parameters()] if p.requires_grad],
+                                 lr=args.lr)
     start_step = 0
     if resume is not None:
         student.load_state_dict(resume["student"]), prior.load_state_dict(resume["prior"])
@@ -433,7 +450,7 @@ def main() -> None:
     with torch.no_grad():
         student.eval(), prior.eval()
         preview = data["test"]["images"][:2]
-        _, _, out = losses(prior, student, None, resize(preview, args.image_size).to(device),
+        _, _, out = losses(prior, Representation(student), None, resize(preview, args.image_size).to(device),
                            data["test"]["depth"][:2].to(device))
     save_preview(out_dir / "preview_test", preview, out)
     metrics["eval"] = evaluate({"teacher_2d": teacher, "prior_3d": student}, data)
