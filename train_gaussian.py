@@ -70,7 +70,7 @@ parser.add_argument("--max-gaussians", type=int, default=6000,
 parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
 parser.add_argument("--sh-degree", type=int, default=3)
 parser.add_argument("--feature-lr", type=float, default=None,
-                    help="lr of Gaussian features and up-projection; default FiT3D's 6.25e-5 x 30000 / --steps")
+                    help="lr of Gaussian features and up-projection; default min(FiT3D's 6.25e-5 x 30000 / --steps, 0.02)")
 # Stage II (FiT3D engine.py / finetune.py)
 parser.add_argument("--finetune-lr", type=float, default=1e-5)
 parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -280,8 +280,9 @@ def lift_scene(name: str, scene: dict, targets: torch.Tensor) -> FeatureGaussian
     model = initial_gaussians(scene, train, targets.shape[1], generator)
     extent = scene_extent(camera_center(scene["viewmats"][train]))
     schedule = GaussianSchedule().scaled(args.steps)
-    # compressed runs keep the paper's total feature-lr budget (lr x steps); geometry lrs stay 3DGS's
-    schedule.feature_lr = args.feature_lr or schedule.feature_lr * GaussianSchedule().iterations / args.steps
+    # compressed runs keep the paper's total feature-lr budget (lr x steps), at most 0.02; geometry lrs stay 3DGS's
+    budget_lr = min(schedule.feature_lr * GaussianSchedule().iterations / args.steps, 0.02)
+    schedule.feature_lr = args.feature_lr or budget_lr
     schedule.max_gaussians = args.max_gaussians or None
     optimizer = build_optimizer(model, schedule, extent)
     order = []
