@@ -6,7 +6,8 @@ Gaussians at 512 x 512. The dense baseline evaluates every Gaussian at every pix
 sequential rules by cumprod over the depth-sorted Gaussians); it runs on the first ``--dense-gaussians``
 Gaussians of each scene (the full N x H x W would not fit), and ours is timed on that same subset for the
 ratio. Times are medians of ``--repeats`` runs. Peak memory: CUDA ``max_memory_allocated``; CPU the peak
-resident set size of a fresh subprocess during one call minus its size just before (``ru_maxrss``).
+resident set size of a fresh subprocess during one call minus its size just before (Linux VmHWM, reset
+through /proc/self/clear_refs).
 
     python benchmarks/bench_splatting.py            # CPU (and CUDA when present)
     python benchmarks/bench_splatting.py --quick   # seconds
@@ -16,7 +17,6 @@ resident set size of a fresh subprocess during one call minus its size just befo
 import argparse
 import math
 import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -105,18 +105,22 @@ def median_time(method, scene, viewmat, K, size, backward, repeats, clock=time.p
     return statistics.median(times)
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def _cpu_peak_child(queue, method_name, num, size, channels, backward, threads):
     torch.set_num_threads(threads)
     scene, viewmat, K = make_scene(num, size, channels, torch.device("cpu"))
     method = {"ours": ours_render, "dense": dense_render}[method_name]
-    before = _rss_bytes()
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak (VmHWM) to the current resident size
     run_once(method, scene, viewmat, K, size, backward)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)  # ru_maxrss: KiB on Linux
+    queue.put(_status_bytes("VmHWM") - before)
 
 
 def peak_memory_mb(method_name, num, size, channels, backward, device):
@@ -129,13 +133,13 @@ def peak_memory_mb(method_name, num, size, channels, backward, device):
         run_once(method, scene, viewmat, K, size, backward)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    if not Path("/proc/self/statm").exists():
+    if not Path("/proc/self/clear_refs").exists():  # Linux only
         return float("nan")
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_cpu_peak_child, args=(queue, method_name, num, size, channels, backward, torch.get_num_threads()))
     child.start()
-    peak = queue.get()
+    peak = queue.get(timeout=900)  # raises if the child failed
     child.join()
     return max(peak, 0) / 2**20
 
