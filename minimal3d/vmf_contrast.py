@@ -235,23 +235,24 @@ def grouped_vmf_contrast(
         if cross_class_scale == "k_over_n":
             cross_bias = cross_bias + torch.log(sizes[others].double() / sampled_count[others].double())
         cross_bias = cross_bias[:, None].expand_as(is_sample)[is_sample]
-        columns = torch.cat([memory.vertices[own_rows], memory.background, memory.vertices[cross_rows]])
-        logits = f @ columns.to(f.dtype).T / temperature  # (V_y, C_y) vMF log-likelihoods
-
         kp = keypoints[image].to(f.dtype)  # (V_y, K_max, 2)
-        dist = (kp[:, :K_y] - kp[torch.arange(len(slot), device=slot.device), slot][:, None]).norm(dim=-1)  # (V_y, K_y)
+        dist = (kp[:, :K_y] - kp[torch.arange(len(slot), device=slot.device), slot][:, None]).norm(dim=-1)
         near = (dist <= distance_threshold) & (torch.arange(K_y, device=labels.device) != slot[:, None])
-        own_bias = near.to(f.dtype) * MASKED_LOGIT
-        bias = torch.cat([own_bias,
-                          f.new_full((len(slot), memory.background.shape[0]), background_bias),
-                          cross_bias.to(f.dtype).expand(len(slot), -1)], dim=1)
-        masked = logits + bias
-        positive = logits.gather(1, slot[:, None]).squeeze(1)
-        total = total + (torch.logsumexp(masked, dim=1) - positive).sum()  # Eq. 5
+
+        # vMF log-likelihoods f.C / T of the three column blocks, each with its additive bias
+        own = f @ memory.vertices[own_rows].to(f.dtype).T / temperature  # (V_y, K_y)
+        blocks = [own + near.to(f.dtype) * MASKED_LOGIT,
+                  f @ memory.background.to(f.dtype).T / temperature + background_bias]  # (V_y, N_b)
+        if len(cross_rows):
+            blocks.append(f @ memory.vertices[cross_rows].to(f.dtype).T / temperature + cross_bias.to(f.dtype))
+        # one softmax denominator over all columns: logsumexp of the per-block logsumexps (no concatenation)
+        log_denominator = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks]), dim=0)
+        positive = own.gather(1, slot[:, None]).squeeze(1)
+        total = total + (log_denominator - positive).sum()  # Eq. 5
         if return_logits:
             column_rows = torch.cat([own_rows, memory.vertices.shape[0] +
                                      torch.arange(memory.background.shape[0], device=labels.device), cross_rows])
-            groups.append(dict(image=image, slot=slot, logits=masked, columns=column_rows))
+            groups.append(dict(image=image, slot=slot, logits=torch.cat(blocks, dim=1), columns=column_rows))
     loss = total / num_visible.clamp_min(1) + 0.0 * vertex_features.sum()  # keeps the graph when V = 0
     return (loss, groups) if return_logits else loss
 
