@@ -182,7 +182,7 @@ def grouped_vmf_contrast(
     cross_class_scale: str = "none",
     generator: torch.Generator | None = None,
     return_logits: bool = False,
-):
+) -> Tensor | tuple[Tensor, list[dict]]:
     """Grouped vMF contrastive loss (Eq. 5), averaged over all visible vertices of the batch.
 
     vertex_features: (B, K_max, D) unit features at the projected vertices (slot k = vertex k of class y_b).
@@ -198,7 +198,7 @@ def grouped_vmf_contrast(
     cat([memory.vertices, memory.background]).
     """
     B = vertex_features.shape[0]
-    index, valid = _vertex_rows(memory, vertex_features, visible, labels, "grouped_vmf_contrast")
+    _, valid = _vertex_rows(memory, vertex_features, visible, labels, "grouped_vmf_contrast")
     if keypoints.shape != vertex_features.shape[:2] + (2,):
         raise ValueError(f"keypoints must be ({B}, {vertex_features.shape[1]}, 2), got {tuple(keypoints.shape)}")
     Y = memory.num_classes
