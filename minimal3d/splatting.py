@@ -345,34 +345,34 @@ def find_pixel_pairs(
 
 
 def pixel_runs(pixel_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Structure of pairs stored as contiguous runs, one run per pixel.
+    """Structure of pairs stored as contiguous runs, one run per pixel (CSR rows of the weight matrix).
 
-    ``pixel_ids: (M,)``. Returns ``run_of_pair (M,)`` (index of each pair's run) and ``run_starts (R + 1,)``
-    (first pair of every run, then M), i.e. the CSR row offsets of the pixel x Gaussian weight matrix.
+    ``pixel_ids: (M,)``. Returns ``run_starts (R + 1,)`` (first pair of every run, then M) and
+    ``run_pixels (R,)`` (the pixel of every run).
     """
     starts_run = torch.ones_like(pixel_ids, dtype=torch.bool)
     starts_run[1:] = pixel_ids[1:] != pixel_ids[:-1]
-    run_of_pair = torch.cumsum(starts_run, 0) - 1
-    run_starts = torch.cat([starts_run.nonzero().squeeze(-1), pixel_ids.new_full((1,), pixel_ids.shape[0])])
-    return run_of_pair, run_starts
+    first_pairs = starts_run.nonzero().squeeze(-1)
+    return torch.cat([first_pairs, pixel_ids.new_full((1,), pixel_ids.shape[0])]), pixel_ids[first_pairs]
 
 
 @torch.no_grad()
 def _exclusive_cumsum_per_run(values: Tensor, run_of_pair: Tensor) -> Tensor:
-    """Sum of the earlier ``values`` of the same run, for runs stored contiguously (no autograd).
+    """Sum of the earlier ``values`` of the same run, for runs 0, 1, 2, ... stored contiguously.
 
     One global ``cumsum`` whose running total is brought back to ~0 at each run start (by subtracting
     the previous run's total), so float32 keeps full precision however many pairs precede a run.
+    No autograd; no host sync.
     """
-    num_runs = int(run_of_pair[-1]) + 1 if run_of_pair.numel() else 0
-    run_totals = torch.zeros(num_runs, dtype=values.dtype, device=values.device)
-    run_totals.index_add_(0, run_of_pair, values)
+    position = torch.arange(values.shape[0], device=values.device)
     starts_run = torch.ones_like(run_of_pair, dtype=torch.bool)
     starts_run[1:] = run_of_pair[1:] != run_of_pair[:-1]
-    restart = torch.zeros_like(values)
-    restart[starts_run.nonzero().squeeze(-1)[1:]] = -run_totals[:-1]
+    run_totals = torch.zeros_like(values).index_add_(0, run_of_pair, values)  # (M,) >= one slot per run
+    previous_total = run_totals[(run_of_pair - 1).clamp(min=0)]
+    restart = torch.where(starts_run & (run_of_pair > 0), -previous_total, torch.zeros_like(values))
     before = torch.cumsum(values + restart, 0) - values  # running total before each pair, ~0 at a run start
-    return before - before[starts_run][run_of_pair]  # runs are numbered in storage order
+    run_start = torch.cummax(torch.where(starts_run, position, 0), dim=0).values  # first pair of the run
+    return before - before[run_start]
 
 
 class ExclusiveCumsumPerRun(torch.autograd.Function):
@@ -435,9 +435,8 @@ def _csr(row_offsets: Tensor, columns: Tensor, entries: Tensor, size: tuple[int,
 def weighted_sum_per_pixel(
     weights: Tensor,
     values: Tensor,
+    pixel_ids: Tensor,
     pair_gaussian_ids: Tensor,
-    run_starts: Tensor,
-    run_pixels: Tensor,
     num_pixels: int,
     sparse: bool | None = None,
 ) -> Tensor:
@@ -452,8 +451,8 @@ def weighted_sum_per_pixel(
         sparse = weights.device.type == "cpu"
     out = torch.zeros(num_pixels, values.shape[-1], dtype=values.dtype, device=values.device)
     if not sparse:
-        pair_pixels = torch.repeat_interleave(run_pixels, run_starts.diff())
-        return out.index_add(0, pair_pixels, weights[:, None] * values[pair_gaussian_ids])
+        return out.index_add(0, pixel_ids, weights[:, None] * values[pair_gaussian_ids])
+    run_starts, run_pixels = pixel_runs(pixel_ids)
     per_run = SparseWeightedSum.apply(weights, values, run_starts, pair_gaussian_ids)  # (R, C)
     return out.index_copy(0, run_pixels, per_run)
 
@@ -488,7 +487,9 @@ def composite_pairs(
     sigma = pair_sigma(pair_means2d, pair_conics, pixel_x, pixel_y)  # (M,)
     pair_opacities = opacities.index_select(0, pair_gaussian_ids)
     alpha = torch.clamp(pair_opacities * torch.exp(-sigma), max=alpha_max)  # alpha_i = o_i G_i (3DGS Eq. 4)
-    run_of_pair, run_starts = pixel_runs(pixel_ids)
+    new_run = torch.zeros_like(pixel_ids)
+    new_run[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    run_of_pair = torch.cumsum(new_run, 0)  # (M,) 0, 0, 1, 1, 1, 2, ...: the pixel run of each pair
     log_transmittance = ExclusiveCumsumPerRun.apply(torch.log1p(-alpha), run_of_pair)
     transmittance = torch.exp(log_transmittance)  # T_i = prod_{j < i} (1 - alpha_j), 3DGS Eq. 3
     # Stop rule as a mask: a pair counts only while the transmittance after it stays above 1e-4.
@@ -497,9 +498,8 @@ def composite_pairs(
 
     # Colours, depth and alpha (= sum of weights = 1 - final transmittance) in one weighted sum.
     values = torch.cat([colors, depths[:, None].to(colors), torch.ones_like(colors[:, :1])], dim=-1)
-    run_pixels = pixel_ids[run_starts[:-1]]
     blended = weighted_sum_per_pixel(
-        weights.to(colors), values, pair_gaussian_ids, run_starts, run_pixels, width * height, sparse
+        weights.to(colors), values, pixel_ids, pair_gaussian_ids, width * height, sparse
     )  # (H*W, D + 2)
     color, depth_acc, alpha_image = blended[:, :-2], blended[:, -2], blended[:, -1]
     return color, alpha_image, depth_acc
