@@ -630,7 +630,7 @@ def rasterize_gaussians(
 
     covars = gaussian_covariances(quats, scales)
     projected = project_gaussians(means, covars, viewmat, K, width, height, near_plane, far_plane, eps2d)
-    means2d, depths, conics, radii = projected["means2d"], projected["depths"], projected["conics"], projected["radii"]
+    means2d, depths, conics = projected["means2d"], projected["depths"], projected["conics"]
     if means2d.requires_grad:
         means2d.retain_grad()  # the view-space gradient statistic of 3DGS densification
 
@@ -638,7 +638,9 @@ def rasterize_gaussians(
         camera_centre = -viewmat[:3, :3].T @ viewmat[:3, 3]  # inverse of the rigid world-to-camera map
         colors = torch.clamp_min(spherical_harmonics(sh_degree, means - camera_centre, colors) + 0.5, 0.0)
 
-    _, gaussian_ids, tile_starts = intersect_tiles(means2d.detach(), radii, depths.detach(), width, height, tile_size)
+    _, gaussian_ids, tile_starts = intersect_tiles(
+        means2d.detach(), projected["radii"], depths.detach(), width, height, tile_size
+    )
     pixel_ids, pair_gaussian_ids = find_pixel_pairs(
         means2d.detach(), conics.detach(), opacities.detach(), gaussian_ids, tile_starts, width, height, tile_size
     )
@@ -652,7 +654,7 @@ def rasterize_gaussians(
         "alpha": alpha.reshape(height, width),
         "depth_acc": depth_acc.reshape(height, width),
         "depth_exp": (depth_acc / alpha.clamp(min=1e-10)).reshape(height, width),
-        "radii": radii,
+        "radii": projected["radii"],
         "means2d": means2d,
         "depths": depths,
         "conics": conics,
