@@ -8,19 +8,16 @@ with the same decoder sizes, so the ratio measures the renderer. Both get the sa
 draws, and the script checks that they agree.
 
 Timings: median of --repeats runs after a warm-up (torch.cuda.synchronize around them on CUDA).
-Peak memory: CUDA: torch.cuda.max_memory_allocated above the inputs. CPU: the peak resident set size
-(Linux VmHWM, reset through /proc/self/clear_refs) above the resident size before the call, measured
-in a fresh subprocess per renderer so that memory cached by the allocator from earlier runs does not hide it.
+Peak memory of one forward+backward: CUDA: torch.cuda.max_memory_allocated above the inputs. CPU: the
+peak of live tensor bytes above the inputs, replayed from torch.profiler's allocation and free events
+(the allocator's caching and fragmentation are not counted, unlike a resident-set-size measure).
 
     python benchmarks/bench_triplane.py            # the issue's config + a 256 x 256 chunked render
     python benchmarks/bench_triplane.py --quick    # seconds
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -229,15 +226,12 @@ def passes(fn, planes):
     return {"forward (no_grad)": forward, "forward (grad)": forward_grad, "forward+backward": forward_backward}
 
 
-def rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def peak_memory_mb(args, device, name, chunk_rays=None):
-    """Peak memory of one forward+backward above what was allocated before it."""
+    """Peak memory of one forward+backward above what was allocated before it.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the peak of live tensor bytes, replayed from the
+    profiler's allocation / free events (the allocator's caching and fragmentation do not count).
+    """
     planes, calls = make_calls(args, device, chunk_rays)
     planes.requires_grad_(True)
     run = passes(calls[name], planes)["forward+backward"]
@@ -248,23 +242,13 @@ def peak_memory_mb(args, device, name, chunk_rays=None):
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    run()
-    return (rss_kb("VmHWM") - before) / 1024
-
-
-def cpu_peak_memory_mb(args, name, chunk_rays=None):
-    """Fresh subprocess per measurement: the allocator's cache from earlier runs would hide the peak."""
-    if not Path("/proc/self/clear_refs").exists():
-        return float("nan")
-    command = [sys.executable, __file__, "--memory-of", name, "--memory-chunk", str(chunk_rays or 0),
-               "--config", json.dumps(vars(args))]
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-    if result.returncode != 0:
-        print(result.stderr, file=sys.stderr)
-        return float("nan")
-    return float(result.stdout.strip().splitlines()[-1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    live = peak = 0
+    for event in sorted(prof.profiler.function_events, key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # + allocations, - frees of each op (children counted separately)
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def main():
@@ -282,14 +266,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=4096, help="chunk_rays for the big render")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-chunk", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_of:  # subprocess mode: one CPU memory measurement
-        config = argparse.Namespace(**json.loads(args.config))
-        print(peak_memory_mb(config, torch.device("cpu"), args.memory_of, args.memory_chunk or None))
-        return
     if args.quick:
         args.plane_res, args.image_res, args.repeats, args.big_res, args.chunk = 64, 24, 3, 64, 1024
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and args.device != "cpu" else [])
@@ -308,15 +285,17 @@ def main():
                 times[name, pass_name] = median_time(run, device, args.repeats)
         for pass_name in passes(calls["minimal3d"], planes):
             ours_t, base_t = times["minimal3d", pass_name], times["baseline (EG3D-style)", pass_name]
+            recompute_t = times["minimal3d recompute", pass_name]
             rows.append({"pass": pass_name, "minimal3d": f"{ours_t * 1e3:.0f} ms",
-                         "baseline (EG3D-style)": f"{base_t * 1e3:.0f} ms", "ratio": f"{base_t / ours_t:.2f}x faster"})
-        if device.type == "cuda":
-            memory = {name: peak_memory_mb(args, device, name) for name in calls}
-        else:
-            memory = {name: cpu_peak_memory_mb(args, name) for name in calls}
+                         "minimal3d recompute": f"{recompute_t * 1e3:.0f} ms",
+                         "baseline (EG3D-style)": f"{base_t * 1e3:.0f} ms",
+                         "ratio": f"{base_t / ours_t:.2f}x / {base_t / recompute_t:.2f}x faster"})
+        memory = {name: peak_memory_mb(args, device, name) for name in calls}
         rows.append({"pass": "peak memory fwd+bwd", "minimal3d": f"{memory['minimal3d']:.0f} MB",
+                     "minimal3d recompute": f"{memory['minimal3d recompute']:.0f} MB",
                      "baseline (EG3D-style)": f"{memory['baseline (EG3D-style)']:.0f} MB",
-                     "ratio": f"{memory['baseline (EG3D-style)'] / memory['minimal3d']:.2f}x less"})
+                     "ratio": f"{memory['baseline (EG3D-style)'] / memory['minimal3d']:.2f}x / "
+                              f"{memory['baseline (EG3D-style)'] / memory['minimal3d recompute']:.2f}x less"})
         print(format_table(rows))
 
         # One big image (B=1), 16 + 16 samples: unchunked vs chunk_rays (checkpointed chunks in backward)
@@ -326,8 +305,7 @@ def main():
             planes, calls = make_calls(big, device, chunk)
             fwd_bwd = passes(calls["minimal3d"], planes.requires_grad_(True))["forward+backward"]
             seconds = median_time(fwd_bwd, device, max(1, args.repeats // 3))
-            mem = (peak_memory_mb(big, device, "minimal3d", chunk) if device.type == "cuda"
-                   else cpu_peak_memory_mb(big, "minimal3d", chunk))
+            mem = peak_memory_mb(big, device, "minimal3d", chunk)
             rows.append({"single image fwd+bwd": f"{args.big_res}^2 rays, chunk_rays={chunk}",
                          "time": f"{seconds * 1e3:.0f} ms", "peak memory": f"{mem:.0f} MB"})
         print(format_table(rows))
