@@ -4,8 +4,8 @@ Scenes: random Gaussians in the view frustum with trained-scene-like sizes (~3-4
 Default: 20k Gaussians at 128 x 128 with RGB colours and with 64-dim features; ``--full`` adds 200k
 Gaussians at 512 x 512. The dense baseline evaluates every Gaussian at every pixel (N x H x W tensors,
 sequential rules by cumprod over the depth-sorted Gaussians); it runs on the first ``--dense-gaussians``
-Gaussians of each scene (the full N x H x W would not fit), and ours is timed on that same subset for the
-ratio. Times are medians of ``--repeats`` runs. Peak memory: CUDA ``max_memory_allocated``; CPU the peak
+Gaussians of each scene, fewer if N x H x W would exceed ``--dense-elements`` (the full scene would not fit),
+and ours is timed on that same subset for the ratio. Times are medians of ``--repeats`` runs. Peak memory: CUDA ``max_memory_allocated``; CPU the peak
 resident set size of a fresh subprocess during one call minus its size just before (Linux VmHWM, reset
 through /proc/self/clear_refs).
 
@@ -149,7 +149,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small scenes, 3 repeats, no memory subprocesses")
     parser.add_argument("--full", action="store_true", help="also 200k Gaussians at 512 x 512")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dense-gaussians", type=int, default=1000, help="Gaussians of the dense baseline")
+    parser.add_argument("--dense-gaussians", type=int, default=1000, help="at most this many Gaussians in the dense baseline")
+    parser.add_argument("--dense-elements", type=int, default=1 << 24,
+                        help="and at most this many Gaussian x pixel entries (about 1 GB peak at 2^24)")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
     parser.add_argument("--timer", choices=["wall", "process"], default="wall",
                         help="wall clock, or CPU time of this process (steadier on a loaded machine; CPU only)")
@@ -177,16 +179,17 @@ def main():
             memory = float("nan") if args.quick else peak_memory_mb("ours", num, size, channels, True, device)
             name = f"{num // 1000}k {size}x{size} D={channels}"
             rows.append([device.type, name, "ours", f"{times[False]:.3f}", f"{times[True]:.3f}", f"{memory:.0f}", "", ""])
-            subset = {key: value[:dense_num] for key, value in scene.items()}
+            subset_num = max(1, min(dense_num, args.dense_elements // (size * size)))
+            subset = {key: value[:subset_num] for key, value in scene.items()}
             ours_small = {bw: median_time(ours_render, subset, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
             dense_small = {
                 bw: median_time(dense_render, subset, viewmat, K, size, bw, max(1, repeats // 2), clock) for bw in (False, True)
             }
             memory_ours = memory_dense = float("nan")
             if not args.quick:
-                memory_ours = peak_memory_mb("ours", dense_num, size, channels, True, device)
-                memory_dense = peak_memory_mb("dense", dense_num, size, channels, True, device)
-            small = f"{dense_num} {size}x{size} D={channels}"
+                memory_ours = peak_memory_mb("ours", subset_num, size, channels, True, device)
+                memory_dense = peak_memory_mb("dense", subset_num, size, channels, True, device)
+            small = f"{subset_num} {size}x{size} D={channels}"
             rows.append([device.type, small, "ours", f"{ours_small[False]:.3f}", f"{ours_small[True]:.3f}", f"{memory_ours:.0f}", "", ""])
             ratio_fwd, ratio_bwd = dense_small[False] / ours_small[False], dense_small[True] / ours_small[True]
             rows.append([device.type, small, "dense", f"{dense_small[False]:.3f}", f"{dense_small[True]:.3f}", f"{memory_dense:.0f}", f"{ratio_fwd:.1f}x", f"{ratio_bwd:.1f}x"])
