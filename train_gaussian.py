@@ -72,8 +72,8 @@ parser.add_argument("--max-gaussians", type=int, default=6000,
 parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
 parser.add_argument("--sh-degree", type=int, default=3)
 parser.add_argument("--feature-lr", type=float, default=None,
-                    help="lr of Gaussian features and up-projection; default min(FiT3D's 6.25e-5 x 30000 / --steps, 0.02)")
-# Stage II (FiT3D engine.py / finetune.py; the defaults compress its thousands of steps into ~100)
+                    help="lr of Gaussian features and conv; default min(FiT3D 6.25e-5 x 30000 / --steps, 0.02)")
+# Stage II (FiT3D engine.py / finetune.py; defaults compress its thousands of steps into ~100)
 parser.add_argument("--finetune-lr", type=float, default=1e-4, help="paper: 1e-5 (thousands of steps)")
 parser.add_argument("--weight-decay", type=float, default=1e-4)
 parser.add_argument("--batch-size", type=int, default=2)
