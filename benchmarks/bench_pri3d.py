@@ -56,38 +56,41 @@ def _release_freed_memory() -> None:
         pass
 
 
-def peak_memory(fn, device: torch.device) -> str:
-    """Peak memory of one fn() call above the level before it, in MiB (a string; "n/a" if unknown)."""
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_memory(fn, device: torch.device) -> tuple[str, float]:
+    """Peak memory of one fn() call above the level before it, in MiB (a string; "n/a" if unknown), and
+    the call's duration."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
+        seconds = timed(fn, device)
+        return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}", seconds
     _release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     except OSError:
-        return "n/a"
+        return "n/a", timed(fn, device)
     base = _read_kib("VmRSS")
-    fn()
+    seconds = timed(fn, device)
     peak = _read_kib("VmHWM")
-    return "n/a" if base is None or peak is None else f"{max(peak - base, 0) / 1024:.0f}"
+    return ("n/a" if base is None or peak is None else f"{max(peak - base, 0) / 1024:.0f}"), seconds
 
 
 def measure(fn, device: torch.device, repeats: int) -> tuple[float, str]:
-    """Median seconds of fn() over repeats (after a warm-up) and its peak memory (MiB, as a string)."""
-    fn()  # warm-up
-    memory = peak_memory(fn, device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    """Median seconds of fn() over repeats (after a warm-up when repeats > 1) and its peak memory (MiB)."""
+    if repeats > 1:
+        fn()  # warm-up
+    memory, first = peak_memory(fn, device)
+    times = [first] + [timed(fn, device) for _ in range(repeats - 1)]
     return statistics.median(times), memory
 
 
