@@ -75,7 +75,8 @@ def test_scannet_loader_round_trip(tmp_path):
         frame = t * 25
         Image.fromarray((room["images"][t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
             scene / "color" / f"{frame}.jpg", quality=95)
-        Image.fromarray((room["depth"][t].numpy() * 1000).round().astype(np.uint16)).save(scene / "depth" / f"{frame}.png")
+        depth_mm = (room["depth"][t].numpy() * 1000).round().astype(np.uint16)
+        Image.fromarray(depth_mm).save(scene / "depth" / f"{frame}.png")
         np.savetxt(scene / "pose" / f"{frame}.txt", torch.linalg.inv(room["viewmats"][t].double()).numpy())
         Image.fromarray(np.uint8(room["labels"][t].numpy() + 1)).save(scene / "label" / f"{frame}.png")
     intrinsic = np.eye(4)
