@@ -92,6 +92,8 @@ if args.quick:
     args.num_classes, args.num_heldout, args.train_per_class, args.test_per_class = 4, 1, 4, 1
     args.image_size, args.epochs, args.vertices, args.num_background, args.pose_steps = 64, 2, 60, 64, 3
     args.batch_size, args.dim = 6, 32
+if args.backbone == "vit":  # patch grid: the image side must be a multiple of 14
+    args.image_size = 14 * max(2, round(args.image_size / 14))
 if args.distance_threshold is None:
     args.distance_threshold = 48.0 * args.image_size / 640
 
@@ -254,7 +256,7 @@ class FeatureNet(nn.Module):
         if args.backbone == "vit":
             from minimal3d.vit import build_backbone
 
-            self.body = build_backbone(args.weights, arch="vit_small" if args.weights is None else "vit_small")
+            self.body = build_backbone(args.weights, arch="vit_small")  # config from the weights when given
             width = self.body.embed_dim
         elif args.backbone.startswith("resunet"):
             from minimal3d import resunet
