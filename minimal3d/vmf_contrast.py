@@ -239,12 +239,14 @@ def grouped_vmf_contrast(
         dist = (kp[:, :K_y] - kp[torch.arange(len(slot), device=slot.device), slot][:, None]).norm(dim=-1)
         near = (dist <= distance_threshold) & (torch.arange(K_y, device=labels.device) != slot[:, None])
 
-        # vMF log-likelihoods f.C / T of the three column blocks, each with its additive bias
-        own = f @ memory.vertices[own_rows].to(f.dtype).T / temperature  # (V_y, K_y)
+        # vMF log-likelihoods f.C / T of the three column blocks, each with its additive bias (fused addmm)
+        f_scaled = f / temperature
+        own = f_scaled @ memory.vertices[own_rows].to(f.dtype).T  # (V_y, K_y)
         blocks = [own + near.to(f.dtype) * MASKED_LOGIT,
-                  f @ memory.background.to(f.dtype).T / temperature + background_bias]  # (V_y, N_b)
+                  torch.addmm(f.new_full((1, memory.background.shape[0]), background_bias), f_scaled,
+                              memory.background.to(f.dtype).T)]  # (V_y, N_b)
         if len(cross_rows):
-            blocks.append(f @ memory.vertices[cross_rows].to(f.dtype).T / temperature + cross_bias.to(f.dtype))
+            blocks.append(torch.addmm(cross_bias.to(f.dtype)[None], f_scaled, memory.vertices[cross_rows].to(f.dtype).T))
         # one softmax denominator over all columns: logsumexp of the per-block logsumexps (no concatenation)
         log_denominator = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks]), dim=0)
         positive = own.gather(1, slot[:, None]).squeeze(1)
