@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimal3d.runtime import load_state_dict_checked
+
 # blocks per stage, block type (BasicBlock: expansion 1, Bottleneck: expansion 4)
 RESNET_LAYERS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
 OUTPUT_STRIDES = (2, 4, 8, 16, 32)
@@ -129,20 +131,7 @@ def load_torchvision_resnet(encoder: ResNetEncoder, state_dict: dict | str | os.
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict or a path, got {type(state_dict).__name__}")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs encoder {expected[k]}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"state_dict does not match a torchvision ResNet{encoder.depth}: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {wrong_shape}"
-        )
-    encoder.load_state_dict(state_dict, strict=True)
+    load_state_dict_checked(encoder, state_dict, f"a torchvision ResNet{encoder.depth}")
 
 
 # ----------------------------------------------------------------------------------------------------

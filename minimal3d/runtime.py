@@ -90,6 +90,22 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
 
 
+def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, description: str) -> None:
+    """Compare key sets and shapes, name every missing / unexpected / mis-shaped key, then load strictly.
+
+    ``description`` says what the checkpoint should be ("the DINOv2 layout"), for the error message.
+    """
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {shape}"
+                   for key, shape in expected.items() if key in state_dict and tuple(state_dict[key].shape) != shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"state_dict does not match {description}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {wrong_shape}")
+    module.load_state_dict(state_dict, strict=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Previews
 # ---------------------------------------------------------------------------------------------------

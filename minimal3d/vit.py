@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from minimal3d.runtime import load_state_dict_checked
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -466,20 +468,7 @@ def load_dinov2(path_or_state_dict: str | os.PathLike | dict, **overrides) -> Di
     else:
         raise TypeError(f"path_or_state_dict must be a path or a dict, got {type(path_or_state_dict).__name__}")
     model = DinoVisionTransformer(config_from_state_dict(state_dict, **overrides))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"state_dict does not match the DINOv2 layout: missing keys {missing}, unexpected keys {unexpected}, "
-            f"shape mismatches {wrong_shape}"
-        )
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_checked(model, state_dict, "the DINOv2 layout")
     return model
 
 
