@@ -29,10 +29,11 @@ are only computed under ``torch.no_grad`` together with the coarse weights they 
 and drops that graph); features are never expanded per view direction (OSGDecoder ignores it).
 
 Speed (benchmarks/bench_triplane.py): inside the renderer the three bilinear lookups and the plane mean
-are one gather of 12 texel rows from a channels-last copy of the planes, with an index_add_ backward
-(grid_sampler_2d_backward dominates EG3D's CPU time); rays are padded to a multiple of RAY_BLOCK so that
-``chunk_rays`` gives bit-identical numbers; ``TriplaneDecoder(recompute=True)`` trades one extra MLP
-forward for half the peak memory.
+are one weighted ``embedding_bag`` sum of 12 texel rows of a channels-last copy of the planes, with an
+index_add_ backward (grid_sampler_2d_backward dominates EG3D's CPU time); rays are padded to a multiple
+of RAY_BLOCK so that ``chunk_rays`` gives bit-identical numbers; ``TriplaneDecoder`` keeps only its input
+features for backward and recomputes the 64-wide hidden layer there (``recompute=False`` keeps the
+pre-activation instead: a little faster, more memory).
 """
 
 import math
@@ -145,41 +146,42 @@ def _bilinear_rows(uv: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]
     """
     batch, _, count, _ = uv.shape
     uv = rearrange(uv, "b k m two -> two k (b m)")
-    x = ((uv[0] + 1) * width - 1) / 2  # (3, B*M); align_corners=False: texel centres at integers
-    y = ((uv[1] + 1) * height - 1) / 2
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
     plane_index = torch.arange(batch, device=uv.device).view(1, batch, 1) * 3 + torch.arange(3, device=uv.device).view(3, 1, 1)
-    first_row = (plane_index * (height * width)).expand(3, batch, count).reshape(3, batch * count)
-    rows, weights = [], []
-    for dx, wx in ((0, 1 - fx), (1, fx)):
-        for dy, wy in ((0, 1 - fy), (1, fy)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-            rows.append(first_row + yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
-            weights.append(torch.where(inside, wx * wy / 3, 0.0))  # / 3: the mean over planes
-    return torch.stack(rows, 1).view(12, -1), torch.stack(weights, 1).view(12, -1, 1)  # (12, B*M), (12, B*M, 1)
+    first_row = (plane_index * (height * width)).expand(3, batch, count).reshape(3, 1, 1, batch * count)
+    offsets, weights = [], []  # per axis: (3, 2, B*M) texel offsets and weights of the lower and upper texel
+    for coord, size, stride in ((uv[0], width, 1), (uv[1], height, width)):
+        x = ((coord + 1) * size - 1) / 2  # (3, B*M); align_corners=False: texel centres at integers
+        x0 = x.floor()
+        fraction = x - x0
+        x0 = x0.long()
+        texel = torch.stack([x0, x0 + 1], 1)  # (3, 2, B*M)
+        inside = (texel >= 0) & (texel < size)
+        offsets.append(texel.clamp_(0, size - 1) * stride)
+        weights.append(torch.where(inside, torch.stack([1 - fraction, fraction], 1), 0.0))
+    (offset_x, offset_y), (weight_x, weight_y) = offsets, weights
+    rows = first_row + offset_y.unsqueeze(1) + offset_x.unsqueeze(2)  # (3, 2 (x), 2 (y), B*M)
+    corner_weights = weight_x.unsqueeze(2) * weight_y.unsqueeze(1) / 3  # / 3: the mean over planes
+    return rows.view(12, -1), corner_weights.view(12, -1)  # (12, B*M), (12, B*M)
 
 
 class _MeanPlaneFeatures(torch.autograd.Function):
-    """Features averaged over the 3 planes, as 12 row gathers from the channels-last plane table.
+    """Features averaged over the 3 planes: a weighted sum of 12 rows of the channels-last plane table.
 
-    The same numbers as grid_sample (bilinear, zeros, align_corners=False) followed by the mean, but the
-    backward is an index_add_ of 128-byte rows, several times faster on CPU than grid_sampler_2d_backward
-    (which scatters channel by channel), and nothing but uv is kept for it. The sample positions get
-    no gradient (EG3D detaches them too); ``sample_triplane`` is the differentiable-in-points reference.
+    The same numbers as grid_sample (bilinear, zeros, align_corners=False) followed by the mean. The
+    forward is one ``embedding_bag`` (mode "sum" with per-sample weights: no per-corner temporaries), the
+    backward an index_add_ of 128-byte rows per corner, several times faster on CPU than
+    grid_sampler_2d_backward (which scatters channel by channel); nothing but uv is kept for it. The sample
+    positions get no gradient (EG3D detaches them too); ``sample_triplane`` is the differentiable-in-points
+    reference.
     """
 
     @staticmethod
     def forward(ctx, table: Tensor, uv: Tensor, height: int, width: int) -> Tensor:
         rows, weights = _bilinear_rows(uv, height, width)
-        features = table.index_select(0, rows[0]).mul_(weights[0])
-        for corner in range(1, 12):
-            features.addcmul_(table.index_select(0, rows[corner]), weights[corner])
+        features = F.embedding_bag(rows.t(), table, per_sample_weights=weights.t(), mode="sum")  # (B*M, C)
         ctx.save_for_backward(uv)
         ctx.sizes = (table.shape[0], height, width)
-        return features  # (B*M, C)
+        return features
 
     @staticmethod
     def backward(ctx, grad_features: Tensor):
@@ -189,7 +191,7 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         grad_features = grad_features.reshape(rows.shape[1], -1)
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[1])
         for corner in range(12):
-            grad_table.index_add_(0, rows[corner], grad_features * weights[corner])
+            grad_table.index_add_(0, rows[corner], grad_features * weights[corner].unsqueeze(-1))
         return grad_table, None, None, None
 
 
@@ -487,6 +489,30 @@ def render_triplane(planes: Tensor, decoder, origins: Tensor, directions: Tensor
 # ---------------------------------------------------------------------------------------------------
 
 
+class _DecoderMLP(torch.autograd.Function):
+    """fc2(softplus(fc1(x))) on (M, C) features that keeps only x (and the (M, hidden) pre-activation
+    unless ``recompute``) for backward, instead of autograd's three (M, hidden)-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor,
+                recompute: bool) -> Tensor:
+        hidden = torch.addmm(bias1, features, weight1.t())  # (M, hidden)
+        out = torch.addmm(bias2, F.softplus(hidden), weight2.t())  # (M, 1 + rgb)
+        ctx.save_for_backward(features, weight1, bias1, weight2, None if recompute else hidden)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        features, weight1, bias1, weight2, hidden = ctx.saved_tensors
+        if hidden is None:
+            hidden = torch.addmm(bias1, features, weight1.t())
+        grad_weight2 = grad_out.t() @ F.softplus(hidden)
+        grad_hidden = (grad_out @ weight2).mul_(torch.sigmoid(hidden))  # softplus' = sigmoid
+        grad_features = grad_hidden @ weight1 if ctx.needs_input_grad[0] else None
+        return grad_features, grad_hidden.t() @ features, grad_hidden.sum(0), grad_weight2, grad_out.sum(0), None
+
+
 class TriplaneDecoder(nn.Module):
     """EG3D's OSGDecoder: FC(C -> 64) -> softplus -> FC(64 -> 1 + 3), rgb = sigmoid * 1.002 - 0.001.
 
@@ -494,11 +520,12 @@ class TriplaneDecoder(nn.Module):
     with the plane lookup), so this module maps averaged features (..., C) to
     (raw_sigma (..., 1), rgb (..., 3)). The view direction is not used. Plain linear layers with EG3D's
     initialisation (weights N(0, 1/fan_in), zero bias) replace its equalized-lr layers (same function).
-    recompute: keep only the input features for backward and recompute the 64-wide hidden layer there
-    (about 1/2 of the renderer's peak memory saved, for one more MLP forward in backward).
+    With gradients the MLP keeps its input features and the 64-wide pre-activation for backward (not
+    autograd's three 64-wide tensors); recompute=True keeps only the features and recomputes the
+    pre-activation in backward (one more (M, C) x (C, 64) matmul, the smallest peak memory).
     """
 
-    def __init__(self, feature_dim: int = 32, hidden_dim: int = 64, rgb_dim: int = 3, recompute: bool = False):
+    def __init__(self, feature_dim: int = 32, hidden_dim: int = 64, rgb_dim: int = 3, recompute: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(feature_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, 1 + rgb_dim)
@@ -507,14 +534,10 @@ class TriplaneDecoder(nn.Module):
             nn.init.normal_(layer.weight, std=1 / math.sqrt(layer.in_features))
             nn.init.zeros_(layer.bias)
 
-    def _mlp(self, features: Tensor) -> Tensor:
-        return self.fc2(F.softplus(self.fc1(features)))
-
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        if self.recompute and torch.is_grad_enabled():
-            out = checkpoint(self._mlp, features, use_reentrant=False)
-        else:
-            out = self._mlp(features)
+        out = _DecoderMLP.apply(features.reshape(-1, features.shape[-1]), self.fc1.weight, self.fc1.bias,
+                                self.fc2.weight, self.fc2.bias, self.recompute)
+        out = out.view(*features.shape[:-1], -1)
         rgb = torch.sigmoid(out[..., 1:]) * (1 + 2 * 0.001) - 0.001  # EG3D's colour clamp
         return out[..., :1], rgb
 
