@@ -141,27 +141,27 @@ def sample_triplane(planes: Tensor, points: Tensor, box_size: float, plane_axes:
 def _bilinear_rows(uv: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """The 12 texels (3 planes x 4 corners) behind each point and their weights / 3.
 
-    uv: (B, 3, M, 2). Returns rows (B*M, 12) into the (B*3*H*W, C) channels-last table of all planes
-    and weights (B*M, 12); a corner outside the plane gets weight 0 (grid_sample's zero padding).
+    uv: (B, 3, M, 2). Returns rows (12, B*M) into the (B*3*H*W, C) channels-last table of all planes
+    and weights (12, B*M); a corner outside the plane gets weight 0 (grid_sample's zero padding).
     """
     batch, _, count, _ = uv.shape
-    uv = rearrange(uv, "b k m two -> two (b m) k")
-    plane_index = torch.arange(batch, device=uv.device).view(batch, 1, 1) * 3 + torch.arange(3, device=uv.device)
-    first_row = (plane_index * (height * width)).expand(batch, count, 3).reshape(batch * count, 3, 1, 1)
-    offsets, weights = [], []  # per axis: (B*M, 3, 2) texel offsets and weights of the lower and upper texel
+    uv = rearrange(uv, "b k m two -> two k (b m)")
+    plane_index = torch.arange(batch, device=uv.device).view(1, batch, 1) * 3 + torch.arange(3, device=uv.device).view(3, 1, 1)
+    first_row = (plane_index * (height * width)).expand(3, batch, count).reshape(3, 1, 1, batch * count)
+    offsets, weights = [], []  # per axis: (3, 2, B*M) texel offsets and weights of the lower and upper texel
     for coord, size, stride in ((uv[0], width, 1), (uv[1], height, width)):
-        x = ((coord + 1) * size - 1) / 2  # (B*M, 3); align_corners=False: texel centres at integers
+        x = ((coord + 1) * size - 1) / 2  # (3, B*M); align_corners=False: texel centres at integers
         x0 = x.floor()
         fraction = x - x0
         x0 = x0.long()
-        texel = torch.stack([x0, x0 + 1], -1)  # (B*M, 3, 2)
+        texel = torch.stack([x0, x0 + 1], 1)  # (3, 2, B*M)
         inside = (texel >= 0) & (texel < size)
         offsets.append(texel.clamp_(0, size - 1) * stride)
-        weights.append(torch.where(inside, torch.stack([1 - fraction, fraction], -1), 0.0))
+        weights.append(torch.where(inside, torch.stack([1 - fraction, fraction], 1), 0.0))
     (offset_x, offset_y), (weight_x, weight_y) = offsets, weights
-    rows = first_row + offset_x.unsqueeze(-1) + offset_y.unsqueeze(-2)  # (B*M, 3, 2 (x), 2 (y))
-    corner_weights = weight_x.unsqueeze(-1) * weight_y.unsqueeze(-2) / 3  # / 3: the mean over planes
-    return rows.view(-1, 12), corner_weights.view(-1, 12)  # (B*M, 12), (B*M, 12)
+    rows = first_row + offset_y.unsqueeze(1) + offset_x.unsqueeze(2)  # (3, 2 (x), 2 (y), B*M)
+    corner_weights = weight_x.unsqueeze(2) * weight_y.unsqueeze(1) / 3  # / 3: the mean over planes
+    return rows.view(12, -1), corner_weights.view(12, -1)  # (12, B*M), (12, B*M)
 
 
 class _MeanPlaneFeatures(torch.autograd.Function):
@@ -178,7 +178,7 @@ class _MeanPlaneFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, uv: Tensor, height: int, width: int) -> Tensor:
         rows, weights = _bilinear_rows(uv, height, width)
-        features = F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")  # (B*M, C)
+        features = F.embedding_bag(rows.t(), table, per_sample_weights=weights.t(), mode="sum")  # (B*M, C)
         ctx.save_for_backward(uv)
         ctx.sizes = (table.shape[0], height, width)
         return features
@@ -188,12 +188,12 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         (uv,) = ctx.saved_tensors
         num_rows, height, width = ctx.sizes
         rows, weights = _bilinear_rows(uv, height, width)  # recomputed: cheaper than keeping 12 x 2 numbers
-        grad_features = grad_features.reshape(rows.shape[0], -1)
+        grad_features = grad_features.reshape(rows.shape[1], -1)
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[1])
         weighted = torch.empty_like(grad_features)  # one buffer for the 12 corners
         for corner in range(12):
-            torch.mul(grad_features, weights[:, corner, None], out=weighted)
-            grad_table.index_add_(0, rows[:, corner], weighted)
+            torch.mul(grad_features, weights[corner].unsqueeze(-1), out=weighted)
+            grad_table.index_add_(0, rows[corner], weighted)
         return grad_table, None, None, None
 
 
