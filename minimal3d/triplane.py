@@ -499,18 +499,19 @@ class _DecoderMLP(torch.autograd.Function):
     def forward(ctx, features: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor,
                 recompute: bool) -> Tensor:
         hidden = torch.addmm(bias1, features, weight1.t())  # (M, hidden)
-        out = torch.addmm(bias2, F.softplus(hidden), weight2.t())  # (M, 1 + rgb)
         ctx.save_for_backward(features, weight1, bias1, weight2, None if recompute else hidden)
-        return out
+        return torch.addmm(bias2, F.softplus(hidden), weight2.t())  # (M, 1 + rgb)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         features, weight1, bias1, weight2, hidden = ctx.saved_tensors
-        if hidden is None:
+        recomputed = hidden is None
+        if recomputed:
             hidden = torch.addmm(bias1, features, weight1.t())
         grad_weight2 = grad_out.t() @ F.softplus(hidden)
-        grad_hidden = (grad_out @ weight2).mul_(torch.sigmoid(hidden))  # softplus' = sigmoid
+        slope = hidden.sigmoid_() if recomputed else torch.sigmoid(hidden)  # softplus' = sigmoid
+        grad_hidden = (grad_out @ weight2).mul_(slope)
         grad_features = grad_hidden @ weight1 if ctx.needs_input_grad[0] else None
         return grad_features, grad_hidden.t() @ features, grad_hidden.sum(0), grad_weight2, grad_out.sum(0), None
 
@@ -522,9 +523,9 @@ class TriplaneDecoder(nn.Module):
     with the plane lookup), so this module maps averaged features (..., C) to
     (raw_sigma (..., 1), rgb (..., 3)). The view direction is not used. Plain linear layers with EG3D's
     initialisation (weights N(0, 1/fan_in), zero bias) replace its equalized-lr layers (same function).
-    With gradients the MLP keeps its input features and the 64-wide pre-activation for backward (not
-    autograd's three 64-wide tensors); recompute=True keeps only the features and recomputes the
-    pre-activation in backward (one more (M, C) x (C, 64) matmul, the smallest peak memory).
+    With gradients the MLP keeps only its input features for backward and recomputes the 64-wide hidden
+    layer there (one more (M, C) x (C, 64) matmul; the smallest peak memory); recompute=False keeps the
+    64-wide pre-activation instead (autograd would keep three 64-wide tensors).
     """
 
     def __init__(self, feature_dim: int = 32, hidden_dim: int = 64, rgb_dim: int = 3, recompute: bool = True):
