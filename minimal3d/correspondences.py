@@ -28,6 +28,8 @@ move a projection that lands within ~1e-5 px of a pixel border to the neighbouri
 import torch
 from torch import Tensor
 
+from minimal3d.cameras import transform_points
+
 CONVENTIONS = ("minimal3d", "pri3d")
 
 
@@ -73,11 +75,6 @@ def _pixel_index(coordinate: Tensor, size: int, convention: str) -> Tensor:
     return (coordinate.floor() if convention == "minimal3d" else coordinate.trunc()).long()
 
 
-def _transform(points: Tensor, matrix: Tensor) -> Tensor:
-    """points (N, 3), matrix (4, 4) rigid/affine -> (N, 3)."""
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
 def _project(points: Tensor, K: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Camera points (N, 3) -> continuous u, v (N,) and depth z (N,); z <= 0 gives u = v = NaN."""
     uvw = points @ K.T  # (N, 3) = (K X)^T
@@ -117,7 +114,7 @@ def depth_to_world(depth: Tensor, K: Tensor, viewmat: Tensor, convention: str = 
     device = depth.device  # K and viewmat follow the depth map
     depth, K, viewmat = depth.to(dtype), K.to(device, dtype), viewmat.to(device, dtype)
     points = backproject_depth(depth, K, convention)[depth.reshape(-1) > 0]
-    return _transform(points, torch.linalg.inv(viewmat))  # camera -> world
+    return transform_points(points, torch.linalg.inv(viewmat))  # camera -> world
 
 
 # --- View prior: pixel-pixel matches --------------------------------------------------------------------
@@ -162,7 +159,7 @@ def pixel_correspondences(
 
     points1 = backproject_depth(depth1, K, convention)  # (H1*W1, 3) in camera 1
     camera1_to_camera2 = viewmat2.to(device, dtype) @ torch.linalg.inv(viewmat1.to(device, dtype))
-    points2 = _transform(points1, camera1_to_camera2)  # (H1*W1, 3) in camera 2
+    points2 = transform_points(points1, camera1_to_camera2)  # (H1*W1, 3) in camera 2
     u2, v2, z2 = _project(points2, K2)
     col2, row2 = _pixel_index(u2, width2, convention), _pixel_index(v2, height2, convention)
     inside = (row2 >= 0) & (row2 < height2) & (col2 >= 0) & (col2 < width2)
@@ -220,7 +217,7 @@ def voxel_pixel_correspondences(
 
     offset = 0.5 if convention == "minimal3d" else 0.0  # voxel centre vs corner
     world = (voxels.to(device, dtype) + offset) * voxel_size  # (V, 3)
-    u, v, z = _project(_transform(world, viewmat), K)
+    u, v, z = _project(transform_points(world, viewmat), K)
     inside = (u >= 0) & (u < width) & (v >= 0) & (v < height)  # NaN (behind the camera) compares False
     col, row = _pixel_index(u, width, convention), _pixel_index(v, height, convention)
     observed = depth[row.clamp(0, height - 1), col.clamp(0, width - 1)]
