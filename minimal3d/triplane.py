@@ -29,11 +29,14 @@ are only computed under ``torch.no_grad`` together with the coarse weights they 
 and drops that graph); features are never expanded per view direction (OSGDecoder ignores it).
 
 Speed (benchmarks/bench_triplane.py): inside the renderer the three bilinear lookups and the plane mean
-are one weighted ``embedding_bag`` sum of 12 texel rows of a channels-last copy of the planes, with an
-index_add_ backward (grid_sampler_2d_backward dominates EG3D's CPU time); rays are padded to a multiple
-of RAY_BLOCK so that ``chunk_rays`` gives bit-identical numbers; ``TriplaneDecoder`` keeps only its input
-features for backward and recomputes the 64-wide hidden layer there (``recompute=False`` keeps the
-pre-activation instead: a little faster, more memory).
+are one weighted ``embedding_bag`` sum of 12 texel rows of a channels-last copy of the planes with a
+border of zero texels (grid_sample's zero padding without masks), with an index_add_ backward
+(grid_sampler_2d_backward dominates EG3D's CPU time). On CPU the lookup and the decoder MLP go through the
+samples block by block, so that their temporaries stay small and in cache (a fresh 32 MiB tensor costs
+more in page faults than the arithmetic done on it). Rays are padded to a multiple of RAY_BLOCK so that
+``chunk_rays`` gives bit-identical numbers. ``TriplaneDecoder`` keeps only its input features for
+backward and recomputes the 64-wide hidden layer there (``recompute=False`` keeps the pre-activation
+instead: more memory, no faster).
 """
 
 import math
@@ -45,6 +48,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 RAY_BLOCK = 64  # rays are processed in multiples of this (see render_triplane)
+CPU_LOOKUP_ROWS = 32768  # points per block of the plane lookup on CPU (see _row_blocks)
+CPU_DECODER_ROWS = 8192  # samples per block of the decoder MLP on CPU
 
 # Which two world axes (of q = 2 p / box_size) give (u, v) on each of the three planes.
 PLANE_AXES = {
@@ -106,14 +111,14 @@ def project_onto_planes(points: Tensor, box_size: float, plane_axes: str = "xy_y
     _check_tensor("points", points, 3, (3,))
     box_size = _check_box_size(box_size)
     axes = _check_plane_axes(plane_axes)
-    return _project(points, box_size, axes)
+    return _project(points, box_size, axes).transpose(1, 2)
 
 
 def _project(points: Tensor, box_size: float, axes: tuple) -> Tensor:
+    """Plane coordinates (B, M, 3, 2) of points (B, M, 3): plane k reads the world axes axes[k]."""
     q = points * (2.0 / box_size)  # the cube [-box/2, box/2]^3 becomes [-1, 1]^3
     index = torch.tensor(axes, device=points.device).flatten()  # (6,)
-    uv = q.index_select(-1, index).unflatten(-1, (3, 2))  # (B, M, 3, 2)
-    return uv.transpose(1, 2)  # (B, 3, M, 2)
+    return q.index_select(-1, index).unflatten(-1, (3, 2))
 
 
 def _grid_sample_planes(planes: Tensor, uv: Tensor) -> Tensor:
@@ -134,79 +139,103 @@ def sample_triplane(planes: Tensor, points: Tensor, box_size: float, plane_axes:
     _check_planes_points(planes, points)
     box_size = _check_box_size(box_size)
     axes = _check_plane_axes(plane_axes)
-    features = _grid_sample_planes(planes, _project(points, box_size, axes))  # (B, 3, C, M)
+    features = _grid_sample_planes(planes, _project(points, box_size, axes).transpose(1, 2))  # (B, 3, C, M)
     return features.transpose(2, 3)  # (B, 3, M, C)
 
 
-def _bilinear_rows(uv: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The 12 texels (3 planes x 4 corners) behind each point and their weights / 3.
+def _plane_table(planes: Tensor) -> Tensor:
+    """(B, 3, C, H, W) -> (B*3*(H+2)*(W+2), C): one contiguous row of C features per texel, with a border
+    of zero texels around each plane (grid_sample's zero padding, so that no corner needs a mask)."""
+    batch, _, channels, height, width = planes.shape
+    table = planes.new_zeros(batch * 3, height + 2, width + 2, channels)
+    table[:, 1:-1, 1:-1] = rearrange(planes, "b k c h w -> (b k) h w c")
+    return table.view(-1, channels)
 
-    uv: (B, 3, M, 2). Returns rows (12, B*M) into the (B*3*H*W, C) channels-last table of all planes
-    and weights (12, B*M); a corner outside the plane gets weight 0 (grid_sample's zero padding).
+
+def _row_blocks(num_rows: int, device: torch.device, cpu_rows_per_block: int) -> list[slice]:
+    """Ranges of rows worked through one at a time: cpu_rows_per_block on CPU, all at once elsewhere.
+
+    On CPU a fresh temporary of tens of MB costs more in page faults than its arithmetic (the decoder's
+    (M, 64) float32 hidden layer: 32 MiB), and a block of a few thousand rows stays in cache between ops.
     """
-    batch, _, count, _ = uv.shape
-    uv = rearrange(uv, "b k m two -> two k (b m)")
-    plane_index = torch.arange(batch, device=uv.device).view(1, batch, 1) * 3 + torch.arange(3, device=uv.device).view(3, 1, 1)
-    first_row = (plane_index * (height * width)).expand(3, batch, count).reshape(3, 1, 1, batch * count)
-    offsets, weights = [], []  # per axis: (3, 2, B*M) texel offsets and weights of the lower and upper texel
-    for coord, size, stride in ((uv[0], width, 1), (uv[1], height, width)):
-        x = ((coord + 1) * size - 1) / 2  # (3, B*M); align_corners=False: texel centres at integers
-        x0 = x.floor()
-        fraction = x - x0
-        x0 = x0.long()
-        texel = torch.stack([x0, x0 + 1], 1)  # (3, 2, B*M)
-        inside = (texel >= 0) & (texel < size)
-        offsets.append(texel.clamp_(0, size - 1) * stride)
-        weights.append(torch.where(inside, torch.stack([1 - fraction, fraction], 1), 0.0))
-    (offset_x, offset_y), (weight_x, weight_y) = offsets, weights
-    rows = first_row + offset_y.unsqueeze(1) + offset_x.unsqueeze(2)  # (3, 2 (x), 2 (y), B*M)
-    corner_weights = weight_x.unsqueeze(2) * weight_y.unsqueeze(1) / 3  # / 3: the mean over planes
-    return rows.view(12, -1), corner_weights.view(12, -1)  # (12, B*M), (12, B*M)
+    step = cpu_rows_per_block if device.type == "cpu" else max(num_rows, 1)
+    return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """The 12 texels (4 corners x 3 planes) behind each point and their weights / 3.
+
+    uv: (n, 3, 2) plane coordinates; first_row: (3,) the table row of texel (0, 0) of each of the
+    point's planes. Returns rows (12, n) into the bordered table of ``_plane_table`` and weights (12, n)
+    (/ 3: the mean over the planes), corner-major. A coordinate beyond the plane (or NaN) is moved onto
+    the zero border, where it reads exactly 0, as grid_sample's zero padding does.
+    """
+    size = uv.new_tensor([width, height]).view(2, 1, 1)
+    uv = uv.permute(2, 1, 0).contiguous()  # (2 axes, 3, n): the points contiguous in every op below
+    x = ((uv + 1) * size - 1) / 2  # align_corners=False: texel centres at integers
+    x = torch.minimum(torch.where(x > -1, x, -1.0), size)  # [-1, size]: the border texels -1 and size
+    low = torch.minimum(x.floor(), size - 1)  # lower corner in [-1, size - 1]
+    fraction = x - low  # in [0, 1]
+    padded_width = width + 2
+    lower = torch.add(low[0], low[1], alpha=padded_width).long() + first_row.unsqueeze(1)  # (3, n)
+    corner_offsets = torch.tensor([0, 1, padded_width, padded_width + 1], device=uv.device)  # (x, y): 00 10 01 11
+    rows = lower + corner_offsets.view(4, 1, 1)  # (4, 3, n)
+    weight_x = torch.stack([1 - fraction[0], fraction[0]])  # (2, 3, n): lower and upper corner
+    weight_y = torch.stack([1 - fraction[1], fraction[1]]) / 3
+    weights = weight_y.unsqueeze(1) * weight_x  # (2 (y), 2 (x), 3, n)
+    return rows.view(12, -1), weights.view(12, -1)
 
 
 class _MeanPlaneFeatures(torch.autograd.Function):
-    """Features averaged over the 3 planes: a weighted sum of 12 rows of the channels-last plane table.
+    """Features averaged over the 3 planes: a weighted sum of 12 rows of the bordered plane table.
 
-    The same numbers as grid_sample (bilinear, zeros, align_corners=False) followed by the mean. The
-    forward is one ``embedding_bag`` (mode "sum" with per-sample weights: no per-corner temporaries), the
-    backward an index_add_ of 128-byte rows per corner, several times faster on CPU than
-    grid_sampler_2d_backward (which scatters channel by channel); nothing but uv is kept for it. The sample
-    positions get no gradient (EG3D detaches them too); ``sample_triplane`` is the differentiable-in-points
-    reference.
+    The same numbers as grid_sample (bilinear, zeros, align_corners=False) followed by the mean, block
+    by block of points of one batch element. The forward is one ``embedding_bag`` per block (mode "sum"
+    with per-sample weights), the backward an index_add_ of 128-byte rows per corner, several times faster
+    on CPU than grid_sampler_2d_backward (which scatters channel by channel); nothing but uv is kept for
+    it. The sample positions get no gradient (EG3D detaches them too); ``sample_triplane`` is the
+    differentiable-in-points reference.
     """
 
     @staticmethod
     def forward(ctx, table: Tensor, uv: Tensor, height: int, width: int) -> Tensor:
-        rows, weights = _bilinear_rows(uv, height, width)
-        features = F.embedding_bag(rows.t(), table, per_sample_weights=weights.t(), mode="sum")  # (B*M, C)
+        features = table.new_empty(uv.shape[0], uv.shape[1], table.shape[1])  # (B, M, C)
+        for batch_index, block, first_row in _lookup_blocks(uv, height, width):
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)
+            features[batch_index, block] = F.embedding_bag(  # one bag of 12 texel rows per point
+                rows.t().contiguous(), table, per_sample_weights=weights.t().contiguous(), mode="sum")
         ctx.save_for_backward(uv)
         ctx.sizes = (table.shape[0], height, width)
-        return features
+        return features.view(-1, table.shape[1])  # (B*M, C)
 
     @staticmethod
     def backward(ctx, grad_features: Tensor):
         (uv,) = ctx.saved_tensors
         num_rows, height, width = ctx.sizes
-        rows, weights = _bilinear_rows(uv, height, width)  # recomputed: cheaper than keeping 12 x 2 numbers
-        grad_features = grad_features.reshape(rows.shape[1], -1)
-        grad_table = grad_features.new_zeros(num_rows, grad_features.shape[1])
-        weighted = torch.empty_like(grad_features)  # one buffer for the 12 corners
-        for corner in range(12):
-            torch.mul(grad_features, weights[corner].unsqueeze(-1), out=weighted)
-            grad_table.index_add_(0, rows[corner], weighted)
+        grad_features = grad_features.view(uv.shape[0], uv.shape[1], -1)
+        grad_table = grad_features.new_zeros(num_rows, grad_features.shape[-1])
+        for batch_index, block, first_row in _lookup_blocks(uv, height, width):
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
+            grad_block = grad_features[batch_index, block]
+            for corner in range(12):
+                grad_table.index_add_(0, rows[corner], grad_block * weights[corner].unsqueeze(-1))
         return grad_table, None, None, None
 
 
-def _plane_table(planes: Tensor) -> Tensor:
-    """(B, 3, C, H, W) -> (B*3*H*W, C): one contiguous row of C features per texel."""
-    return rearrange(planes, "b k c h w -> (b k h w) c").contiguous()
+def _lookup_blocks(uv: Tensor, height: int, width: int):
+    """(batch index, slice of points, first table row (3,) of its planes) for each block of points."""
+    plane_rows = (height + 2) * (width + 2)
+    for batch_index in range(uv.shape[0]):
+        first_row = (torch.arange(3, device=uv.device) + 3 * batch_index) * plane_rows + (width + 2 + 1)  # + border
+        for block in _row_blocks(uv.shape[1], uv.device, CPU_LOOKUP_ROWS):
+            yield batch_index, block, first_row
 
 
 def _mean_plane_features(planes: Tensor, table: Tensor, points: Tensor, box_size: float, axes: tuple) -> Tensor:
     """Features averaged over the planes, (B*M, C) (EG3D's OSGDecoder starts with this mean)."""
-    uv = _project(points, box_size, axes)  # (B, 3, M, 2)
+    uv = _project(points, box_size, axes)  # (B, M, 3, 2)
     if uv.requires_grad:  # gradients to the sample positions: take the grid_sample path
-        return rearrange(_grid_sample_planes(planes, uv).mean(1), "b c m -> (b m) c")
+        return rearrange(_grid_sample_planes(planes, uv.transpose(1, 2)).mean(1), "b c m -> (b m) c")
     return _MeanPlaneFeatures.apply(table, uv, planes.shape[-2], planes.shape[-1])
 
 
@@ -492,28 +521,44 @@ def render_triplane(planes: Tensor, decoder, origins: Tensor, directions: Tensor
 
 
 class _DecoderMLP(torch.autograd.Function):
-    """fc2(softplus(fc1(x))) on (M, C) features that keeps only x (and the (M, hidden) pre-activation
-    unless ``recompute``) for backward, instead of autograd's three (M, hidden)-sized tensors."""
+    """fc2(softplus(fc1(x))) on (M, C) features, block by block of rows.
+
+    Keeps only x for backward (and the (M, hidden) pre-activation unless ``recompute``), instead of
+    autograd's three (M, hidden)-sized tensors; the backward recomputes the hidden layer block by block.
+    """
 
     @staticmethod
     def forward(ctx, features: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor,
                 recompute: bool) -> Tensor:
-        hidden = torch.addmm(bias1, features, weight1.t())  # (M, hidden)
-        ctx.save_for_backward(features, weight1, bias1, weight2, None if recompute else hidden)
-        return torch.addmm(bias2, F.softplus(hidden), weight2.t())  # (M, 1 + rgb)
+        out = features.new_empty(features.shape[0], weight2.shape[0])  # (M, 1 + rgb)
+        pre_activation = None if recompute else features.new_empty(features.shape[0], weight1.shape[0])
+        for rows in _row_blocks(features.shape[0], features.device, CPU_DECODER_ROWS):
+            hidden = torch.addmm(bias1, features[rows], weight1.t())  # (rows, hidden)
+            if pre_activation is not None:
+                pre_activation[rows] = hidden
+            torch.addmm(bias2, F.softplus(hidden), weight2.t(), out=out[rows])
+        ctx.save_for_backward(features, weight1, bias1, weight2, pre_activation)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        features, weight1, bias1, weight2, hidden = ctx.saved_tensors
-        recomputed = hidden is None
-        if recomputed:
-            hidden = torch.addmm(bias1, features, weight1.t())
-        grad_weight2 = grad_out.t() @ F.softplus(hidden)
-        slope = hidden.sigmoid_() if recomputed else torch.sigmoid(hidden)  # softplus' = sigmoid
-        grad_hidden = (grad_out @ weight2).mul_(slope)
-        grad_features = grad_hidden @ weight1 if ctx.needs_input_grad[0] else None
-        return grad_features, grad_hidden.t() @ features, grad_hidden.sum(0), grad_weight2, grad_out.sum(0), None
+        features, weight1, bias1, weight2, pre_activation = ctx.saved_tensors
+        grad_features = torch.empty_like(features) if ctx.needs_input_grad[0] else None
+        grad_weight1, grad_bias1 = torch.zeros_like(weight1), torch.zeros_like(bias1)
+        grad_weight2 = torch.zeros_like(weight2)
+        for rows in _row_blocks(features.shape[0], features.device, CPU_DECODER_ROWS):
+            if pre_activation is None:
+                hidden = torch.addmm(bias1, features[rows], weight1.t())  # recomputed
+            else:
+                hidden = pre_activation[rows].clone()
+            grad_weight2.addmm_(grad_out[rows].t(), F.softplus(hidden))
+            grad_hidden = (grad_out[rows] @ weight2).mul_(hidden.sigmoid_())  # softplus' = sigmoid
+            if grad_features is not None:
+                torch.mm(grad_hidden, weight1, out=grad_features[rows])
+            grad_weight1.addmm_(grad_hidden.t(), features[rows])
+            grad_bias1 += grad_hidden.sum(0)
+        return grad_features, grad_weight1, grad_bias1, grad_weight2, grad_out.sum(0), None
 
 
 class TriplaneDecoder(nn.Module):
@@ -525,7 +570,8 @@ class TriplaneDecoder(nn.Module):
     initialisation (weights N(0, 1/fan_in), zero bias) replace its equalized-lr layers (same function).
     With gradients the MLP keeps only its input features for backward and recomputes the 64-wide hidden
     layer there (one more (M, C) x (C, 64) matmul; the smallest peak memory); recompute=False keeps the
-    64-wide pre-activation instead (autograd would keep three 64-wide tensors).
+    64-wide pre-activation instead (autograd would keep three 64-wide tensors). On CPU both go through
+    the rows in blocks of CPU_DECODER_ROWS.
     """
 
     def __init__(self, feature_dim: int = 32, hidden_dim: int = 64, rgb_dim: int = 3, recompute: bool = True):

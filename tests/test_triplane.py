@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from minimal3d import triplane
 from minimal3d.triplane import (PLANE_AXES, TriplaneDecoder, TriplaneGenerator, composite, ray_box_intersection,
                                 render_triplane, sample_importance, sample_pdf, sample_triplane)
 
@@ -215,6 +216,31 @@ def naive_composite_weights(colors, raw_sigma, t):
     return weights
 
 
+@pytest.mark.parametrize("plane_axes", ["xy_yz_zx", "eg3d"])
+def test_plane_lookup_matches_grid_sample(plane_axes, monkeypatch):
+    """The renderer's lookup (bordered table, embedding_bag forward, index_add_ backward, in blocks of
+    points) equals grid_sample + mean over planes, forward and backward, also on and beyond the edges."""
+    monkeypatch.setattr(triplane, "CPU_LOOKUP_ROWS", 7)  # several blocks per batch element, a short last one
+    gen = torch.Generator().manual_seed(11)
+    planes = torch.randn(2, 3, 4, 5, 6, generator=gen, dtype=D, requires_grad=True)  # H != W
+    edges = torch.tensor([-1.0, -1 + 1 / 6, 1 - 1 / 6, 1.0, -1.2, 1.2, 7.0, -30.0, 0.0], dtype=D)
+    points = torch.cat([(torch.rand(2, 20, 3, generator=gen, dtype=D) - 0.5) * 1.3,  # inside and just outside
+                        edges.view(1, 9, 1).expand(2, 9, 3) * 0.5,  # on the plane edges, texel centres, far away
+                        torch.stack([edges * 0.5, edges.flip(0) * 0.5, edges.roll(3) * 0.5], -1).expand(2, 9, 3)], 1)
+    axes = PLANE_AXES[plane_axes]
+    table = triplane._plane_table(planes)
+    ours = triplane._mean_plane_features(planes, table, points, 1.0, axes)  # (B*M, C)
+    expected = sample_triplane(planes, points, 1.0, plane_axes).mean(1).reshape(-1, 4)
+    assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(expected.shape, generator=gen, dtype=D)
+    grad_ours = torch.autograd.grad((ours * weights).sum(), planes)[0]
+    grad_expected = torch.autograd.grad((expected * weights).sum(), planes)[0]
+    assert_close(grad_ours, grad_expected, rtol=1e-12, atol=1e-12)
+    nan_points = points.clone()
+    nan_points[0, 0, 0] = float("nan")  # no index error: the point reads the zero border of its planes
+    assert torch.isfinite(triplane._mean_plane_features(planes, table, nan_points, 1.0, axes)).all()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gradients in float64
 # ---------------------------------------------------------------------------------------------------
@@ -263,7 +289,11 @@ def test_gradcheck_render_triplane(position_grad):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_chunked_is_bit_identical():
+@pytest.mark.parametrize("cpu_block_rows", [None, (96, 80)])
+def test_chunked_is_bit_identical(cpu_block_rows, monkeypatch):
+    if cpu_block_rows:  # decoder and lookup blocks that cut through the rays at other places than the chunks
+        monkeypatch.setattr(triplane, "CPU_DECODER_ROWS", cpu_block_rows[0])
+        monkeypatch.setattr(triplane, "CPU_LOOKUP_ROWS", cpu_block_rows[1])
     gen = torch.Generator().manual_seed(8)
     planes = torch.randn(2, 3, 8, 16, 16, generator=gen, requires_grad=True)
     decoder = TriplaneDecoder(feature_dim=8)
@@ -336,10 +366,13 @@ def test_decoder_matches_formula():
 
 
 
+@pytest.mark.parametrize("cpu_block_rows", [8192, 4])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_decoder_backward_matches_autograd_and_gradcheck(recompute):
-    # The decoder MLP has its own backward (keeps only the input, or the pre-activation): check it against
-    # plain autograd through the written-out formula, and numerically with gradcheck.
+def test_decoder_backward_matches_autograd_and_gradcheck(recompute, cpu_block_rows, monkeypatch):
+    # The decoder MLP has its own backward (keeps only the input, or the pre-activation), block by block
+    # of rows (4: two blocks, the second one short): check it against plain autograd through the
+    # written-out formula, and numerically with gradcheck.
+    monkeypatch.setattr(triplane, "CPU_DECODER_ROWS", cpu_block_rows)
     decoder = TriplaneDecoder(feature_dim=5, hidden_dim=7, recompute=recompute).double()
     features = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     raw_sigma, rgb = decoder(features)
