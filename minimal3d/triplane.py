@@ -217,8 +217,10 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
             grad_block = grad_features[batch_index, block]
+            weighted = torch.empty_like(grad_block)  # one buffer for the 12 corners
             for corner in range(12):
-                grad_table.index_add_(0, rows[corner], grad_block * weights[corner].unsqueeze(-1))
+                torch.mul(grad_block, weights[corner].unsqueeze(-1), out=weighted)
+                grad_table.index_add_(0, rows[corner], weighted)
         return grad_table, None, None, None
 
 
