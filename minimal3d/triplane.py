@@ -525,37 +525,41 @@ def render_triplane(planes: Tensor, decoder, origins: Tensor, directions: Tensor
 class _DecoderMLP(torch.autograd.Function):
     """fc2(softplus(fc1(x))) on (M, C) features, block by block of rows.
 
-    Keeps only x for backward (and the (M, hidden) pre-activation unless ``recompute``), instead of
-    autograd's three (M, hidden)-sized tensors; the backward recomputes the hidden layer block by block.
+    Keeps only x for backward (and the (M, hidden) activations softplus(fc1(x)) unless ``recompute``),
+    instead of autograd's three (M, hidden)-sized tensors; the backward recomputes the hidden layer block
+    by block, or gets softplus' = sigmoid from the kept activations: sigmoid(h) = 1 - exp(-softplus(h)).
     """
 
     @staticmethod
     def forward(ctx, features: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor,
                 recompute: bool) -> Tensor:
         out = features.new_empty(features.shape[0], weight2.shape[0])  # (M, 1 + rgb)
-        pre_activation = None if recompute else features.new_empty(features.shape[0], weight1.shape[0])
+        activations = None if recompute else features.new_empty(features.shape[0], weight1.shape[0])
         for rows in _row_blocks(features.shape[0], features.device, CPU_DECODER_ROWS):
             hidden = torch.addmm(bias1, features[rows], weight1.t())  # (rows, hidden)
-            if pre_activation is not None:
-                pre_activation[rows] = hidden
-            torch.addmm(bias2, F.softplus(hidden), weight2.t(), out=out[rows])
-        ctx.save_for_backward(features, weight1, bias1, weight2, pre_activation)
+            activation = F.softplus(hidden)
+            if activations is not None:
+                activations[rows] = activation
+            torch.addmm(bias2, activation, weight2.t(), out=out[rows])
+        ctx.save_for_backward(features, weight1, bias1, weight2, activations)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        features, weight1, bias1, weight2, pre_activation = ctx.saved_tensors
+        features, weight1, bias1, weight2, activations = ctx.saved_tensors
         grad_features = torch.empty_like(features) if ctx.needs_input_grad[0] else None
         grad_weight1, grad_bias1 = torch.zeros_like(weight1), torch.zeros_like(bias1)
         grad_weight2 = torch.zeros_like(weight2)
         for rows in _row_blocks(features.shape[0], features.device, CPU_DECODER_ROWS):
-            if pre_activation is None:
+            if activations is None:
                 hidden = torch.addmm(bias1, features[rows], weight1.t())  # recomputed
+                activation, slope = F.softplus(hidden), hidden.sigmoid_()  # softplus' = sigmoid
             else:
-                hidden = pre_activation[rows].clone()
-            grad_weight2.addmm_(grad_out[rows].t(), F.softplus(hidden))
-            grad_hidden = (grad_out[rows] @ weight2).mul_(hidden.sigmoid_())  # softplus' = sigmoid
+                activation = activations[rows]
+                slope = torch.expm1(-activation).neg_()  # 1 - exp(-softplus(h)) = sigmoid(h)
+            grad_weight2.addmm_(grad_out[rows].t(), activation)
+            grad_hidden = (grad_out[rows] @ weight2).mul_(slope)
             if grad_features is not None:
                 torch.mm(grad_hidden, weight1, out=grad_features[rows])
             grad_weight1.addmm_(grad_hidden.t(), features[rows])
