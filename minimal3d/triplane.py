@@ -35,8 +35,8 @@ border of zero texels (grid_sample's zero padding without masks), with an index_
 samples block by block, so that their temporaries stay small and in cache (a fresh 32 MiB tensor costs
 more in page faults than the arithmetic done on it). Rays are padded to a multiple of RAY_BLOCK so that
 ``chunk_rays`` gives bit-identical numbers. ``TriplaneDecoder`` keeps only its input features for
-backward and recomputes the 64-wide hidden layer there (``recompute=False`` keeps the pre-activation
-instead: more memory, no faster).
+backward and recomputes the 64-wide hidden layer there (``recompute=False`` keeps the softplus
+activations instead: more memory; on CPU no faster, the first touch of that buffer costs what it saves).
 """
 
 import math
@@ -576,8 +576,8 @@ class TriplaneDecoder(nn.Module):
     initialisation (weights N(0, 1/fan_in), zero bias) replace its equalized-lr layers (same function).
     With gradients the MLP keeps only its input features for backward and recomputes the 64-wide hidden
     layer there (one more (M, C) x (C, 64) matmul; the smallest peak memory); recompute=False keeps the
-    64-wide pre-activation instead (autograd would keep three 64-wide tensors). On CPU both go through
-    the rows in blocks of CPU_DECODER_ROWS.
+    64-wide softplus activations instead (autograd would keep three 64-wide tensors). On CPU both go
+    through the rows in blocks of CPU_DECODER_ROWS.
     """
 
     def __init__(self, feature_dim: int = 32, hidden_dim: int = 64, rgb_dim: int = 3, recompute: bool = True):

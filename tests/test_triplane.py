@@ -369,7 +369,7 @@ def test_decoder_matches_formula():
 @pytest.mark.parametrize("cpu_block_rows", [8192, 4])
 @pytest.mark.parametrize("recompute", [True, False])
 def test_decoder_backward_matches_autograd_and_gradcheck(recompute, cpu_block_rows, monkeypatch):
-    # The decoder MLP has its own backward (keeps only the input, or the pre-activation), block by block
+    # The decoder MLP has its own backward (keeps only the input, or the activations), block by block
     # of rows (4: two blocks, the second one short): check it against plain autograd through the
     # written-out formula, and numerically with gradcheck.
     monkeypatch.setattr(triplane, "CPU_DECODER_ROWS", cpu_block_rows)
