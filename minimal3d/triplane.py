@@ -186,6 +186,15 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tu
     return rows.view(12, -1), weights.view(12, -1)
 
 
+def _lookup_blocks(uv: Tensor, height: int, width: int):
+    """(batch index, slice of points, first table row (3,) of its planes) for each block of points."""
+    plane_rows = (height + 2) * (width + 2)
+    for batch_index in range(uv.shape[0]):  # texel (0, 0) sits one row and one column inside the border
+        first_row = (torch.arange(3, device=uv.device) + 3 * batch_index) * plane_rows + (width + 2 + 1)
+        for block in _row_blocks(uv.shape[1], uv.device, CPU_LOOKUP_ROWS):
+            yield batch_index, block, first_row
+
+
 class _MeanPlaneFeatures(torch.autograd.Function):
     """Features averaged over the 3 planes: a weighted sum of 12 rows of the bordered plane table.
 
@@ -212,7 +221,7 @@ class _MeanPlaneFeatures(torch.autograd.Function):
     def backward(ctx, grad_features: Tensor):
         (uv,) = ctx.saved_tensors
         num_rows, height, width = ctx.sizes
-        grad_features = grad_features.view(uv.shape[0], uv.shape[1], -1)
+        grad_features = grad_features.reshape(uv.shape[0], uv.shape[1], -1)
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[-1])
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
@@ -222,15 +231,6 @@ class _MeanPlaneFeatures(torch.autograd.Function):
                 torch.mul(grad_block, weights[corner].unsqueeze(-1), out=weighted)
                 grad_table.index_add_(0, rows[corner], weighted)
         return grad_table, None, None, None
-
-
-def _lookup_blocks(uv: Tensor, height: int, width: int):
-    """(batch index, slice of points, first table row (3,) of its planes) for each block of points."""
-    plane_rows = (height + 2) * (width + 2)
-    for batch_index in range(uv.shape[0]):
-        first_row = (torch.arange(3, device=uv.device) + 3 * batch_index) * plane_rows + (width + 2 + 1)  # + border
-        for block in _row_blocks(uv.shape[1], uv.device, CPU_LOOKUP_ROWS):
-            yield batch_index, block, first_row
 
 
 def _mean_plane_features(planes: Tensor, table: Tensor, points: Tensor, box_size: float, axes: tuple) -> Tensor:
