@@ -177,7 +177,8 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tu
     low = torch.minimum(x.floor(), size - 1)  # lower corner in [-1, size - 1]
     fraction = x - low  # in [0, 1]
     padded_width = width + 2
-    lower = torch.add(low[0], low[1], alpha=padded_width).long() + first_row.unsqueeze(1)  # (3, n)
+    low = low.long()  # row arithmetic in int64: exact for any plane size and dtype
+    lower = low[0] + low[1] * padded_width + first_row.unsqueeze(1)  # (3, n)
     corner_offsets = torch.tensor([0, 1, padded_width, padded_width + 1], device=uv.device)  # (x, y): 00 10 01 11
     rows = lower + corner_offsets.view(4, 1, 1)  # (4, 3, n)
     weight_x = torch.stack([1 - fraction[0], fraction[0]])  # (2, 3, n): lower and upper corner
