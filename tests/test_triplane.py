@@ -365,7 +365,6 @@ def test_decoder_matches_formula():
     assert (rgb > -0.001).all() and (rgb < 1.001).all()
 
 
-
 @pytest.mark.parametrize("cpu_block_rows", [8192, 4])
 @pytest.mark.parametrize("recompute", [True, False])
 def test_decoder_backward_matches_autograd_and_gradcheck(recompute, cpu_block_rows, monkeypatch):
