@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 
@@ -137,6 +137,43 @@ def save_png(path, images) -> None:
     array = (canvas.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def save_panels(path, panels, size: int = 256, columns: int | None = None) -> None:
+    """Save labelled panels in a grid: ``panels`` is a list of ``(label, image)``.
+
+    Each image is (3, H, W) or (H, W) with values in [0, 1]; it is upscaled by nearest neighbour so that its
+    shorter side is at least ``size`` pixels, and its label is written above it. ``columns`` panels per
+    row (default: all in one row). Meant to be looked at: input, render, depth, features side by side.
+    """
+    if not panels:
+        raise ValueError("panels must hold at least one (label, image) pair")
+    if not size >= 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    tiles = []
+    for label, image in panels:
+        image = _to_rgb(image)
+        scale = max(1, -(-size // min(image.shape[1:])))  # ceil(size / shorter side)
+        image = image.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        tiles.append((str(label), (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)))
+    font = ImageFont.load_default(size=16)
+    label_height, gap = 24, 4
+    columns = len(tiles) if columns is None else max(1, min(int(columns), len(tiles)))
+    rows = [tiles[i : i + columns] for i in range(0, len(tiles), columns)]
+    cell_width = max(array.shape[1] for _, array in tiles)
+    row_heights = [label_height + max(array.shape[0] for _, array in row) for row in rows]
+    canvas = Image.new("RGB", (columns * (cell_width + gap) - gap, sum(row_heights) + gap * (len(rows) - 1)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for row, height in zip(rows, row_heights):
+        for i, (label, array) in enumerate(row):
+            left = i * (cell_width + gap)
+            draw.text((left + 4, top + 3), label, fill="black", font=font)
+            canvas.paste(Image.fromarray(array), (left, top + label_height))
+        top += height + gap
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
 
 
 # A perceptually ordered colour ramp (dark blue -> teal -> yellow), for depth maps.

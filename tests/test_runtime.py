@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -49,3 +50,18 @@ def test_single_process_distributed_is_a_no_op():
     model = torch.nn.Linear(2, 2)
     assert runtime.wrap_ddp(model, dist) is model and runtime.unwrap(model) is model
     assert runtime.pick_device("cpu") == torch.device("cpu")
+
+
+def test_save_panels_upscales_and_labels(tmp_path):
+    image = torch.zeros(3, 32, 48)
+    image[0] = 1.0  # red
+    path = tmp_path / "panels.png"
+    runtime.save_panels(path, [("input", image), ("depth", torch.full((32, 48), 0.5))], size=256)
+    canvas = torch.from_numpy(np.asarray(Image.open(path))).float() / 255
+    # each 32 px panel is scaled by ceil(256 / 32) = 8: 256 px tall under a 24 px label strip
+    assert canvas.shape == (24 + 256, 2 * 384 + 4, 3)
+    assert torch.allclose(canvas[100, 100], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(canvas[100, 388 + 100], torch.full((3,), 128 / 255), atol=1e-6)
+    assert canvas[:24, :100].min() < 0.5  # the label is drawn in black on white
+    with pytest.raises(ValueError, match="panels"):
+        runtime.save_panels(path, [])
