@@ -277,3 +277,40 @@ def format_table(rows: list[dict], float_format: str = "{:.4f}") -> str:
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claims (see the claims table in each script's metrics.json)
+# ---------------------------------------------------------------------------------------------------
+
+
+def claim(text: str, metric: str, higher_is_better: bool, baseline: tuple[str, float], method: tuple[str, float],
+          margin: float = 0.0) -> dict:
+    """One row of the claims table: ``method`` beats ``baseline`` on ``metric`` in the stated direction.
+
+    ``margin`` >= 0 turns it into an "as good as" claim: the method may trail the baseline by at most
+    ``margin``. ``holds`` is computed from the two measured values, nothing else.
+    """
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    (baseline_name, baseline_value), (method_name, method_value) = baseline, method
+    baseline_value, method_value = float(baseline_value), float(method_value)
+    if higher_is_better:
+        holds = method_value > baseline_value - margin if margin > 0 else method_value > baseline_value
+    else:
+        holds = method_value < baseline_value + margin if margin > 0 else method_value < baseline_value
+    row = {"claim": text, "metric": metric, "higher_is_better": bool(higher_is_better),
+           "baseline": {"name": baseline_name, "value": baseline_value},
+           "method": {"name": method_name, "value": method_value}, "holds": bool(holds)}
+    if margin > 0:
+        row["margin"] = float(margin)
+    return row
+
+
+def format_claims(claims: list[dict]) -> str:
+    """The claims table as plain text, one line per claim."""
+    rows = [{"metric": row["metric"], "better": "higher" if row["higher_is_better"] else "lower",
+             "baseline": f"{row['baseline']['name']} {row['baseline']['value']:.4f}",
+             "method": f"{row['method']['name']} {row['method']['value']:.4f}",
+             "holds": "yes" if row["holds"] else "NO"} for row in claims]
+    return format_table(rows)

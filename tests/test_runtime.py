@@ -65,3 +65,14 @@ def test_save_panels_upscales_and_labels(tmp_path):
     assert canvas[:24, :100].min() < 0.5  # the label is drawn in black on white
     with pytest.raises(ValueError, match="panels"):
         runtime.save_panels(path, [])
+
+
+def test_claim_direction_and_margin():
+    assert runtime.claim("c", "acc", True, ("base", 0.5), ("ours", 0.6))["holds"]
+    assert not runtime.claim("c", "acc", True, ("base", 0.5), ("ours", 0.5))["holds"]
+    assert runtime.claim("c", "rmse", False, ("base", 0.5), ("ours", 0.4))["holds"]
+    assert not runtime.claim("c", "rmse", False, ("base", 0.5), ("ours", 0.6))["holds"]
+    row = runtime.claim("c", "acc", True, ("full", 0.80), ("grouped", 0.77), margin=0.05)
+    assert row["holds"] and row["margin"] == 0.05
+    assert not runtime.claim("c", "acc", True, ("full", 0.80), ("grouped", 0.74), margin=0.05)["holds"]
+    assert "NO" in runtime.format_claims([runtime.claim("c", "acc", True, ("b", 1.0), ("m", 0.0))])
