@@ -106,6 +106,30 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, descripti
     module.load_state_dict(state_dict, strict=True)
 
 
+def load_checkpoint(path, required_keys: tuple[str, ...] = ()) -> dict:
+    """Read a checkpoint dict saved with ``torch.save`` (tensors, numbers, strings, lists, dicts only).
+
+    Raises ``ValueError("not a valid checkpoint: PATH (reason)")`` for a missing, empty, truncated or
+    corrupt file, for one that is not a dict, and for one that lacks any of ``required_keys``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"not a valid checkpoint: {path} (no such file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"not a valid checkpoint: {path} (empty file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's own message suggests weights_only=False: wrong advice for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"not a valid checkpoint: {path} ({type(error).__name__}: {reason[:200]})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"not a valid checkpoint: {path} (expected a dict, got {type(checkpoint).__name__})")
+    missing = [key for key in required_keys if key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a valid checkpoint: {path} (missing keys {missing}; has {sorted(checkpoint)[:20]})")
+    return checkpoint
+
+
 # ---------------------------------------------------------------------------------------------------
 # Previews
 # ---------------------------------------------------------------------------------------------------

@@ -76,3 +76,21 @@ def test_claim_direction_and_margin():
     assert row["holds"] and row["margin"] == 0.05
     assert not runtime.claim("c", "acc", True, ("full", 0.80), ("grouped", 0.74), margin=0.05)["holds"]
     assert "NO" in runtime.format_claims([runtime.claim("c", "acc", True, ("b", 1.0), ("m", 0.0))])
+
+
+def test_load_checkpoint_names_the_file_and_the_reason(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"config": {"seed": 0}, "model": {"w": torch.ones(2)}}, good)
+    assert torch.equal(runtime.load_checkpoint(good, ("config", "model"))["model"]["w"], torch.ones(2))
+    empty, truncated, listed = tmp_path / "empty.pt", tmp_path / "truncated.pt", tmp_path / "list.pt"
+    empty.write_bytes(b"")
+    truncated.write_bytes(good.read_bytes()[:40])
+    torch.save([1, 2], listed)
+    for path, reason in [(tmp_path / "missing.pt", "no such file"), (empty, "empty"), (truncated, ""),
+                         (listed, "expected a dict")]:
+        with pytest.raises(ValueError, match="not a valid checkpoint") as info:
+            runtime.load_checkpoint(path)
+        assert str(path) in str(info.value) and reason in str(info.value)
+        assert "weights_only=False" not in str(info.value)
+    with pytest.raises(ValueError, match="missing keys"):
+        runtime.load_checkpoint(good, ("config", "optimizer"))
