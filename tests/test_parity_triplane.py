@@ -1,8 +1,11 @@
 """Parity of minimal3d.triplane with EG3D's own renderer outputs (tests/data/triplane/README.md).
 
 Every file found in the reference folder is checked; sizes and options (S, N, ray limits, box_warp,
-white background, jitter) come from the file. Each render is checked stage by stage (rays, coarse depths,
-decoder outputs, coarse weights, fine depths, merged samples, final march) and end to end with gradients.
+white background, jitter, uniforms, plane axes where stored) come from the file. Each render is checked
+stage by stage, every stage fed the reference's own stored inputs (rays, coarse depths, decoder outputs at
+the stored depths, coarse weights, fine depths from the stored weights, decoder outputs at the stored fine
+depths, final march from the stored merged samples), and end to end (final outputs and gradients only)
+through render_triplane on both the readable and the fast path.
 EG3D maps rgb to [-1, 1]; minimal3d returns [0, 1], so rgb is compared as 2 * rgb - 1.
 """
 
@@ -12,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from minimal3d import cameras
-from minimal3d.triplane import (TriplaneDecoder, composite, project_onto_planes, ray_box_intersection,
+from minimal3d.triplane import (PLANE_AXES, TriplaneDecoder, composite, project_onto_planes, ray_box_intersection,
                                 render_triplane, sample_importance, sample_pdf, sample_triplane,
                                 stratified_depths)
 from refdata import load_reference, reference_dir
@@ -34,7 +37,7 @@ def tensors(ref: dict) -> dict:
 
 
 def assert_grad_close(actual, expected):
-    # README: rtol 1e-3, atol 1e-3 * max|reference| (measured: <= 1.8e-4 * max, render_auto_jitter planes)
+    # README: rtol 1e-3, atol 1e-3 * max|reference| (measured: <= 1.1e-5 * max, grad_planes, both paths)
     assert_close(actual, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
@@ -77,23 +80,33 @@ def query(ref: dict, decoder, planes, t):
     return raw_sigma.reshape(batch, rays, samples), rgb.reshape(batch, rays, samples, -1)
 
 
+def axes_name(axes: torch.Tensor) -> str:
+    """Our name of EG3D-style plane axes (3, 3, 3): plane k keeps components 0, 1 of q @ inverse(axes[k]),
+    i.e. the world axes that the first two columns of the inverse pick."""
+    inverse = torch.linalg.inv(axes.double())
+    picked = tuple(tuple(int(inverse[k, :, column].abs().argmax()) for column in range(2)) for k in range(3))
+    names = [name for name, value in PLANE_AXES.items() if value == picked]
+    assert names, f"plane axes {picked} are neither of {PLANE_AXES}"
+    return names[0]
+
+
 @pytest.mark.parametrize("name", files_with("coordinates", "planes"))
 def test_sample_planes(name):
     ref = tensors(load_reference("triplane", name))
     box = float(ref["box_warp"])
-    # plane axes: EG3D projects q @ inverse(axes[k]) and keeps 2 components; our index tables must agree
     q = ref["coordinates"] * (2 / box)
-    for axes_key, axes_name in (("plane_axes_eg3d", "eg3d"), ("plane_axes_fixed", "xy_yz_zx")):
+    for axes_key, features_keys in (("plane_axes_eg3d", ("features_eg3d", "features_odd_eg3d")),
+                                    ("plane_axes_fixed", ("features_fixed",))):
+        plane_axes = axes_name(ref[axes_key])
+        # EG3D projects q @ inverse(axes[k]) and keeps 2 components; our index tables must agree
         expected = torch.stack([(q @ torch.linalg.inv(ref[axes_key][k]))[..., :2] for k in range(3)], 1)
-        assert_close(project_onto_planes(ref["coordinates"], box, axes_name), expected, **DETERMINISTIC)
-    # measured: 0 (bitwise) for all four arrays
-    assert_close(project_onto_planes(ref["coordinates"], box, "eg3d"), ref["projected_eg3d"], **DETERMINISTIC)
-    assert_close(sample_triplane(ref["planes"], ref["coordinates"], box, "eg3d"), ref["features_eg3d"],
-                 **DETERMINISTIC)
-    assert_close(sample_triplane(ref["planes"], ref["coordinates"], box, "xy_yz_zx"), ref["features_fixed"],
-                 **DETERMINISTIC)
-    assert_close(sample_triplane(ref["planes_odd"], ref["coordinates"], box, "eg3d"), ref["features_odd_eg3d"],
-                 **DETERMINISTIC)
+        assert_close(project_onto_planes(ref["coordinates"], box, plane_axes), expected, **DETERMINISTIC)
+        if axes_key == "plane_axes_eg3d":  # measured: 0 (bitwise)
+            assert_close(project_onto_planes(ref["coordinates"], box, plane_axes), ref["projected_eg3d"],
+                         **DETERMINISTIC)
+        for key in features_keys:  # measured: 0 (bitwise)
+            planes = ref["planes_odd" if "odd" in key else "planes"]
+            assert_close(sample_triplane(planes, ref["coordinates"], box, plane_axes), ref[key], **DETERMINISTIC)
 
 
 @pytest.mark.parametrize("name", files_with("box_t_start", "box_t_end"))
@@ -127,87 +140,102 @@ RENDER_INPUTS = {"planes", "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2", "cam2world", 
                  "ray_origins", "ray_directions", "loss_weight_rgb", "loss_weight_depth", "opt_ray_start",
                  "opt_ray_end", "opt_auto_ray_limits", "opt_box_warp", "opt_depth_resolution",
                  "opt_depth_resolution_importance", "opt_white_back", "stratified_jitter", "importance_u"}
+RENDER_PLANE_AXES = "eg3d"  # README convention 3: every render_* file uses EG3D's axes (stored nowhere else)
 
 
 @pytest.mark.parametrize("name", files_with("planes", "mlp_w1", "rgb", "depth", "weight_sum"))
 def test_render(name):
+    """Stage by stage, each stage fed the reference's own stored inputs where the file has them; then
+    end to end (the final outputs and gradients only) through render_triplane, readable and fast path."""
     ref = tensors(load_reference("triplane", name))
     checked = set()
 
     def check(key, actual, tol):
         if key not in ref:  # not every file stores every stage (render_empty keeps only the outputs)
             return
-        assert_close(actual, ref[key].to(actual.dtype), **(EXACT if name in EXACT_FILES else tol), msg=lambda m: f"{key}: {m}")
+        assert_close(actual, ref[key].to(actual.dtype), **(EXACT if name in EXACT_FILES else tol),
+                     msg=lambda m: f"{key}: {m}")
         checked.add(key)
 
+    def stored(key, ours):
+        """The reference's value of an intermediate (a later stage's input) if stored, else ours."""
+        return ref[key][..., 0] if key in ref and ref[key].shape[-1] == 1 else ref.get(key, ours)
+
     decoder = eg3d_decoder(ref)
-    planes = ref["planes"].clone().requires_grad_(True)
     batch, rays = ref["ray_origins"].shape[:2]
     num_samples = int(ref["opt_depth_resolution"])
     num_importance = int(ref["opt_depth_resolution_importance"])
     box, white = float(ref["opt_box_warp"]), bool(ref["opt_white_back"])
-    jitter = ref["stratified_jitter"][..., 0] if "stratified_jitter" in ref else torch.zeros(())
+    jitter = ref["stratified_jitter"][..., 0] if "stratified_jitter" in ref else torch.zeros(batch, rays, num_samples)
     importance_u = ref["importance_u"].reshape(batch, rays, num_importance) if num_importance else None
     tol_final = END_TO_END if num_importance else DETERMINISTIC
 
-    # Stage 1: rays (measured <= 2.4e-7)
+    # Stage 1: rays from cam2world + intrinsics (measured <= 2.4e-7)
     for actual, key in zip(eg3d_rays(ref), ("ray_origins", "ray_directions")):
         assert_close(actual, ref[key], **DETERMINISTIC)
-    # Stage 2: coarse depths, decoder outputs, coarse weights (measured <= 5e-6)
+    # Stage 2: coarse depths from the ray limits and stored jitter (measured: 0)
     near, far = ray_limits(ref)
-    t_coarse = stratified_depths(near, far, num_samples, jitter.expand(batch, rays, num_samples))
-    check("depths_coarse", t_coarse.unsqueeze(-1), DETERMINISTIC)
+    check("depths_coarse", stratified_depths(near, far, num_samples, jitter).unsqueeze(-1), DETERMINISTIC)
+    t_coarse = stored("depths_coarse", stratified_depths(near, far, num_samples, jitter))
     with torch.no_grad():
+        # Stage 3: decoder outputs at the stored coarse depths (measured <= 2.4e-7 colours, 1.5e-5 raw sigma)
         raw_coarse, rgb_coarse = query(ref, decoder, ref["planes"], t_coarse)
         check("colors_coarse", rgb_coarse, DETERMINISTIC)
         check("sigma_coarse", raw_coarse.unsqueeze(-1), DETERMINISTIC)
-        weights_coarse = composite(rgb_coarse, raw_coarse, t_coarse, white_background=white)[3]
+        # Stage 4: the coarse march from the stored coarse samples (measured <= 6e-8)
+        weights_coarse = composite(stored("colors_coarse", rgb_coarse), stored("sigma_coarse", raw_coarse),
+                                   t_coarse, white_background=white)[3]
         check("weights_coarse", weights_coarse.unsqueeze(-1), DETERMINISTIC)
     if num_importance:
-        # Stage 3: fine depths from the stored coarse weights (measured 0), and from ours (end to end)
-        fine_from_ref = sample_importance(ref["depths_coarse"][..., 0], ref["weights_coarse"][..., 0], importance_u)
-        assert_close(fine_from_ref, ref["depths_fine"][..., 0], **DETERMINISTIC)
-        t_fine = sample_importance(t_coarse, weights_coarse, importance_u)
-        check("depths_fine", t_fine.unsqueeze(-1), END_TO_END)
-        # Stage 4: merge (sort by depth) and the final march from the stored merged samples (measured <= 3e-6)
+        # Stage 5: fine depths from the stored coarse depths and weights (measured: 0)
+        t_fine = sample_importance(t_coarse, stored("weights_coarse", weights_coarse), importance_u)
+        check("depths_fine", t_fine.unsqueeze(-1), DETERMINISTIC)
+        # Stage 6: decoder at the stored fine depths, merged with the stored coarse samples
+        # (measured: depths 0, colours <= 1.8e-7, raw sigma <= 1.5e-5)
         with torch.no_grad():
-            raw_fine, rgb_fine = query(ref, decoder, ref["planes"], t_fine)
-        t_all, order = torch.sort(torch.cat([t_coarse, t_fine], -1), -1)
-        rgb_all = torch.cat([rgb_coarse, rgb_fine], -2).gather(-2, order.unsqueeze(-1).expand(-1, -1, -1, 3))
-        raw_all = torch.cat([raw_coarse, raw_fine], -1).gather(-1, order)
-        check("depths_all", t_all.unsqueeze(-1), END_TO_END)
-        check("colors_all", rgb_all, END_TO_END)
-        check("sigma_all", raw_all.unsqueeze(-1), END_TO_END)
+            raw_fine, rgb_fine = query(ref, decoder, ref["planes"], stored("depths_fine", t_fine))
+        t_all, order = torch.sort(torch.cat([t_coarse, stored("depths_fine", t_fine)], -1), -1)
+        rgb_all = torch.cat([stored("colors_coarse", rgb_coarse), rgb_fine], -2).gather(
+            -2, order.unsqueeze(-1).expand(-1, -1, -1, rgb_fine.shape[-1]))
+        raw_all = torch.cat([stored("sigma_coarse", raw_coarse), raw_fine], -1).gather(-1, order)
+        check("depths_all", t_all.unsqueeze(-1), DETERMINISTIC)
+        check("colors_all", rgb_all, DETERMINISTIC)
+        check("sigma_all", raw_all.unsqueeze(-1), DETERMINISTIC)
+        # Stage 7: the final march from the stored merged samples (measured <= 1.2e-6)
         rgb_ref, depth_ref, opacity_ref, weights_ref = composite(
-            ref["colors_all"], ref["sigma_all"][..., 0], ref["depths_all"][..., 0], white_background=white)
+            stored("colors_all", rgb_all), stored("sigma_all", raw_all), stored("depths_all", t_all),
+            white_background=white)
         check("weights_all", weights_ref.unsqueeze(-1), DETERMINISTIC)
         assert_close(rgb_ref * 2 - 1, ref["rgb"], **DETERMINISTIC)
         assert_close(depth_ref, ref["depth"], **DETERMINISTIC)
         assert_close(opacity_ref, ref["weight_sum"], **DETERMINISTIC)
 
-    # End to end through render_triplane, with gradients.
-    # measured: render_coarse 3.3e-6, render_importance 5.7e-6, render_auto_jitter 1.1e-4 (rgb), empty 0
-    out = render_triplane(planes, decoder, ref["ray_origins"], ref["ray_directions"], near, far,
-                          num_samples=num_samples, num_importance=num_importance, box_size=box,
-                          plane_axes="eg3d", jitter=jitter, importance_u=importance_u, white_background=white)
-    check("rgb", out["rgb"] * 2 - 1, tol_final)
-    check("depth", out["depth"], tol_final)
-    check("weight_sum", out["opacity"], tol_final)
-    if "rgb_white_back" in ref:
-        with torch.no_grad():
-            white_out = render_triplane(planes, decoder, ref["ray_origins"], ref["ray_directions"], near, far,
-                                        num_samples=num_samples, num_importance=num_importance, box_size=box,
-                                        plane_axes="eg3d", jitter=jitter, importance_u=importance_u,
-                                        white_background=True)
-        check("rgb_white_back", white_out["rgb"] * 2 - 1, tol_final)
-    if "loss" in ref:
-        loss = ((out["rgb"] * 2 - 1) * ref["loss_weight_rgb"]).sum() + (out["depth"] * ref["loss_weight_depth"]).sum()
-        check("loss", loss.double(), tol_final)  # measured: 1.6e-4 on |loss| = 26 (render_auto_jitter)
-        loss.backward()
-        grads = {"grad_planes": planes.grad, "grad_mlp_w1": decoder.fc1.weight.grad,
-                 "grad_mlp_b1": decoder.fc1.bias.grad, "grad_mlp_w2": decoder.fc2.weight.grad,
-                 "grad_mlp_b2": decoder.fc2.bias.grad}
-        for key, grad in grads.items():
-            assert_grad_close(grad, ref[key])
-            checked.add(key)
+    # End to end through render_triplane, final outputs and gradients only, on both paths.
+    # measured (both paths): rgb, depth, weight_sum <= 3.6e-6, render_empty 0
+    for fast in (False, True):
+        decoder.zero_grad()
+        planes = ref["planes"].clone().requires_grad_(True)
+        options = dict(num_samples=num_samples, num_importance=num_importance, box_size=box,
+                       plane_axes=RENDER_PLANE_AXES, jitter=jitter, importance_u=importance_u, fast=fast)
+        out = render_triplane(planes, decoder, ref["ray_origins"], ref["ray_directions"], near, far,
+                              white_background=white, **options)
+        check("rgb", out["rgb"] * 2 - 1, tol_final)
+        check("depth", out["depth"], tol_final)
+        check("weight_sum", out["opacity"], tol_final)
+        if "rgb_white_back" in ref:
+            with torch.no_grad():
+                white_out = render_triplane(planes, decoder, ref["ray_origins"], ref["ray_directions"], near, far,
+                                            white_background=True, **options)
+            check("rgb_white_back", white_out["rgb"] * 2 - 1, tol_final)
+        if "loss" in ref:
+            loss = (((out["rgb"] * 2 - 1) * ref["loss_weight_rgb"]).sum()
+                    + (out["depth"] * ref["loss_weight_depth"]).sum())
+            check("loss", loss.double(), tol_final)  # measured: <= 2.7e-5 on |loss| = 45
+            loss.backward()
+            grads = {"grad_planes": planes.grad, "grad_mlp_w1": decoder.fc1.weight.grad,
+                     "grad_mlp_b1": decoder.fc1.bias.grad, "grad_mlp_w2": decoder.fc2.weight.grad,
+                     "grad_mlp_b2": decoder.fc2.bias.grad}
+            for key, grad in grads.items():
+                assert_grad_close(grad, ref[key])
+                checked.add(key)
     assert set(ref) - RENDER_INPUTS - checked == set(), "stored outputs without a check"
