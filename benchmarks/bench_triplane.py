@@ -1,18 +1,22 @@
-"""Speed and memory of minimal3d.triplane.render_triplane against a straightforward EG3D-style renderer.
+"""Speed and memory of minimal3d.triplane.render_triplane against EG3D's own renderer algorithm.
 
-Config (issue 4): B=2, 3 x 32 x 128 x 128 planes, 64 x 64 rays, 16 + 16 samples, the OSGDecoder MLP
-(32 -> 64 -> 1 + 3). The baseline below is written the way EG3D's ImportanceRenderer does it (plane
-projection through inverse axis matrices, per-sample view directions, mean over planes inside the decoder,
-equalized-lr layers, a coarse march with a graph, cumprod transmittance, nan_to_num and a global clamp),
-with the same decoder sizes, so the ratio measures the renderer. Both get the same planes, rays and random
-draws, and the script checks that they agree.
+Config (3D-Prior's renderer at a training batch): B=2, 3 x 32 x 128 x 128 planes, 64 x 64 rays,
+16 + 16 samples, the OSGDecoder MLP (32 -> 64 -> 1 + 3: 3D-Prior decodes rgb; EG3D's GAN decodes 32
+features). The baseline is a transcription of EG3D's renderer (NVlabs/eg3d 7cf1fd1,
+``training/volumetric_rendering/{renderer,ray_marcher}.py``: ``ImportanceRenderer``, ``MipRayMarcher2``,
+``sample_from_planes``; ``OSGDecoder`` and StyleGAN2's equalized-lr ``FullyConnectedLayer``), written
+here op for op in EG3D's order, with its fixed ray limits. Both draw their own random jitter and
+uniforms in the timed runs; a check with shared draws confirms that they compute the same image.
 
-Timings: median of --repeats runs after a warm-up (torch.cuda.synchronize around them on CUDA).
-Peak memory of one forward+backward: CUDA: torch.cuda.max_memory_allocated above the inputs. CPU: the
-peak of live tensor bytes above the inputs, replayed from torch.profiler's allocation and free events
-(the allocator's caching and fragmentation are not counted, unlike a resident-set-size measure).
+What is timed is the default call of minimal3d (``render_triplane(planes, decoder, origins,
+directions, near, far, 16, 16)``: automatic fast path, value checks on), next to the readable
+grid_sample path (``fast=False``) for reference. Timings: the passes of the renderers are interleaved
+repeat by repeat, so that load on a shared machine hits them alike; the median of --repeats runs after a
+warm-up, and the median of the per-repeat ratios. Peak memory of one forward+backward above the inputs:
+CUDA: torch.cuda.max_memory_allocated. CPU: the peak of live tensor bytes, replayed from torch.profiler's
+allocation and free events (the allocator's caching is not counted, unlike a resident-set-size measure).
 
-    python benchmarks/bench_triplane.py            # the issue's config + a 256 x 256 chunked render
+    python benchmarks/bench_triplane.py            # the config above
     python benchmarks/bench_triplane.py --quick    # seconds
 """
 
@@ -22,71 +26,92 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimal3d import cameras  # noqa: E402
-from minimal3d.triplane import TriplaneDecoder, render_triplane  # noqa: E402
 from minimal3d.runtime import format_table  # noqa: E402
+from minimal3d.triplane import TriplaneDecoder, render_triplane  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
-# Baseline: a straightforward renderer in EG3D's style
+# Baseline: EG3D's renderer algorithm (ImportanceRenderer + MipRayMarcher2 + OSGDecoder), transcribed
 # ---------------------------------------------------------------------------------------------------
 
-EG3D_PLANE_AXES = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
-                                [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
-                                [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], dtype=torch.float32)
-FIXED_PLANE_AXES = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
-                                 [[0, 1, 0], [0, 0, 1], [1, 0, 0]],
-                                 [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], dtype=torch.float32)
+
+def eg3d_generate_planes() -> torch.Tensor:
+    """EG3D's plane axes: (x, y), (x, z), (z, x)."""
+    return torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                         [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
+                         [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], dtype=torch.float32)
 
 
-def baseline_sample_from_planes(plane_axes, planes, coordinates, box_warp):
-    n, n_planes, c, h, w = planes.shape
+def eg3d_project_onto_planes(planes, coordinates):
+    n, m, _ = coordinates.shape
+    n_planes = planes.shape[0]
+    coordinates = coordinates.unsqueeze(1).expand(-1, n_planes, -1, -1).reshape(n * n_planes, m, 3)
+    inv_planes = torch.linalg.inv(planes).unsqueeze(0).expand(n, -1, -1, -1).reshape(n * n_planes, 3, 3)
+    projections = torch.bmm(coordinates, inv_planes)
+    return projections[..., :2]
+
+
+def eg3d_sample_from_planes(plane_axes, plane_features, coordinates, box_warp):
+    n, n_planes, c, h, w = plane_features.shape
     _, m, _ = coordinates.shape
+    plane_features = plane_features.view(n * n_planes, c, h, w)
     coordinates = (2 / box_warp) * coordinates
-    coords = coordinates.unsqueeze(1).expand(-1, n_planes, -1, -1).reshape(n * n_planes, m, 3)
-    inv_axes = torch.linalg.inv(plane_axes).unsqueeze(0).expand(n, -1, -1, -1).reshape(n * n_planes, 3, 3)
-    projected = torch.bmm(coords, inv_axes)[..., :2].unsqueeze(1)
-    features = F.grid_sample(planes.view(n * n_planes, c, h, w), projected.float(), mode="bilinear",
-                             padding_mode="zeros", align_corners=False)
-    return features.permute(0, 3, 2, 1).reshape(n, n_planes, m, c)
+    projected_coordinates = eg3d_project_onto_planes(plane_axes, coordinates).unsqueeze(1)
+    output_features = F.grid_sample(plane_features, projected_coordinates.float(), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)
+    return output_features.permute(0, 3, 2, 1).reshape(n, n_planes, m, c)
 
 
-class BaselineFC(torch.nn.Module):
-    """EG3D FullyConnectedLayer with equalized learning rate (lr_multiplier 1)."""
+class EG3DFullyConnectedLayer(torch.nn.Module):
+    """StyleGAN2's FullyConnectedLayer with activation 'linear', lr_multiplier 1, bias_init 0."""
 
-    def __init__(self, fan_in, fan_out):
+    def __init__(self, in_features, out_features, lr_multiplier=1.0):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(fan_out, fan_in))
-        self.bias = torch.nn.Parameter(torch.zeros(fan_out))
-        self.weight_gain = 1 / fan_in ** 0.5
+        self.weight = torch.nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
+        self.bias = torch.nn.Parameter(torch.zeros([out_features]))
+        self.weight_gain = lr_multiplier / np.sqrt(in_features)
+        self.bias_gain = lr_multiplier
 
     def forward(self, x):
-        return torch.addmm(self.bias.unsqueeze(0), x, (self.weight * self.weight_gain).t())
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = self.bias.to(x.dtype)
+        if self.bias_gain != 1:
+            b = b * self.bias_gain
+        return torch.addmm(b.unsqueeze(0), x, w.t())
 
 
-class BaselineOSGDecoder(torch.nn.Module):
-    def __init__(self, channels, hidden=64, out=3):
+class EG3DOSGDecoder(torch.nn.Module):
+    def __init__(self, n_features, output_dim=3):
         super().__init__()
-        self.fc1, self.fc2 = BaselineFC(channels, hidden), BaselineFC(hidden, 1 + out)
+        self.net = torch.nn.Sequential(EG3DFullyConnectedLayer(n_features, 64), torch.nn.Softplus(),
+                                       EG3DFullyConnectedLayer(64, 1 + output_dim))
 
     def forward(self, sampled_features, ray_directions):
-        x = sampled_features.mean(1)
+        sampled_features = sampled_features.mean(1)
+        x = sampled_features
         n, m, c = x.shape
-        x = self.fc2(F.softplus(self.fc1(x.view(n * m, c)))).view(n, m, -1)
+        x = x.view(n * m, c)
+        x = self.net(x)
+        x = x.view(n, m, -1)
         rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001
-        return {"rgb": rgb, "sigma": x[..., 0:1]}
+        sigma = x[..., 0:1]
+        return {"rgb": rgb, "sigma": sigma}
 
 
-def baseline_march(colors, densities, depths, white_back=False):
+def eg3d_ray_marcher(colors, densities, depths, rendering_options):
+    """MipRayMarcher2.run_forward (clamp_mode 'softplus')."""
     deltas = depths[:, :, 1:] - depths[:, :, :-1]
     colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
     densities_mid = (densities[:, :, :-1] + densities[:, :, 1:]) / 2
     depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
     densities_mid = F.softplus(densities_mid - 1)
-    alpha = 1 - torch.exp(-densities_mid * deltas)
+    density_delta = densities_mid * deltas
+    alpha = 1 - torch.exp(-density_delta)
     alpha_shifted = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2)
     weights = alpha * torch.cumprod(alpha_shifted, -2)[:, :, :-1]
     composite_rgb = torch.sum(weights * colors_mid, -2)
@@ -94,120 +119,158 @@ def baseline_march(colors, densities, depths, white_back=False):
     composite_depth = torch.sum(weights * depths_mid, -2) / weight_total
     composite_depth = torch.nan_to_num(composite_depth, float("inf"))
     composite_depth = torch.clamp(composite_depth, torch.min(depths), torch.max(depths))
-    if white_back:
+    if rendering_options.get("white_back", False):
         composite_rgb = composite_rgb + 1 - weight_total
-    return composite_rgb * 2 - 1, composite_depth, weights
+    composite_rgb = composite_rgb * 2 - 1
+    return composite_rgb, composite_depth, weights
 
 
-def baseline_sample_pdf(bins, weights, u, eps=1e-5):
-    n_rays, n_samples = weights.shape
-    weights = weights + eps
-    pdf = weights / torch.sum(weights, -1, keepdim=True)
-    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, -1)], -1)
-    inds = torch.searchsorted(cdf, u.contiguous(), right=True)
-    below, above = torch.clamp_min(inds - 1, 0), torch.clamp_max(inds, n_samples)
-    inds_sampled = torch.stack([below, above], -1).view(n_rays, -1)
-    cdf_g = torch.gather(cdf, 1, inds_sampled).view(n_rays, -1, 2)
-    bins_g = torch.gather(bins, 1, inds_sampled).view(n_rays, -1, 2)
-    denom = cdf_g[..., 1] - cdf_g[..., 0]
-    denom[denom < eps] = 1
-    return bins_g[..., 0] + (u - cdf_g[..., 0]) / denom * (bins_g[..., 1] - bins_g[..., 0])
+class EG3DImportanceRenderer(torch.nn.Module):
+    """ImportanceRenderer.forward for fixed ray_start / ray_end. ``jitter`` / ``importance_u`` replace
+    EG3D's torch.rand_like / torch.rand draws when set (only for the agreement check)."""
 
+    def __init__(self):
+        super().__init__()
+        self.plane_axes = eg3d_generate_planes()
+        self.jitter = self.importance_u = None
 
-def baseline_render(planes, decoder, ray_origins, ray_directions, near, far, num_samples, num_importance,
-                    jitter, importance_u, box_warp=1.0, plane_axes=FIXED_PLANE_AXES):
-    batch, rays, _ = ray_origins.shape
-    depths = torch.linspace(near, far, num_samples).reshape(1, 1, num_samples, 1).repeat(batch, rays, 1, 1)
-    depths = depths + jitter.unsqueeze(-1) * ((far - near) / (num_samples - 1))
+    def forward(self, planes, decoder, ray_origins, ray_directions, rendering_options):
+        self.plane_axes = self.plane_axes.to(ray_origins.device)
+        depths_coarse = self.sample_stratified(ray_origins, rendering_options["ray_start"],
+                                               rendering_options["ray_end"], rendering_options["depth_resolution"])
+        batch_size, num_rays, samples_per_ray, _ = depths_coarse.shape
+        sample_coordinates = (ray_origins.unsqueeze(-2) + depths_coarse * ray_directions.unsqueeze(-2)).reshape(batch_size, -1, 3)
+        sample_directions = ray_directions.unsqueeze(-2).expand(-1, -1, samples_per_ray, -1).reshape(batch_size, -1, 3)
+        out = self.run_model(planes, decoder, sample_coordinates, sample_directions, rendering_options)
+        colors_coarse = out["rgb"].reshape(batch_size, num_rays, samples_per_ray, out["rgb"].shape[-1])
+        densities_coarse = out["sigma"].reshape(batch_size, num_rays, samples_per_ray, 1)
+        n_importance = rendering_options["depth_resolution_importance"]
+        if n_importance > 0:
+            _, _, weights = eg3d_ray_marcher(colors_coarse, densities_coarse, depths_coarse, rendering_options)
+            depths_fine = self.sample_importance(depths_coarse, weights, n_importance)
+            sample_directions = ray_directions.unsqueeze(-2).expand(-1, -1, n_importance, -1).reshape(batch_size, -1, 3)
+            sample_coordinates = (ray_origins.unsqueeze(-2) + depths_fine * ray_directions.unsqueeze(-2)).reshape(batch_size, -1, 3)
+            out = self.run_model(planes, decoder, sample_coordinates, sample_directions, rendering_options)
+            colors_fine = out["rgb"].reshape(batch_size, num_rays, n_importance, out["rgb"].shape[-1])
+            densities_fine = out["sigma"].reshape(batch_size, num_rays, n_importance, 1)
+            all_depths, all_colors, all_densities = self.unify_samples(
+                depths_coarse, colors_coarse, densities_coarse, depths_fine, colors_fine, densities_fine)
+            rgb_final, depth_final, weights = eg3d_ray_marcher(all_colors, all_densities, all_depths, rendering_options)
+        else:
+            rgb_final, depth_final, weights = eg3d_ray_marcher(colors_coarse, densities_coarse, depths_coarse,
+                                                               rendering_options)
+        return rgb_final, depth_final, weights.sum(2)
 
-    def run(depths_k):
-        k = depths_k.shape[2]
-        coordinates = (ray_origins.unsqueeze(-2) + depths_k * ray_directions.unsqueeze(-2)).reshape(batch, -1, 3)
-        directions = ray_directions.unsqueeze(-2).expand(-1, -1, k, -1).reshape(batch, -1, 3)
-        out = decoder(baseline_sample_from_planes(plane_axes, planes, coordinates, box_warp), directions)
-        return out["rgb"].reshape(batch, rays, k, -1), out["sigma"].reshape(batch, rays, k, 1)
+    def run_model(self, planes, decoder, sample_coordinates, sample_directions, options):
+        sampled_features = eg3d_sample_from_planes(self.plane_axes, planes, sample_coordinates, options["box_warp"])
+        return decoder(sampled_features, sample_directions)
 
-    colors, densities = run(depths)
-    _, _, weights = baseline_march(colors, densities, depths)
-    with torch.no_grad():
-        z = depths.reshape(batch * rays, num_samples)
-        w = weights.reshape(batch * rays, -1)
-        w = F.max_pool1d(w.unsqueeze(1).float(), 2, 1, padding=1)
-        w = F.avg_pool1d(w, 2, 1).squeeze() + 0.01
-        z_mid = 0.5 * (z[:, :-1] + z[:, 1:])
-        fine = baseline_sample_pdf(z_mid, w[:, 1:-1], importance_u.reshape(batch * rays, -1))
-        fine = fine.detach().reshape(batch, rays, num_importance, 1)
-    colors_fine, densities_fine = run(fine)
-    all_depths = torch.cat([depths, fine], -2)
-    all_colors = torch.cat([colors, colors_fine], -2)
-    all_densities = torch.cat([densities, densities_fine], -2)
-    _, indices = torch.sort(all_depths, dim=-2)
-    all_depths = torch.gather(all_depths, -2, indices)
-    all_colors = torch.gather(all_colors, -2, indices.expand(-1, -1, -1, all_colors.shape[-1]))
-    all_densities = torch.gather(all_densities, -2, indices.expand(-1, -1, -1, 1))
-    rgb, depth, weights = baseline_march(all_colors, all_densities, all_depths)
-    return rgb, depth, weights.sum(2)
+    def unify_samples(self, depths1, colors1, densities1, depths2, colors2, densities2):
+        all_depths = torch.cat([depths1, depths2], dim=-2)
+        all_colors = torch.cat([colors1, colors2], dim=-2)
+        all_densities = torch.cat([densities1, densities2], dim=-2)
+        _, indices = torch.sort(all_depths, dim=-2)
+        all_depths = torch.gather(all_depths, -2, indices)
+        all_colors = torch.gather(all_colors, -2, indices.expand(-1, -1, -1, all_colors.shape[-1]))
+        all_densities = torch.gather(all_densities, -2, indices.expand(-1, -1, -1, 1))
+        return all_depths, all_colors, all_densities
+
+    def sample_stratified(self, ray_origins, ray_start, ray_end, depth_resolution):
+        n, m, _ = ray_origins.shape
+        depths_coarse = torch.linspace(ray_start, ray_end, depth_resolution, device=ray_origins.device)
+        depths_coarse = depths_coarse.reshape(1, 1, depth_resolution, 1).repeat(n, m, 1, 1)
+        depth_delta = (ray_end - ray_start) / (depth_resolution - 1)
+        jitter = torch.rand_like(depths_coarse) if self.jitter is None else self.jitter.unsqueeze(-1)
+        depths_coarse += jitter * depth_delta
+        return depths_coarse
+
+    def sample_importance(self, z_vals, weights, n_importance):
+        with torch.no_grad():
+            batch_size, num_rays, samples_per_ray, _ = z_vals.shape
+            z_vals = z_vals.reshape(batch_size * num_rays, samples_per_ray)
+            weights = weights.reshape(batch_size * num_rays, -1)
+            weights = F.max_pool1d(weights.unsqueeze(1).float(), 2, 1, padding=1)
+            weights = F.avg_pool1d(weights, 2, 1).squeeze()
+            weights = weights + 0.01
+            z_vals_mid = 0.5 * (z_vals[:, :-1] + z_vals[:, 1:])
+            importance_z_vals = self.sample_pdf(z_vals_mid, weights[:, 1:-1], n_importance).detach()
+            return importance_z_vals.reshape(batch_size, num_rays, n_importance, 1)
+
+    def sample_pdf(self, bins, weights, n_importance, eps=1e-5):
+        n_rays, n_samples = weights.shape
+        weights = weights + eps
+        pdf = weights / torch.sum(weights, -1, keepdim=True)
+        cdf = torch.cumsum(pdf, -1)
+        cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], -1)
+        u = torch.rand(n_rays, n_importance, device=bins.device) if self.importance_u is None else self.importance_u
+        u = u.contiguous()
+        inds = torch.searchsorted(cdf, u, right=True)
+        below = torch.clamp_min(inds - 1, 0)
+        above = torch.clamp_max(inds, n_samples)
+        inds_sampled = torch.stack([below, above], -1).view(n_rays, 2 * n_importance)
+        cdf_g = torch.gather(cdf, 1, inds_sampled).view(n_rays, n_importance, 2)
+        bins_g = torch.gather(bins, 1, inds_sampled).view(n_rays, n_importance, 2)
+        denom = cdf_g[..., 1] - cdf_g[..., 0]
+        denom[denom < eps] = 1
+        return bins_g[..., 0] + (u - cdf_g[..., 0]) / denom * (bins_g[..., 1] - bins_g[..., 0])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Setup and measurement
 # ---------------------------------------------------------------------------------------------------
 
+OURS, READABLE, EG3D = "minimal3d (default call)", "minimal3d fast=False", "EG3D renderer"
 
-def make_inputs(batch, channels, plane_res, image_res, num_samples, num_importance, device, seed=0):
+
+def make_setup(args, device, seed=0):
+    """Planes, rays, both decoders holding the same function, and one callable per renderer."""
     gen = torch.Generator().manual_seed(seed)
-    planes = (torch.randn(batch, 3, channels, plane_res, plane_res, generator=gen) * 0.5).to(device)
-    ours = TriplaneDecoder(channels).to(device)
-    baseline = BaselineOSGDecoder(channels).to(device)
-    with torch.no_grad():  # the same function: fold the equalized-lr gain into our plain weights
-        ours.fc1.weight.copy_(baseline.fc1.weight * baseline.fc1.weight_gain)
-        ours.fc2.weight.copy_(baseline.fc2.weight * baseline.fc2.weight_gain)
-    eye = torch.tensor([[0.0, -0.6, -2.7]]).expand(batch, 3)  # FFHQ-like: radius 2.7, looking at the origin
-    viewmat = cameras.look_at(eye, torch.zeros(batch, 3), torch.tensor([[0.0, -1.0, 0.0]]).expand(batch, 3))
-    K = cameras.fov_intrinsics(0.23, image_res, image_res)  # ~13 degrees: the box fills the image
-    origins, directions = cameras.pixel_rays(viewmat, K.expand(batch, 3, 3), image_res, image_res)
-    rays = image_res * image_res
-    jitter = torch.rand(batch, rays, num_samples, generator=gen)
-    u = torch.rand(batch, rays, num_importance, generator=gen)
-    return [x.to(device) for x in (planes, origins, directions, jitter, u)] + [ours, baseline]
+    planes = (torch.randn(args.batch, 3, args.channels, args.plane_res, args.plane_res, generator=gen) * 0.5).to(device)
+    eg3d_decoder = EG3DOSGDecoder(args.channels).to(device)
+    decoder = TriplaneDecoder(args.channels).to(device)
+    with torch.no_grad():  # the same function: fold EG3D's equalized-lr gain into plain nn.Linear weights
+        for ours, theirs in ((decoder.fc1, eg3d_decoder.net[0]), (decoder.fc2, eg3d_decoder.net[2])):
+            ours.weight.copy_(theirs.weight * theirs.weight_gain)
+            ours.bias.copy_(theirs.bias)
+    eye = torch.tensor([[0.0, -0.6, -2.7]]).expand(args.batch, 3)  # FFHQ-like: radius 2.7, looking at the origin
+    viewmat = cameras.look_at(eye, torch.zeros(args.batch, 3), torch.tensor([[0.0, -1.0, 0.0]]).expand(args.batch, 3))
+    K = cameras.fov_intrinsics(0.23, args.image_res, args.image_res)  # ~13 degrees: the box fills the image
+    origins, directions = cameras.pixel_rays(viewmat, K.expand(args.batch, 3, 3), args.image_res, args.image_res)
+    origins, directions = origins.to(device), directions.to(device)
+    renderer = EG3DImportanceRenderer()
+    options = dict(ray_start=args.near, ray_end=args.far, box_warp=1.0, depth_resolution=args.samples,
+                   depth_resolution_importance=args.importance, white_back=False)
 
-
-def make_calls(args, device, chunk_rays=None):
-    planes, origins, directions, jitter, u, ours, baseline = make_inputs(
-        args.batch, args.channels, args.plane_res, args.image_res, args.samples, args.importance, device)
-    ours_keep_hidden = TriplaneDecoder(args.channels, recompute=False).to(device)
-    ours_keep_hidden.load_state_dict(ours.state_dict())
-
-    def renderer(decoder):
-        def run():
+    def ours(fast=None):
+        def run():  # rgb mapped to EG3D's [-1, 1] only for the comparison
             out = render_triplane(planes, decoder, origins, directions, args.near, args.far, args.samples,
-                                  args.importance, jitter=jitter, importance_u=u, chunk_rays=chunk_rays)
-            return out["rgb"] * 2 - 1, out["depth"], out["opacity"]
+                                  args.importance, plane_axes="eg3d", fast=fast)
+            return out["rgb"], out["depth"], out["opacity"]
         return run
 
-    def run_baseline():
-        return baseline_render(planes, baseline, origins, directions, args.near, args.far, args.samples,
-                               args.importance, jitter, u)
+    def eg3d():
+        return renderer(planes, eg3d_decoder, origins, directions, options)
 
-    return planes, {"minimal3d": renderer(ours), "minimal3d recompute=False": renderer(ours_keep_hidden),
-                    "baseline (EG3D-style)": run_baseline}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    calls = {OURS: ours(), READABLE: ours(fast=False), EG3D: eg3d}
+    return argparse.Namespace(planes=planes, decoder=decoder, eg3d_decoder=eg3d_decoder, renderer=renderer,
+                              origins=origins, directions=directions, options=options, calls=calls)
 
 
-def median_time(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def agreement(args, device) -> float:
+    """Max |difference| of rgb (in [-1, 1]), depth and opacity between minimal3d and EG3D's renderer
+    given the same random draws."""
+    setup = make_setup(args, device)
+    gen = torch.Generator().manual_seed(1)
+    batch, rays = setup.origins.shape[:2]
+    jitter = torch.rand(batch, rays, args.samples, generator=gen).to(device)
+    u = torch.rand(batch, rays, args.importance, generator=gen).to(device)
+    setup.renderer.jitter, setup.renderer.importance_u = jitter, u.reshape(batch * rays, -1)
+    with torch.no_grad():
+        theirs = setup.renderer(setup.planes, setup.eg3d_decoder, setup.origins, setup.directions, setup.options)
+        out = render_triplane(setup.planes, setup.decoder, setup.origins, setup.directions, args.near, args.far,
+                              args.samples, args.importance, plane_axes="eg3d", jitter=jitter, importance_u=u)
+    ours = (out["rgb"] * 2 - 1, out["depth"], out["opacity"])
+    return max((a - b).abs().max().item() for a, b in zip(ours, theirs))
 
 
 def passes(fn, planes):
@@ -226,15 +289,22 @@ def passes(fn, planes):
     return {"forward (no_grad)": forward, "forward (grad)": forward_grad, "forward+backward": forward_backward}
 
 
-def peak_memory_mb(args, device, name, chunk_rays=None):
-    """Peak memory of one forward+backward above what was allocated before it.
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: the peak of live tensor bytes, replayed from the
-    profiler's allocation / free events (the allocator's caching and fragmentation do not count).
-    """
-    planes, calls = make_calls(args, device, chunk_rays)
-    planes.requires_grad_(True)
-    run = passes(calls[name], planes)["forward+backward"]
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_memory_mb(fn, planes, device) -> float:
+    """Peak memory of one forward+backward above what was allocated before it."""
+    run = passes(fn, planes)["forward+backward"]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -251,7 +321,7 @@ def peak_memory_mb(args, device, name, chunk_rays=None):
     return peak / 2**20
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--channels", type=int, default=32)
@@ -262,52 +332,41 @@ def main():
     parser.add_argument("--near", type=float, default=2.25)
     parser.add_argument("--far", type=float, default=3.3)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--big-res", type=int, default=256, help="side of the chunked single-image render")
-    parser.add_argument("--chunk", type=int, default=4096, help="chunk_rays for the big render")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
-        args.plane_res, args.image_res, args.repeats, args.big_res, args.chunk = 64, 24, 3, 64, 1024
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and args.device != "cpu" else [])
+        args.plane_res, args.image_res, args.repeats = 64, 24, 3
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    devices = ([torch.device("cpu")] if args.device != "cuda" else []) + ([torch.device("cuda")] if use_cuda else [])
     print(f"B={args.batch}, planes 3x{args.channels}x{args.plane_res}^2, rays {args.image_res}^2, "
           f"{args.samples}+{args.importance} samples, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     for device in devices:
-        planes, calls = make_calls(args, device)
-        with torch.no_grad():
-            ours, base = calls["minimal3d"](), calls["baseline (EG3D-style)"]()
-        agree = max((a - b).abs().max().item() for a, b in zip(ours, base))
-        print(f"\n[{device.type}] max |minimal3d - baseline| over rgb, depth, opacity: {agree:.2e}")
-        rows, times = [], {}
-        for name, fn in calls.items():
-            for pass_name, run in passes(fn, planes.requires_grad_(True)).items():
-                times[name, pass_name] = median_time(run, device, args.repeats)
-        for pass_name in passes(calls["minimal3d"], planes):
-            ours_t, base_t = times["minimal3d", pass_name], times["baseline (EG3D-style)", pass_name]
-            recompute_t = times["minimal3d recompute=False", pass_name]
-            rows.append({"pass": pass_name, "minimal3d": f"{ours_t * 1e3:.0f} ms",
-                         "minimal3d recompute=False": f"{recompute_t * 1e3:.0f} ms",
-                         "baseline (EG3D-style)": f"{base_t * 1e3:.0f} ms",
-                         "ratio": f"{base_t / ours_t:.2f}x / {base_t / recompute_t:.2f}x faster"})
-        memory = {name: peak_memory_mb(args, device, name) for name in calls}
-        rows.append({"pass": "peak memory fwd+bwd", "minimal3d": f"{memory['minimal3d']:.0f} MB",
-                     "minimal3d recompute=False": f"{memory['minimal3d recompute=False']:.0f} MB",
-                     "baseline (EG3D-style)": f"{memory['baseline (EG3D-style)']:.0f} MB",
-                     "ratio": f"{memory['baseline (EG3D-style)'] / memory['minimal3d']:.2f}x / "
-                              f"{memory['baseline (EG3D-style)'] / memory['minimal3d recompute=False']:.2f}x less"})
-        print(format_table(rows))
-
-        # One big image (B=1), 16 + 16 samples: unchunked vs chunk_rays (checkpointed chunks in backward)
-        big = argparse.Namespace(**{**vars(args), "batch": 1, "image_res": args.big_res})
+        print(f"\n[{device.type}] max |minimal3d - EG3D| over rgb, depth, opacity (same draws): "
+              f"{agreement(args, device):.2e}")
+        setup = make_setup(args, device)
+        planes = setup.planes.requires_grad_(True)
+        runs = {name: passes(fn, planes) for name, fn in setup.calls.items()}
         rows = []
-        for chunk in (None, args.chunk):
-            planes, calls = make_calls(big, device, chunk)
-            fwd_bwd = passes(calls["minimal3d"], planes.requires_grad_(True))["forward+backward"]
-            seconds = median_time(fwd_bwd, device, max(1, args.repeats // 3))
-            mem = peak_memory_mb(big, device, "minimal3d", chunk)
-            rows.append({"single image fwd+bwd": f"{args.big_res}^2 rays, chunk_rays={chunk}",
-                         "time": f"{seconds * 1e3:.0f} ms", "peak memory": f"{mem:.0f} MB"})
+        for pass_name in runs[OURS]:
+            times = {name: [] for name in runs}
+            for name in runs:  # warm-up
+                runs[name][pass_name]()
+            for _ in range(args.repeats):  # interleaved: contention hits every renderer alike
+                for name in runs:
+                    times[name].append(timed(runs[name][pass_name], device))
+            ratios = [theirs / ours for theirs, ours in zip(times[EG3D], times[OURS])]
+            row = {"pass": pass_name}
+            row.update({name: f"{statistics.median(values) * 1e3:.0f} ms" for name, values in times.items()})
+            row["EG3D / default"] = (f"{statistics.median(ratios):.2f}x "
+                                     f"({min(ratios):.2f}-{max(ratios):.2f})")
+            rows.append(row)
+        memory = {name: peak_memory_mb(fn, planes, device) for name, fn in setup.calls.items()}
+        row = {"pass": "peak memory fwd+bwd"}
+        row.update({name: f"{value:.0f} MB" for name, value in memory.items()})
+        row["EG3D / default"] = f"{memory[EG3D] / memory[OURS]:.2f}x less"
+        rows.append(row)
         print(format_table(rows))
 
 

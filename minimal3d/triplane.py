@@ -687,13 +687,14 @@ def _row_blocks(num_rows: int, device: torch.device, cpu_rows_per_block: int) ->
     return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
-def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The 12 texels (4 corners x 3 planes) behind each point and their weights / 3.
+def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int, num_rows: int) -> tuple[Tensor, Tensor]:
+    """The 12 texels (3 planes x 4 corners) behind each point and their weights / 3.
 
     uv: (n, 3, 2) plane coordinates; first_row: (3,) the table row of texel (0, 0) of each of the
-    point's planes. Returns rows (12, n) into the bordered table of ``_plane_table`` and weights (12, n)
-    (/ 3: the mean over the planes), corner-major. A coordinate beyond the plane (or NaN) is moved onto
-    the zero border, where it reads exactly 0, as grid_sample's zero padding does.
+    point's planes; num_rows: rows of the table. Returns rows (n, 12) (int32 while the table has fewer than
+    2^31 rows) into the bordered table of ``_plane_table`` and weights (n, 12)
+    (/ 3: the mean over the planes), plane-major, then (y, x) corners. A coordinate beyond the plane (or
+    NaN) is moved onto the zero border, where it reads exactly 0, as grid_sample's zero padding does.
     """
     size = uv.new_tensor([width, height]).view(2, 1, 1)
     uv = uv.permute(2, 1, 0).contiguous()  # (2 axes, 3, n): the points contiguous in every op below
@@ -702,14 +703,16 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tu
     low = torch.minimum(x.floor(), size - 1)  # lower corner in [-1, size - 1]
     fraction = x - low  # in [0, 1]
     padded_width = width + 2
-    low = low.long()  # row arithmetic in int64: exact for any plane size and dtype
-    lower = low[0] + low[1] * padded_width + first_row.unsqueeze(1)  # (3, n)
-    corner_offsets = torch.tensor([0, 1, padded_width, padded_width + 1], device=uv.device)  # (x, y): 00 10 01 11
-    rows = lower + corner_offsets.view(4, 1, 1)  # (4, 3, n)
-    weight_x = torch.stack([1 - fraction[0], fraction[0]])  # (2, 3, n): lower and upper corner
-    weight_y = torch.stack([1 - fraction[1], fraction[1]]) / 3
-    weights = weight_y.unsqueeze(1) * weight_x  # (2 (y), 2 (x), 3, n)
-    return rows.view(12, -1), weights.view(12, -1)
+    index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
+    low = low.to(index_dtype)  # exact integer row arithmetic for any plane size and dtype
+    lower = low[0] + low[1] * padded_width + first_row.to(index_dtype).unsqueeze(1)  # (3, n)
+    corner_offsets = torch.tensor([[0, 1], [padded_width, padded_width + 1]], dtype=index_dtype,
+                                  device=uv.device)  # (y, x)
+    rows = lower.t().contiguous()[:, :, None, None] + corner_offsets  # (n, 3, 2 (y), 2 (x))
+    weight_x = torch.stack([1 - fraction[0], fraction[0]], -1).transpose(0, 1).contiguous()  # (n, 3, 2)
+    weight_y = torch.stack([1 - fraction[1], fraction[1]], -1).transpose(0, 1).contiguous() / 3
+    weights = weight_y[:, :, :, None] * weight_x[:, :, None, :]  # (n, 3, 2 (y), 2 (x))
+    return rows.view(-1, 12), weights.view(-1, 12)
 
 
 def _lookup_blocks(uv: Tensor, height: int, width: int):
@@ -733,9 +736,9 @@ class _MeanPlaneFeatures(torch.autograd.Function):
     def forward(ctx, table: Tensor, uv: Tensor, height: int, width: int) -> Tensor:
         features = table.new_empty(uv.shape[0], uv.shape[1], table.shape[1])  # (B, M, C)
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
-            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width, table.shape[0])
             features[batch_index, block] = F.embedding_bag(  # one bag of 12 texel rows per point
-                rows.t().contiguous(), table, per_sample_weights=weights.t().contiguous(), mode="sum")
+                rows, table, per_sample_weights=weights, mode="sum")
         ctx.save_for_backward(uv)
         ctx.sizes = (table.shape[0], height, width)
         return features.view(-1, table.shape[1])  # (B*M, C)
@@ -747,12 +750,12 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         grad_features = grad_features.reshape(uv.shape[0], uv.shape[1], -1)
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[-1])
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
-            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width, num_rows)  # recomputed
             grad_block = grad_features[batch_index, block]
             weighted = torch.empty_like(grad_block)  # one buffer for the 12 corners
             for corner in range(12):
-                torch.mul(grad_block, weights[corner].unsqueeze(-1), out=weighted)
-                grad_table.index_add_(0, rows[corner], weighted)
+                torch.mul(grad_block, weights[:, corner].unsqueeze(-1), out=weighted)
+                grad_table.index_add_(0, rows[:, corner], weighted)
         return grad_table, None, None, None
 
 
