@@ -12,7 +12,7 @@ What is timed is the default call of minimal3d (``render_triplane(planes, decode
 directions, near, far, 16, 16)``: automatic fast path, value checks on), next to the readable
 grid_sample path (``fast=False``) for reference. Timings: the passes of the renderers are interleaved
 repeat by repeat, so that load on a shared machine hits them alike; the median of --repeats runs after a
-warm-up, and the median of the per-repeat ratios. Peak memory of one forward+backward above the inputs:
+warm-up, and the median (min-max) of the per-repeat ratios, in wall-clock and in process CPU time. Peak memory of one forward+backward above the inputs:
 CUDA: torch.cuda.max_memory_allocated. CPU: the peak of live tensor bytes, replayed from torch.profiler's
 allocation and free events (the allocator's caching is not counted, unlike a resident-set-size measure).
 
@@ -294,12 +294,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call (CPU time is what a shared machine disturbs least;
+    with several threads it includes their spin-waiting)."""
     sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def peak_memory_mb(fn, planes, device) -> float:
@@ -356,16 +358,20 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.repeats):  # interleaved: contention hits every renderer alike
                 for name in runs:
                     times[name].append(timed(runs[name][pass_name], device))
-            ratios = [theirs / ours for theirs, ours in zip(times[EG3D], times[OURS])]
             row = {"pass": pass_name}
-            row.update({name: f"{statistics.median(values) * 1e3:.0f} ms" for name, values in times.items()})
-            row["EG3D / default"] = (f"{statistics.median(ratios):.2f}x "
-                                     f"({min(ratios):.2f}-{max(ratios):.2f})")
+            for name, values in times.items():
+                wall, cpu = statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
+                row[name] = f"{wall * 1e3:.0f} ms" + (f" ({cpu * 1e3:.0f} ms CPU)" if device.type == "cpu" else "")
+            for kind, index in (("wall", 0), ("CPU", 1)) if device.type == "cpu" else (("wall", 0),):
+                ratios = [theirs[index] / ours[index] for theirs, ours in zip(times[EG3D], times[OURS])]
+                row[f"EG3D / default ({kind})"] = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
             rows.append(row)
         memory = {name: peak_memory_mb(fn, planes, device) for name, fn in setup.calls.items()}
         row = {"pass": "peak memory fwd+bwd"}
         row.update({name: f"{value:.0f} MB" for name, value in memory.items()})
-        row["EG3D / default"] = f"{memory[EG3D] / memory[OURS]:.2f}x less"
+        row["EG3D / default (wall)"] = f"{memory[EG3D] / memory[OURS]:.2f}x less"
+        if device.type == "cpu":
+            row["EG3D / default (CPU)"] = ""
         rows.append(row)
         print(format_table(rows))
 

@@ -131,7 +131,8 @@ def _as_ray_limit(name: str, value, like: Tensor) -> Tensor | float:
 
 
 def _check_render_inputs(planes, decoder, origins, directions, near, far, num_samples, num_importance,
-                         box_size, plane_axes, jitter, importance_u, chunk_rays, fast, check) -> dict:
+                         box_size, plane_axes, jitter, importance_u, white_background, chunk_rays, fast,
+                         check) -> dict:
     """Every check of ``render_triplane``: shapes, dtypes and devices, options, and (``check``) the
     values, with one host sync for all value checks together. Returns the normalised arguments."""
     _check_tensor("planes", planes, 5)
@@ -179,6 +180,10 @@ def _check_render_inputs(planes, decoder, origins, directions, near, far, num_sa
                              f"got {tuple(importance_u.shape)}")
     if chunk_rays is not None:
         _check_count("chunk_rays", chunk_rays, 1)
+    if not isinstance(white_background, bool):
+        raise TypeError(f"white_background must be a bool, got {white_background!r}")
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be a bool, got {check!r}")
     if fast not in (None, True, False):
         raise TypeError(f"fast must be None, True or False, got {fast!r}")
     position_grad = any(isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()
@@ -546,7 +551,8 @@ def render_triplane(planes: Tensor, decoder: Callable, origins: Tensor, directio
     NaN in planes or decoder weights flows through to the outputs.
     """
     args = _check_render_inputs(planes, decoder, origins, directions, near, far, num_samples, num_importance,
-                                box_size, plane_axes, jitter, importance_u, chunk_rays, fast, check)
+                                box_size, plane_axes, jitter, importance_u, white_background, chunk_rays, fast,
+                                check)
     batch, rays = origins.shape[:2]
     jitter, importance_u = args["jitter"], args["importance_u"]
     if jitter is None:  # EG3D jitters always, at inference too
@@ -687,12 +693,11 @@ def _row_blocks(num_rows: int, device: torch.device, cpu_rows_per_block: int) ->
     return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
-def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int, num_rows: int) -> tuple[Tensor, Tensor]:
+def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """The 12 texels (3 planes x 4 corners) behind each point and their weights / 3.
 
     uv: (n, 3, 2) plane coordinates; first_row: (3,) the table row of texel (0, 0) of each of the
-    point's planes; num_rows: rows of the table. Returns rows (n, 12) (int32 while the table has fewer than
-    2^31 rows) into the bordered table of ``_plane_table`` and weights (n, 12)
+    point's planes. Returns rows (n, 12) into the bordered table of ``_plane_table`` and weights (n, 12)
     (/ 3: the mean over the planes), plane-major, then (y, x) corners. A coordinate beyond the plane (or
     NaN) is moved onto the zero border, where it reads exactly 0, as grid_sample's zero padding does.
     """
@@ -703,11 +708,9 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int, num_r
     low = torch.minimum(x.floor(), size - 1)  # lower corner in [-1, size - 1]
     fraction = x - low  # in [0, 1]
     padded_width = width + 2
-    index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
-    low = low.to(index_dtype)  # exact integer row arithmetic for any plane size and dtype
-    lower = low[0] + low[1] * padded_width + first_row.to(index_dtype).unsqueeze(1)  # (3, n)
-    corner_offsets = torch.tensor([[0, 1], [padded_width, padded_width + 1]], dtype=index_dtype,
-                                  device=uv.device)  # (y, x)
+    low = low.long()  # row arithmetic in int64: exact for any plane size and dtype
+    lower = low[0] + low[1] * padded_width + first_row.unsqueeze(1)  # (3, n)
+    corner_offsets = torch.tensor([[0, 1], [padded_width, padded_width + 1]], device=uv.device)  # (y, x)
     rows = lower.t().contiguous()[:, :, None, None] + corner_offsets  # (n, 3, 2 (y), 2 (x))
     weight_x = torch.stack([1 - fraction[0], fraction[0]], -1).transpose(0, 1).contiguous()  # (n, 3, 2)
     weight_y = torch.stack([1 - fraction[1], fraction[1]], -1).transpose(0, 1).contiguous() / 3
@@ -736,7 +739,7 @@ class _MeanPlaneFeatures(torch.autograd.Function):
     def forward(ctx, table: Tensor, uv: Tensor, height: int, width: int) -> Tensor:
         features = table.new_empty(uv.shape[0], uv.shape[1], table.shape[1])  # (B, M, C)
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
-            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width, table.shape[0])
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)
             features[batch_index, block] = F.embedding_bag(  # one bag of 12 texel rows per point
                 rows, table, per_sample_weights=weights, mode="sum")
         ctx.save_for_backward(uv)
@@ -750,12 +753,13 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         grad_features = grad_features.reshape(uv.shape[0], uv.shape[1], -1)
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[-1])
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
-            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width, num_rows)  # recomputed
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
+            rows = rows.t().contiguous()  # (12, n): index_add_ is fastest with a contiguous int64 index
             grad_block = grad_features[batch_index, block]
             weighted = torch.empty_like(grad_block)  # one buffer for the 12 corners
             for corner in range(12):
                 torch.mul(grad_block, weights[:, corner].unsqueeze(-1), out=weighted)
-                grad_table.index_add_(0, rows[:, corner], weighted)
+                grad_table.index_add_(0, rows[corner], weighted)
         return grad_table, None, None, None
 
 

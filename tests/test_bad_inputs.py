@@ -89,6 +89,7 @@ def _triplane_cases() -> list[Case]:
         Case("render: num_importance < 0", render(num_importance=-1), ValueError, "num_importance"),
         Case("render: chunk_rays 0", render(chunk_rays=0), ValueError, "chunk_rays"),
         Case("render: fast not a bool", render(fast="yes"), TypeError, "fast"),
+        Case("render: white_background not a bool", render(white_background=None), TypeError, "white_background"),
         Case("render: fast=True with direction gradients", render(directions=directions.clone().requires_grad_(), fast=True),
              ValueError, "fast"),
         # values: near / far
