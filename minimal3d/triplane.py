@@ -694,12 +694,12 @@ def _row_blocks(num_rows: int, device: torch.device, cpu_rows_per_block: int) ->
 
 
 def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The 12 texels (3 planes x 4 corners) behind each point and their weights / 3.
+    """The 12 texels (4 corners x 3 planes) behind each point and their weights / 3.
 
     uv: (n, 3, 2) plane coordinates; first_row: (3,) the table row of texel (0, 0) of each of the
-    point's planes. Returns rows (n, 12) into the bordered table of ``_plane_table`` and weights (n, 12)
-    (/ 3: the mean over the planes), plane-major, then (y, x) corners. A coordinate beyond the plane (or
-    NaN) is moved onto the zero border, where it reads exactly 0, as grid_sample's zero padding does.
+    point's planes. Returns rows (12, n) into the bordered table of ``_plane_table`` and weights (12, n)
+    (/ 3: the mean over the planes), corner-major. A coordinate beyond the plane (or NaN) is moved onto
+    the zero border, where it reads exactly 0, as grid_sample's zero padding does.
     """
     size = uv.new_tensor([width, height]).view(2, 1, 1)
     uv = uv.permute(2, 1, 0).contiguous()  # (2 axes, 3, n): the points contiguous in every op below
@@ -710,12 +710,12 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tu
     padded_width = width + 2
     low = low.long()  # row arithmetic in int64: exact for any plane size and dtype
     lower = low[0] + low[1] * padded_width + first_row.unsqueeze(1)  # (3, n)
-    corner_offsets = torch.tensor([[0, 1], [padded_width, padded_width + 1]], device=uv.device)  # (y, x)
-    rows = lower.t().contiguous()[:, :, None, None] + corner_offsets  # (n, 3, 2 (y), 2 (x))
-    weight_x = torch.stack([1 - fraction[0], fraction[0]], -1).transpose(0, 1).contiguous()  # (n, 3, 2)
-    weight_y = torch.stack([1 - fraction[1], fraction[1]], -1).transpose(0, 1).contiguous() / 3
-    weights = weight_y[:, :, :, None] * weight_x[:, :, None, :]  # (n, 3, 2 (y), 2 (x))
-    return rows.view(-1, 12), weights.view(-1, 12)
+    corner_offsets = torch.tensor([0, 1, padded_width, padded_width + 1], device=uv.device)  # (x, y): 00 10 01 11
+    rows = lower + corner_offsets.view(4, 1, 1)  # (4, 3, n)
+    weight_x = torch.stack([1 - fraction[0], fraction[0]])  # (2, 3, n): lower and upper corner
+    weight_y = torch.stack([1 - fraction[1], fraction[1]]) / 3
+    weights = weight_y.unsqueeze(1) * weight_x  # (2 (y), 2 (x), 3, n)
+    return rows.view(12, -1), weights.view(12, -1)
 
 
 def _lookup_blocks(uv: Tensor, height: int, width: int):
@@ -741,7 +741,7 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)
             features[batch_index, block] = F.embedding_bag(  # one bag of 12 texel rows per point
-                rows, table, per_sample_weights=weights, mode="sum")
+                rows.t().contiguous(), table, per_sample_weights=weights.t().contiguous(), mode="sum")
         ctx.save_for_backward(uv)
         ctx.sizes = (table.shape[0], height, width)
         return features.view(-1, table.shape[1])  # (B*M, C)
@@ -754,11 +754,10 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[-1])
         for batch_index, block, first_row in _lookup_blocks(uv, height, width):
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
-            rows = rows.t().contiguous()  # (12, n): index_add_ is fastest with a contiguous int64 index
             grad_block = grad_features[batch_index, block]
             weighted = torch.empty_like(grad_block)  # one buffer for the 12 corners
-            for corner in range(12):
-                torch.mul(grad_block, weights[:, corner].unsqueeze(-1), out=weighted)
+            for corner in range(12):  # index_add_ is fastest with a contiguous int64 index
+                torch.mul(grad_block, weights[corner].unsqueeze(-1), out=weighted)
                 grad_table.index_add_(0, rows[corner], weighted)
         return grad_table, None, None, None
 
@@ -791,8 +790,8 @@ class _DecoderMLP(torch.autograd.Function):
             activation, slope = F.softplus(hidden), hidden.sigmoid_()  # softplus' = sigmoid
             grad_weight2.addmm_(grad_out[rows].t(), activation)
             grad_hidden = (grad_out[rows] @ weight2).mul_(slope)
-            if grad_features is not None:
-                torch.mm(grad_hidden, weight1, out=grad_features[rows])
+            if grad_features is not None:  # addmm with beta=0 ignores the (empty) output: faster than mm(out=)
+                torch.addmm(grad_features[rows], grad_hidden, weight1, beta=0, out=grad_features[rows])
             grad_weight1.addmm_(grad_hidden.t(), features[rows])
             grad_bias1 += grad_hidden.sum(0)
         return grad_features, grad_weight1, grad_bias1, grad_weight2, grad_out.sum(0)
