@@ -439,6 +439,8 @@ def composite(colors: Tensor, raw_sigma: Tensor, t: Tensor, density_shift: float
     if raw_sigma.shape != colors.shape[:-1] or t.shape != colors.shape[:-1]:
         raise ValueError(f"raw_sigma {tuple(raw_sigma.shape)} and t {tuple(t.shape)} must have shape "
                          f"colors.shape[:-1] = {tuple(colors.shape[:-1])}")
+    _check_like("raw_sigma", raw_sigma, colors, "colors")
+    _check_like("t", t, colors, "colors")
     if isinstance(density_shift, bool) or not isinstance(density_shift, (int, float)) or not math.isfinite(density_shift):
         raise ValueError(f"density_shift must be a finite float, got {density_shift!r}")
     # Midpoints: colour, raw density and depth of interval i are the means of samples i and i + 1.
@@ -514,6 +516,7 @@ def sample_importance(depths: Tensor, weights: Tensor, u: Tensor) -> Tensor:
     if depths.shape[-1] < 3 or weights.shape != depths.shape[:-1] + (depths.shape[-1] - 1,):
         raise ValueError(f"depths (..., S) with S >= 3 and weights (..., S-1) expected, got "
                          f"{tuple(depths.shape)} and {tuple(weights.shape)}")
+    _check_like("weights", weights, depths, "depths")
     with torch.no_grad():
         pad = float("-inf")  # max_pool1d's padding: missing neighbours are ignored
         blurred = torch.maximum(F.pad(weights, (1, 0), value=pad), F.pad(weights, (0, 1), value=pad))  # (..., S)

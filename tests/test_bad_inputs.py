@@ -136,6 +136,8 @@ def _triplane_cases() -> list[Case]:
              ValueError, "raw_sigma"),
         Case("composite: density_shift nan", lambda: composite(torch.zeros(2, 4, 3), torch.zeros(2, 4), torch.zeros(2, 4),
                                                                density_shift=nan), ValueError, "density_shift"),
+        Case("composite: float64 t", lambda: composite(torch.zeros(2, 4, 3), torch.zeros(2, 4), torch.zeros(2, 4).double()),
+             TypeError, "t"),
         Case("sample_pdf: bins shape", lambda: sample_pdf(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, 3)),
              ValueError, "bins"),
         Case("sample_pdf: u batch", lambda: sample_pdf(torch.zeros(2, 6), torch.zeros(2, 5), torch.zeros(3, 3)),
