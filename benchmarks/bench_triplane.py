@@ -9,12 +9,12 @@ here op for op in EG3D's order, with its fixed ray limits. Both draw their own r
 uniforms in the timed runs; a check with shared draws confirms that they compute the same image.
 
 What is timed is the default call of minimal3d (``render_triplane(planes, decoder, origins,
-directions, near, far, 16, 16)``: automatic fast path, value checks on), next to the readable
-grid_sample path (``fast=False``) for reference. Timings: the passes of the renderers are interleaved
+directions, near, far, 16, 16, plane_axes="eg3d")``: automatic fast path, value checks on; EG3D's axes
+so that both read the same planes), next to the readable grid_sample path (``fast=False``). Timings: the passes of the renderers are interleaved
 repeat by repeat, so that load on a shared machine hits them alike; the median of --repeats runs after a
-warm-up, and the median (min-max) of the per-repeat ratios, in wall-clock and in process CPU time. Peak memory of one forward+backward above the inputs:
-CUDA: torch.cuda.max_memory_allocated. CPU: the peak of live tensor bytes, replayed from torch.profiler's
-allocation and free events (the allocator's caching is not counted, unlike a resident-set-size measure).
+warm-up, and the median (min-max) of the per-repeat ratios, in wall-clock and in process CPU time.
+Peak memory of one forward+backward above the inputs: CUDA: torch.cuda.max_memory_allocated. CPU: the
+peak of live tensor bytes, replayed from torch.profiler's allocation and free events (the allocator's caching is not counted, unlike a resident-set-size measure).
 
     python benchmarks/bench_triplane.py            # the config above
     python benchmarks/bench_triplane.py --quick    # seconds
@@ -327,18 +327,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--plane-res", type=int, default=128)
-    parser.add_argument("--image-res", type=int, default=64)
+    parser.add_argument("--plane-res", type=int, default=None, help="default 128 (64 with --quick)")
+    parser.add_argument("--image-res", type=int, default=None, help="default 64 (24 with --quick)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--importance", type=int, default=16)
     parser.add_argument("--near", type=float, default=2.25)
     parser.add_argument("--far", type=float, default=3.3)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=None, help="default 7 (3 with --quick)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.plane_res, args.image_res, args.repeats = 64, 24, 3
+    for name, normal, quick in (("plane_res", 128, 64), ("image_res", 64, 24), ("repeats", 7, 3)):
+        if getattr(args, name) is None:  # an explicit flag is never overridden by --quick
+            setattr(args, name, quick if args.quick else normal)
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     devices = ([torch.device("cpu")] if args.device != "cuda" else []) + ([torch.device("cuda")] if use_cuda else [])
     print(f"B={args.batch}, planes 3x{args.channels}x{args.plane_res}^2, rays {args.image_res}^2, "

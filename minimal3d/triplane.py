@@ -441,7 +441,8 @@ def composite(colors: Tensor, raw_sigma: Tensor, t: Tensor, density_shift: float
                          f"colors.shape[:-1] = {tuple(colors.shape[:-1])}")
     _check_like("raw_sigma", raw_sigma, colors, "colors")
     _check_like("t", t, colors, "colors")
-    if isinstance(density_shift, bool) or not isinstance(density_shift, (int, float)) or not math.isfinite(density_shift):
+    if (isinstance(density_shift, bool) or not isinstance(density_shift, (int, float))
+            or not math.isfinite(density_shift)):
         raise ValueError(f"density_shift must be a finite float, got {density_shift!r}")
     # Midpoints: colour, raw density and depth of interval i are the means of samples i and i + 1.
     colors_mid = (colors[..., 1:, :] + colors[..., :-1, :]) / 2  # (..., S-1, C)

@@ -1,4 +1,5 @@
-"""minimal3d.triplane against naive per-ray loop references, the fast path against the readable one, gradcheck and analytic cases (bad inputs: tests/test_bad_inputs.py)."""
+"""minimal3d.triplane against naive per-ray loop references, the fast path against the readable one,
+gradcheck and analytic cases (bad inputs: tests/test_bad_inputs.py)."""
 
 import math
 
