@@ -106,6 +106,17 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, descripti
     module.load_state_dict(state_dict, strict=True)
 
 
+def _load_failure_reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to retry with weights_only=False."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:  # not a zip archive: torch fell back to plain unpickling
+        detail = message.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"corrupt or not written by torch.save: {detail[0][:120] if detail else 'unpickling failed'}"
+    lines = [line for line in message.strip().splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0].split(". ")[0] if lines else "unreadable"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
 def load_checkpoint(path, required_keys: tuple[str, ...] = ()) -> dict:
     """Read a checkpoint dict saved with ``torch.save`` (tensors, numbers, strings, lists, dicts only).
 
@@ -120,8 +131,7 @@ def load_checkpoint(path, required_keys: tuple[str, ...] = ()) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch's own message suggests weights_only=False: wrong advice for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a valid checkpoint: {path} ({type(error).__name__}: {reason[:200]})") from None
+        raise ValueError(f"not a valid checkpoint: {path} ({_load_failure_reason(error)})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"not a valid checkpoint: {path} (expected a dict, got {type(checkpoint).__name__})")
     missing = [key for key in required_keys if key not in checkpoint]

@@ -18,14 +18,13 @@ Only cls and patches carry a position embedding.
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-
-from minimal3d.runtime import load_state_dict_checked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -416,36 +415,93 @@ ARCHITECTURES = {
 # ----------------------------------------------------------------------------------------------------
 
 
+def _load_failure_reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to retry with weights_only=False."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:  # not a zip archive: torch fell back to plain unpickling
+        detail = message.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"corrupt or not written by torch.save: {detail[0][:120] if detail else 'unpickling failed'}"
+    lines = [line for line in message.strip().splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0].split(". ")[0] if lines else "unreadable"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A flat state dict (name -> tensor) from a ``torch.save`` file, read with ``weights_only=True``.
+
+    Raises ``ValueError("not a valid checkpoint: PATH (reason)")`` for a missing, empty, truncated or corrupt
+    file and for one that does not hold a dict of tensors. (torch's own message for a corrupt file suggests
+    ``weights_only=False``, which is wrong and unsafe advice here, so it is replaced.)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"not a valid checkpoint: {path} (no such file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"not a valid checkpoint: {path} (empty file)")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or not written by torch.save
+        raise ValueError(f"not a valid checkpoint: {path} ({_load_failure_reason(error)})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise ValueError(f"not a valid checkpoint: {path} (expected a flat dict of name -> tensor, "
+                         f"got {type(state_dict).__name__})")
+    return state_dict
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], description: str) -> None:
+    """Compare key sets and shapes with ``module``, name every missing / unexpected / mis-shaped key in one
+    ``ValueError``, then load with ``strict=True``. ``description`` says what was expected (for the message)."""
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {shape}"
+                   for key, shape in expected.items() if key in state_dict and tuple(state_dict[key].shape) != shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"state_dict does not match {description}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {wrong_shape}")
+    module.load_state_dict(state_dict, strict=True)
+
+
 def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> ViTConfig:
     """Read a ViTConfig from an official DINOv2 state dict.
 
     From the weights: D, depth, registers, patch size, base grid, MLP vs SwiGLU (and MLP width).
     Not in the weights: heads (D / 64, as in every released model, unless ``num_heads`` is given) and the
-    interpolation flags (tied to registers as the hub does, unless given).
+    interpolation flags (tied to registers as the hub does, unless given). A state dict without the keys
+    this needs raises ``ValueError`` naming them.
     """
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-        if key not in state_dict:
-            raise ValueError(f"state_dict is not a DINOv2 ViT state dict: missing {key!r}")
-    dim = state_dict["cls_token"].shape[-1]
-    block_ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    if not block_ids:
-        raise ValueError("state_dict has no 'blocks.<i>.*' keys")
-    grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
-    patch = state_dict["patch_embed.proj.weight"].shape[-1]
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of name -> tensor, got {type(state_dict).__name__}")
+    ffn_key = "blocks.0.mlp.w12.weight" if "blocks.0.mlp.w12.weight" in state_dict else "blocks.0.mlp.fc1.weight"
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", ffn_key)
+    missing = [key for key in needed if key not in state_dict]
+    if missing:
+        found = sorted(state_dict)[:8]
+        raise ValueError(f"state_dict is not a DINOv2 ViT state dict: missing keys {missing} (has {found}...)")
+    shapes = {key: tuple(state_dict[key].shape) for key in needed}
+    if len(shapes["cls_token"]) != 3 or len(shapes["pos_embed"]) != 3 or len(shapes["patch_embed.proj.weight"]) != 4:
+        raise ValueError(f"state_dict has shapes cls_token {shapes['cls_token']}, pos_embed {shapes['pos_embed']}, "
+                         f"patch_embed.proj.weight {shapes['patch_embed.proj.weight']}: not a DINOv2 ViT")
+    dim = shapes["cls_token"][-1]
+    block_ids = {key.split(".")[1] for key in state_dict if key.startswith("blocks.")}
+    if not block_ids or not all(index.isdigit() for index in block_ids):
+        raise ValueError(f"state_dict must name its blocks 'blocks.<i>.*' (i = 0, 1, ...), got {sorted(block_ids)[:5]}")
+    grid = math.isqrt(max(shapes["pos_embed"][1] - 1, 0))
+    patch = shapes["patch_embed.proj.weight"][-1]
     registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
-    swiglu = "blocks.0.mlp.w12.weight" in state_dict
-    mlp_ratio = 4.0 if swiglu else state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    swiglu = ffn_key.endswith("w12.weight")
+    mlp_ratio = 4.0 if swiglu else shapes[ffn_key][0] / dim
     if "num_heads" not in overrides and dim % 64:
         raise ValueError(f"cannot infer num_heads for embed_dim {dim} (not a multiple of 64): pass num_heads=")
     config = ViTConfig(
         embed_dim=dim,
-        depth=max(block_ids) + 1,
+        depth=max(int(index) for index in block_ids) + 1,
         num_heads=dim // 64 if dim % 64 == 0 else 1,
         mlp_ratio=mlp_ratio,
         ffn_layer="swiglu" if swiglu else "mlp",
         patch_size=patch,
         img_size=grid * patch,
-        in_chans=state_dict["patch_embed.proj.weight"].shape[1],
+        in_chans=shapes["patch_embed.proj.weight"][1],
         num_register_tokens=registers,
         interpolate_offset=0.0 if registers else 0.1,
         interpolate_antialias=bool(registers),
@@ -458,17 +514,18 @@ def load_dinov2(path_or_state_dict: str | os.PathLike | dict, **overrides) -> Di
 
     path_or_state_dict: a ``.pth`` file (e.g. ``dinov2_vits14_pretrain.pth``) or a dict of tensors /
     arrays with the official keys. overrides: ViTConfig fields the weights do not determine (``num_heads``,
-    ``interpolate_offset``, ``interpolate_antialias``). Missing or unexpected keys and shape mismatches
-    raise ``ValueError`` listing them by name.
+    ``interpolate_offset``, ``interpolate_antialias``). An unreadable file raises ``ValueError("not a valid
+    checkpoint: PATH (reason)")``; missing or unexpected keys and shape mismatches raise ``ValueError``
+    listing them by name.
     """
     if isinstance(path_or_state_dict, dict):
         state_dict = {k: torch.as_tensor(v) for k, v in path_or_state_dict.items()}
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
-        state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        state_dict = read_state_dict_file(path_or_state_dict)
     else:
         raise TypeError(f"path_or_state_dict must be a path or a dict, got {type(path_or_state_dict).__name__}")
     model = DinoVisionTransformer(config_from_state_dict(state_dict, **overrides))
-    load_state_dict_checked(model, state_dict, "the DINOv2 layout")
+    load_state_dict_strict(model, state_dict, "the DINOv2 layout")
     return model
 
 
@@ -516,6 +573,8 @@ __all__ = [
     "vit_large",
     "vit_giant2",
     "config_from_state_dict",
+    "read_state_dict_file",
+    "load_state_dict_strict",
     "load_dinov2",
     "save_dinov2",
     "build_backbone",
