@@ -89,7 +89,7 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, depth: int = 18):
         super().__init__()
-        if depth not in RESNET_LAYERS:
+        if depth not in RESNET_LAYERS or isinstance(depth, bool):
             raise ValueError(f"depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
         blocks, kind = RESNET_LAYERS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
@@ -242,10 +242,10 @@ class ResUNet(nn.Module):
 
     def __init__(self, depth: int = 18, out_channels: int = 32, output_stride: int = 2):
         super().__init__()
-        if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be positive, got {out_channels}")
+        if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}")
         self.output_stride = output_stride
         self.out_channels = out_channels
         self.encoder = ResNetEncoder(depth)
@@ -259,6 +259,8 @@ class ResUNet(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {shape}")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
+        if images.dtype != self.encoder.conv1.weight.dtype:
+            raise TypeError(f"images must have the model's dtype {self.encoder.conv1.weight.dtype}, got {images.dtype}")
         height, width = images.shape[-2:]
         if height < 32 or width < 32:
             raise ValueError(f"images must be at least 32 x 32 pixels (stride-32 encoder), got {height} x {width}")

@@ -48,6 +48,19 @@ class ViTConfig:
     layerscale_init: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.num_register_tokens, bool) or not isinstance(self.num_register_tokens, int) \
+                or self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be an integer >= 0, got {self.num_register_tokens!r}")
+        if not 0 < self.mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        if not 0 <= self.interpolate_offset < 1:
+            raise ValueError(f"interpolate_offset must be in [0, 1) (hub: 0.1 or 0.0), got {self.interpolate_offset}")
+        if not math.isfinite(self.layerscale_init):
+            raise ValueError(f"layerscale_init must be finite, got {self.layerscale_init}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.ffn_layer not in ("mlp", "swiglu"):
@@ -258,6 +271,8 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"x must be images of shape (B, {c}, H, W), got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (normalised images), got {x.dtype}")
+        if x.dtype != self.pos_embed.dtype:
+            raise TypeError(f"x must have the model's dtype {self.pos_embed.dtype}, got {x.dtype} (cast x or the model)")
         height, width = x.shape[-2:]
         if height == 0 or width == 0 or height % p or width % p:
             raise ValueError(
@@ -266,6 +281,9 @@ class DinoVisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
         """Position embedding for an image of height x width pixels -> (1, 1 + h*w, D)."""
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < self.patch_size:
+                raise ValueError(f"{name} must be an integer >= the patch size {self.patch_size}, got {size!r}")
         h, w = height // self.patch_size, width // self.patch_size
         num_grid = self.pos_embed.shape[1] - 1
         return interpolate_pos_embed(
@@ -300,7 +318,7 @@ class DinoVisionTransformer(nn.Module):
         self._check_images(x)
         if masks is not None:
             h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-            if masks.shape != (x.shape[0], h * w) or masks.dtype != torch.bool:
+            if not isinstance(masks, Tensor) or masks.shape != (x.shape[0], h * w) or masks.dtype != torch.bool:
                 raise ValueError(f"masks must be a bool tensor of shape (B, h*w) = {(x.shape[0], h * w)}")
         tokens = self.prepare_tokens(x, masks)
         for block in self.blocks:
@@ -337,12 +355,16 @@ class DinoVisionTransformer(nn.Module):
         """
         self._check_images(x)
         depth = len(self.blocks)
+        if isinstance(n, bool) or not isinstance(n, (int, Sequence)) or (
+            not isinstance(n, int) and not all(isinstance(i, int) and not isinstance(i, bool) for i in n)
+        ):
+            raise TypeError(f"n must be an int (the last n blocks) or a sequence of int block indices, got {n!r}")
         if isinstance(n, int):
             if not 1 <= n <= depth:
                 raise ValueError(f"n must be between 1 and depth={depth} blocks, got {n}")
             take = list(range(depth - n, depth))
         else:
-            take = sorted(int(i) for i in n)
+            take = sorted(n)
             if not take or take[0] < 0 or take[-1] >= depth or len(set(take)) != len(take):
                 raise ValueError(f"n must list distinct block indices in [0, {depth - 1}], got {list(n)}")
         tokens = self.prepare_tokens(x)
