@@ -134,13 +134,12 @@ def _normalize(vectors: Tensor) -> Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _normalize_any_scale(vectors: Tensor) -> Tensor:
-    """``_normalize`` for vectors of any magnitude: where squaring would overflow or underflow (|v| > 1e15 or
-    < 1e-15), divide by the largest entry first. Elsewhere the result is bit-identical to ``_normalize``."""
+def _rescale_extreme(vectors: Tensor) -> Tensor:
+    """Vectors whose squares would overflow or underflow (largest entry > 1e15 or < 1e-15) divided by their
+    largest entry; others returned unchanged, so the result is bit-identical for everyday magnitudes."""
     largest = vectors.abs().amax(dim=-1, keepdim=True)
     extreme = (largest > 1e15) | (largest < 1e-15)
-    scaled = vectors / torch.where(extreme, largest.clamp_min(torch.finfo(vectors.dtype).tiny), torch.ones_like(largest))
-    return _normalize(scaled)
+    return vectors / torch.where(extreme, largest.clamp_min(torch.finfo(vectors.dtype).tiny), torch.ones_like(largest))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,19 +215,21 @@ def look_at(eye: Tensor, target: Tensor, up: Tensor) -> Tensor:
     _broadcast_batch(eye=eye.shape[:-1], target=target.shape[:-1], up=up.shape[:-1])
     eye, target, up = torch.broadcast_tensors(eye, target, up)
     offset = target - eye
-    forward = _normalize_any_scale(offset)
-    unit_up = _normalize_any_scale(up)
-    right = torch.linalg.cross(forward, unit_up, dim=-1)
-    finite = torch.stack([torch.isfinite(t.detach()).all() for t in (eye, target, up, offset)]).all()
-    _require([(finite, "eye, target and up must be finite"),
-              ((offset.detach() != 0).any(-1).all(), "target must differ from eye"),
-              ((up.detach() != 0).any(-1).all(), "up must be a non-zero vector"),
-              ((right.detach().norm(dim=-1) >= 1e-6).all(),
-               "up must not be parallel to the viewing direction target - eye")])
+    forward = _normalize(_rescale_extreme(offset))  # any magnitude: 1e20 squared overflows float32
+    scaled_up = _rescale_extreme(up)
+    right = torch.linalg.cross(forward, scaled_up, dim=-1)
+    sine = right.detach().norm(dim=-1) / scaled_up.detach().norm(dim=-1)  # angle between up and forward
     right = _normalize(right)
     down = torch.linalg.cross(forward, right, dim=-1)
     rotation = torch.stack([right, down, forward], dim=-2)  # (..., 3, 3), rows are camera axes
     translation = -(rotation @ eye.unsqueeze(-1)).squeeze(-1)
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in (eye, target, up, offset)]).all()
+    _require([(finite, "eye, target and up must be finite"),
+              ((offset.detach() != 0).any(-1).all(), "target must differ from eye"),
+              ((up.detach() != 0).any(-1).all(), "up must be a non-zero vector"),
+              ((sine >= 1e-6).all(), "up must not be parallel to the viewing direction target - eye"),
+              (torch.isfinite(translation.detach()).all(), f"eye is too far from the origin for {eye.dtype} "
+                                                           "(the translation -R eye overflows)")])
     return _viewmat(rotation, translation)
 
 

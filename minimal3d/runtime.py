@@ -96,6 +96,9 @@ def all_reduce_mean(value: Tensor, dist: Dist) -> Tensor:
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed python, numpy and torch (each rank gets its own stream: seed + rank)."""
+    for name, value in (("seed", seed), ("rank", rank)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)

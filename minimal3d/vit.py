@@ -314,6 +314,7 @@ class DinoVisionTransformer(nn.Module):
         """Images x: (B, 3, H, W), H and W multiples of 14 -> dict of
         ``x_norm_clstoken (B, D)``, ``x_norm_regtokens (B, R, D)``, ``x_norm_patchtokens (B, h*w, D)``,
         ``x_prenorm (B, 1+R+h*w, D)`` and ``masks`` (as given: optional (B, h*w) bool, True = use mask_token).
+        x must have the model's dtype; NaN in x is data and flows through to the outputs.
         """
         self._check_images(x)
         if masks is not None:
@@ -541,7 +542,13 @@ def load_dinov2(path_or_state_dict: str | os.PathLike | dict, **overrides) -> Di
     listing them by name.
     """
     if isinstance(path_or_state_dict, dict):
-        state_dict = {k: torch.as_tensor(v) for k, v in path_or_state_dict.items()}
+        state_dict = {}
+        for key, value in path_or_state_dict.items():
+            try:
+                state_dict[key] = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"path_or_state_dict[{key!r}] must be a tensor or an array, "
+                                f"got {type(value).__name__}") from None
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
         state_dict = read_state_dict_file(path_or_state_dict)
     else:
