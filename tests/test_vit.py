@@ -248,9 +248,13 @@ def test_block_matches_naive():
         torch.testing.assert_close(model.blocks[1](x), naive_block(model.blocks[1], x))
 
 
-@pytest.mark.parametrize("registers", [0, 2])
-def test_gradcheck_float64(registers):
-    """Gradients w.r.t. images, pos_embed (through the bicubic resize) and a qkv weight."""
+@pytest.mark.parametrize(
+    "registers, fast_mode", [(0, True), (2, True), pytest.param(0, False, marks=pytest.mark.slow),
+                             pytest.param(2, False, marks=pytest.mark.slow)])
+def test_gradcheck_float64(registers, fast_mode):
+    """Gradients w.r.t. images, pos_embed (through the bicubic resize) and a qkv weight. fast_mode compares
+    a random projection u^T J v of the analytic and numerical Jacobians (10x cheaper); the slow variant
+    compares every entry."""
     model = tiny_model(registers, dtype=torch.float64, depth=1)
     params = dict(model.named_parameters())
     images = torch.randn(1, 3, 6, 4, dtype=torch.float64, requires_grad=True)  # grid 3x2: resized
@@ -262,7 +266,7 @@ def test_gradcheck_float64(registers):
         features = functional_call(model, values, (images,), {}, strict=True)
         return features
 
-    assert torch.autograd.gradcheck(run, (images, pos_embed, qkv), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(run, (images, pos_embed, qkv), eps=1e-6, atol=1e-6, fast_mode=fast_mode)
 
 
 @pytest.mark.slow
