@@ -10,7 +10,11 @@ Datasets and references that use another convention (OpenGL camera-to-world in n
 ``transforms.json``, PASCAL3D+ object poses, integer pixel centres in Pri3D) are converted at the boundary,
 in the module that reads them, with a comment saying so.
 
-Every function is batched over leading dimensions and differentiable.
+Every function is batched over leading dimensions (which broadcast) and differentiable. Inputs are float32
+or float64 tensors of one dtype. Each public function checks shapes, dtypes and sizes, and (one host sync
+per call) that poses are rigid, focal lengths positive and parameters finite, raising ValueError/TypeError
+that names the argument; ``check=False`` skips the value checks inside optimisation loops. NaN in data
+(points, depth) flows through. The checks live in the last section of this file.
 """
 
 import math
@@ -18,116 +22,6 @@ import operator
 
 import torch
 from torch import Tensor
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checks at the public boundary. Shapes and dtypes cost nothing; the value checks (positive focal, rigid
-# poses, finite parameters) read one boolean per condition back to the host, all in ONE transfer per call.
-# Functions that may run inside an optimisation loop take ``check=False`` to skip the value checks there.
-# ---------------------------------------------------------------------------------------------------
-
-DTYPES = (torch.float32, torch.float64)
-RIGID_TOLERANCE = 1e-3  # max |R^T R - I|, |det R - 1| and |last row - (0, 0, 0, 1)| accepted as rigid
-
-
-def _check_tensor(name: str, tensor: Tensor, trailing: tuple[int, ...], what: str | None = None) -> None:
-    """A float32/float64 tensor of shape (..., *trailing) (``what`` names the shape in the message)."""
-    what = what or "(..., " + ", ".join(map(str, trailing)) + ")"
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(tensor).__name__}")
-    if tensor.ndim < len(trailing) or tuple(tensor.shape[tensor.ndim - len(trailing):]) != trailing:
-        raise ValueError(f"{name} must have shape {what}, got {tuple(tensor.shape)}")
-    if tensor.dtype not in DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {tensor.dtype}")
-
-
-def _check_same_dtype(**tensors: Tensor) -> None:
-    dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in dtypes.items())
-        raise TypeError(f"{', '.join(dtypes)} must have the same dtype, got {listed}")
-
-
-def _broadcast_batch(**batch_shapes: tuple[int, ...]) -> torch.Size:
-    """The common batch shape of the arguments' leading dimensions, or a ValueError naming them."""
-    try:
-        return torch.broadcast_shapes(*batch_shapes.values())
-    except RuntimeError:
-        listed = ", ".join(f"{name} {tuple(shape)}" for name, shape in batch_shapes.items())
-        raise ValueError(f"batch dimensions of {', '.join(batch_shapes)} must broadcast, got {listed}") from None
-
-
-def _positive_int(name: str, value) -> int:
-    """A positive integer size (python or numpy integer, or an integer 0-d tensor); floats are refused."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.is_floating_point()):
-        raise TypeError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
-
-
-def _rigid_conditions(name: str, matrix: Tensor) -> list[tuple[Tensor, str]]:
-    """Conditions for a rigid transform (..., 4, 4) or a rotation (..., 3, 3), as (all-true tensor, message)."""
-    matrix = matrix.detach()
-    rotation = matrix[..., :3, :3]
-    identity = torch.eye(3, dtype=matrix.dtype, device=matrix.device)
-    orthogonal = ((rotation.transpose(-1, -2) @ rotation - identity).abs() <= RIGID_TOLERANCE).all()
-    proper = ((torch.linalg.det(rotation) - 1.0).abs() <= RIGID_TOLERANCE).all()
-    part = "its rotation R" if matrix.shape[-1] == 4 else "it"
-    conditions = [(torch.isfinite(matrix).all(), f"{name} must be finite"),
-                  (orthogonal, f"{name} must be rigid: {part} must satisfy R^T R = I (no scale, shear or singular "
-                               f"matrix; tolerance {RIGID_TOLERANCE})"),
-                  (proper, f"{name} must be a proper rotation: det R = +1 (a reflection has -1)")]
-    if matrix.shape[-1] == 4:
-        last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=matrix.dtype, device=matrix.device)
-        conditions.append((((matrix[..., 3, :] - last_row).abs() <= RIGID_TOLERANCE).all(),
-                           f"{name} must have the last row (0, 0, 0, 1)"))
-    return conditions
-
-
-def _intrinsics_conditions(name: str, K: Tensor) -> list[tuple[Tensor, str]]:
-    """Conditions for pinhole intrinsics (..., 3, 3): finite, fx > 0, fy > 0, rows [fx s cx; 0 fy cy; 0 0 1]."""
-    K = K.detach()
-    lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1], K[..., 2, 2] - 1.0], dim=-1)
-    return [(torch.isfinite(K).all(), f"{name} must be finite"),
-            (((K[..., 0, 0] > 0) & (K[..., 1, 1] > 0)).all(), f"{name} must have positive focal lengths K[0, 0], K[1, 1]"),
-            ((lower.abs() <= RIGID_TOLERANCE).all(), f"{name} must be pinhole intrinsics [[fx, s, cx], [0, fy, cy], "
-                                                     f"[0, 0, 1]]")]
-
-
-def _require(conditions: list[tuple[Tensor, str]]) -> None:
-    """Raise ValueError with the first failed condition's message; one host transfer for all of them."""
-    if not conditions:
-        return
-    with torch.no_grad():
-        passed = torch.stack([condition.to(torch.bool).cpu() for condition, _ in conditions]).tolist()
-    for ok, (_, message) in zip(passed, conditions):
-        if not ok:
-            raise ValueError(message)
-
-
-def _as_tensors(names: tuple[str, ...], *values) -> list[Tensor]:
-    """Floats and tensors as broadcast tensors of one floating dtype and device (that of the tensors given)."""
-    tensors = {name: v for name, v in zip(names, values) if isinstance(v, Tensor)}
-    floating = {name: v for name, v in tensors.items() if v.is_floating_point()}
-    if floating:
-        _check_same_dtype(**floating)
-    dtype = torch.get_default_dtype()
-    for tensor in floating.values():
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    device = next(iter(tensors.values())).device if tensors else None
-    converted = []
-    for name, value in zip(names, values):
-        try:
-            converted.append(torch.as_tensor(value, dtype=dtype, device=device))
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}") from None
-    _broadcast_batch(**{name: tuple(t.shape) for name, t in zip(names, converted)})
-    return list(torch.broadcast_tensors(*converted))
 
 
 def _normalize(vectors: Tensor) -> Tensor:
@@ -440,3 +334,113 @@ def opengl_to_opencv_c2w(c2w: Tensor, check: bool = True) -> Tensor:
         _require(_rigid_conditions("c2w", c2w))
     flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
     return c2w @ flip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks at the public boundary. Shapes and dtypes cost nothing; the value checks (positive focal, rigid
+# poses, finite parameters) read one boolean per condition back to the host, all in ONE transfer per call.
+# Functions that may run inside an optimisation loop take ``check=False`` to skip the value checks there.
+# ---------------------------------------------------------------------------------------------------
+
+DTYPES = (torch.float32, torch.float64)
+RIGID_TOLERANCE = 1e-3  # max |R^T R - I|, |det R - 1| and |last row - (0, 0, 0, 1)| accepted as rigid
+
+
+def _check_tensor(name: str, tensor: Tensor, trailing: tuple[int, ...], what: str | None = None) -> None:
+    """A float32/float64 tensor of shape (..., *trailing) (``what`` names the shape in the message)."""
+    what = what or "(..., " + ", ".join(map(str, trailing)) + ")"
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(tensor).__name__}")
+    if tensor.ndim < len(trailing) or tuple(tensor.shape[tensor.ndim - len(trailing):]) != trailing:
+        raise ValueError(f"{name} must have shape {what}, got {tuple(tensor.shape)}")
+    if tensor.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {tensor.dtype}")
+
+
+def _check_same_dtype(**tensors: Tensor) -> None:
+    dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in dtypes.items())
+        raise TypeError(f"{', '.join(dtypes)} must have the same dtype, got {listed}")
+
+
+def _broadcast_batch(**batch_shapes: tuple[int, ...]) -> torch.Size:
+    """The common batch shape of the arguments' leading dimensions, or a ValueError naming them."""
+    try:
+        return torch.broadcast_shapes(*batch_shapes.values())
+    except RuntimeError:
+        listed = ", ".join(f"{name} {tuple(shape)}" for name, shape in batch_shapes.items())
+        raise ValueError(f"batch dimensions of {', '.join(batch_shapes)} must broadcast, got {listed}") from None
+
+
+def _positive_int(name: str, value) -> int:
+    """A positive integer size (python or numpy integer, or an integer 0-d tensor); floats are refused."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.is_floating_point()):
+        raise TypeError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _rigid_conditions(name: str, matrix: Tensor) -> list[tuple[Tensor, str]]:
+    """Conditions for a rigid transform (..., 4, 4) or a rotation (..., 3, 3), as (all-true tensor, message)."""
+    matrix = matrix.detach()
+    rotation = matrix[..., :3, :3]
+    identity = torch.eye(3, dtype=matrix.dtype, device=matrix.device)
+    orthogonal = ((rotation.transpose(-1, -2) @ rotation - identity).abs() <= RIGID_TOLERANCE).all()
+    proper = ((torch.linalg.det(rotation) - 1.0).abs() <= RIGID_TOLERANCE).all()
+    part = "its rotation R" if matrix.shape[-1] == 4 else "it"
+    conditions = [(torch.isfinite(matrix).all(), f"{name} must be finite"),
+                  (orthogonal, f"{name} must be rigid: {part} must satisfy R^T R = I (no scale, shear or singular "
+                               f"matrix; tolerance {RIGID_TOLERANCE})"),
+                  (proper, f"{name} must be a proper rotation: det R = +1 (a reflection has -1)")]
+    if matrix.shape[-1] == 4:
+        last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=matrix.dtype, device=matrix.device)
+        conditions.append((((matrix[..., 3, :] - last_row).abs() <= RIGID_TOLERANCE).all(),
+                           f"{name} must have the last row (0, 0, 0, 1)"))
+    return conditions
+
+
+def _intrinsics_conditions(name: str, K: Tensor) -> list[tuple[Tensor, str]]:
+    """Conditions for pinhole intrinsics (..., 3, 3): finite, fx > 0, fy > 0, rows [fx s cx; 0 fy cy; 0 0 1]."""
+    K = K.detach()
+    lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1], K[..., 2, 2] - 1.0], dim=-1)
+    return [(torch.isfinite(K).all(), f"{name} must be finite"),
+            (((K[..., 0, 0] > 0) & (K[..., 1, 1] > 0)).all(), f"{name} must have positive focal lengths K[0, 0], K[1, 1]"),
+            ((lower.abs() <= RIGID_TOLERANCE).all(), f"{name} must be pinhole intrinsics [[fx, s, cx], [0, fy, cy], "
+                                                     f"[0, 0, 1]]")]
+
+
+def _require(conditions: list[tuple[Tensor, str]]) -> None:
+    """Raise ValueError with the first failed condition's message; one host transfer for all of them."""
+    if not conditions:
+        return
+    with torch.no_grad():
+        passed = torch.stack([condition.to(torch.bool).cpu() for condition, _ in conditions]).tolist()
+    for ok, (_, message) in zip(passed, conditions):
+        if not ok:
+            raise ValueError(message)
+
+
+def _as_tensors(names: tuple[str, ...], *values) -> list[Tensor]:
+    """Floats and tensors as broadcast tensors of one floating dtype and device (that of the tensors given)."""
+    tensors = {name: v for name, v in zip(names, values) if isinstance(v, Tensor)}
+    floating = {name: v for name, v in tensors.items() if v.is_floating_point()}
+    if floating:
+        _check_same_dtype(**floating)
+    dtype = torch.get_default_dtype()
+    for tensor in floating.values():
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    device = next(iter(tensors.values())).device if tensors else None
+    converted = []
+    for name, value in zip(names, values):
+        try:
+            converted.append(torch.as_tensor(value, dtype=dtype, device=device))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}") from None
+    _broadcast_batch(**{name: tuple(t.shape) for name, t in zip(names, converted)})
+    return list(torch.broadcast_tensors(*converted))
