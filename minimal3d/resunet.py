@@ -20,12 +20,11 @@ Each up block halves the channels (512 -> 256 -> 128 -> 64 -> 32; ResNet50: 2048
 """
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from minimal3d.runtime import load_state_dict_checked
 
 # blocks per stage, block type (BasicBlock: expansion 1, Bottleneck: expansion 4)
 RESNET_LAYERS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
@@ -90,7 +89,7 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, depth: int = 18):
         super().__init__()
-        if depth not in RESNET_LAYERS:
+        if depth not in RESNET_LAYERS or isinstance(depth, bool):
             raise ValueError(f"depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
         blocks, kind = RESNET_LAYERS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
@@ -120,18 +119,68 @@ class ResNetEncoder(nn.Module):
         return features
 
 
+def _load_failure_reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to retry with weights_only=False."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:  # not a zip archive: torch fell back to plain unpickling
+        detail = message.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"corrupt or not written by torch.save: {detail[0][:120] if detail else 'unpickling failed'}"
+    lines = [line for line in message.strip().splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0].split(". ")[0] if lines else "unreadable"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A flat state dict (name -> tensor) from a ``torch.save`` file, read with ``weights_only=True``.
+
+    Raises ``ValueError("not a valid checkpoint: PATH (reason)")`` for a missing, empty, truncated or corrupt
+    file and for one that does not hold a dict of tensors (torch's own message would suggest
+    ``weights_only=False``, wrong and unsafe advice for a bad file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"not a valid checkpoint: {path} (no such file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"not a valid checkpoint: {path} (empty file)")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or not written by torch.save
+        raise ValueError(f"not a valid checkpoint: {path} ({_load_failure_reason(error)})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise ValueError(f"not a valid checkpoint: {path} (expected a flat dict of name -> tensor, "
+                         f"got {type(state_dict).__name__})")
+    return state_dict
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], description: str) -> None:
+    """Compare key sets and shapes with ``module``, name every missing / unexpected / mis-shaped key in one
+    ``ValueError``, then load with ``strict=True``. ``description`` says what was expected (for the message)."""
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {shape}"
+                   for key, shape in expected.items() if key in state_dict and tuple(state_dict[key].shape) != shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"state_dict does not match {description}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {wrong_shape}")
+    module.load_state_dict(state_dict, strict=True)
+
+
 def load_torchvision_resnet(encoder: ResNetEncoder, state_dict: dict | str | os.PathLike) -> None:
     """Load a torchvision ``resnet18``/``resnet50`` state dict (or a path to one) into ``encoder``.
 
     ``fc.*`` (the classifier) is ignored; any other missing or unexpected key, or a shape mismatch, raises
-    ``ValueError`` naming the keys. BatchNorm running statistics are loaded too.
+    ``ValueError`` naming the keys; an unreadable file raises ``ValueError("not a valid checkpoint: PATH
+    (reason)")``. BatchNorm running statistics are loaded too.
     """
+    if not isinstance(encoder, ResNetEncoder):
+        raise TypeError(f"encoder must be a ResNetEncoder (e.g. model.encoder), got {type(encoder).__name__}")
     if isinstance(state_dict, (str, os.PathLike)):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+        state_dict = read_state_dict_file(state_dict)
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict or a path, got {type(state_dict).__name__}")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    load_state_dict_checked(encoder, state_dict, f"a torchvision ResNet{encoder.depth}")
+    load_state_dict_strict(encoder, state_dict, f"a torchvision ResNet{encoder.depth}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,10 +242,10 @@ class ResUNet(nn.Module):
 
     def __init__(self, depth: int = 18, out_channels: int = 32, output_stride: int = 2):
         super().__init__()
-        if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be positive, got {out_channels}")
+        if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}")
         self.output_stride = output_stride
         self.out_channels = out_channels
         self.encoder = ResNetEncoder(depth)
@@ -210,6 +259,8 @@ class ResUNet(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {shape}")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
+        if images.dtype != self.encoder.conv1.weight.dtype:
+            raise TypeError(f"images must have the model's dtype {self.encoder.conv1.weight.dtype}, got {images.dtype}")
         height, width = images.shape[-2:]
         if height < 32 or width < 32:
             raise ValueError(f"images must be at least 32 x 32 pixels (stride-32 encoder), got {height} x {width}")

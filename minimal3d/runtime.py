@@ -17,9 +17,20 @@ from torch import Tensor
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; any other name is passed to ``torch.device``."""
+    """``auto`` picks cuda, then mps, then cpu; any other name is passed to ``torch.device``.
+
+    An unknown name, or a device this machine does not have, raises ``ValueError`` naming ``device``.
+    """
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available (use --device auto or cpu)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {name!r} requested but MPS is not available (use --device auto or cpu)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -85,6 +96,9 @@ def all_reduce_mean(value: Tensor, dist: Dist) -> Tensor:
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed python, numpy and torch (each rank gets its own stream: seed + rank)."""
+    for name, value in (("seed", seed), ("rank", rank)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
@@ -106,6 +120,17 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, descripti
     module.load_state_dict(state_dict, strict=True)
 
 
+def _load_failure_reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to retry with weights_only=False."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:  # not a zip archive: torch fell back to plain unpickling
+        detail = message.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"corrupt or not written by torch.save: {detail[0][:120] if detail else 'unpickling failed'}"
+    lines = [line for line in message.strip().splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0].split(". ")[0] if lines else "unreadable"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
 def load_checkpoint(path, required_keys: tuple[str, ...] = ()) -> dict:
     """Read a checkpoint dict saved with ``torch.save`` (tensors, numbers, strings, lists, dicts only).
 
@@ -120,8 +145,7 @@ def load_checkpoint(path, required_keys: tuple[str, ...] = ()) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch's own message suggests weights_only=False: wrong advice for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a valid checkpoint: {path} ({type(error).__name__}: {reason[:200]})") from None
+        raise ValueError(f"not a valid checkpoint: {path} ({_load_failure_reason(error)})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"not a valid checkpoint: {path} (expected a dict, got {type(checkpoint).__name__})")
     missing = [key for key in required_keys if key not in checkpoint]
@@ -136,6 +160,8 @@ def load_checkpoint(path, required_keys: tuple[str, ...] = ()) -> dict:
 
 
 def _to_rgb(image: Tensor) -> Tensor:
+    if not isinstance(image, Tensor):
+        raise TypeError(f"images must be tensors (3, H, W) or (H, W), got {type(image).__name__}")
     image = image.detach().float().cpu()
     if image.ndim == 2:
         image = image.unsqueeze(0)
@@ -150,6 +176,8 @@ def save_png(path, images) -> None:
     Images of different heights are padded with white at the bottom; a 2-pixel white gap separates them.
     """
     images = [_to_rgb(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+    if not images:
+        raise ValueError("images must hold at least one image")
     height = max(image.shape[1] for image in images)
     gap = torch.ones(3, height, 2)
     columns = []
@@ -210,8 +238,11 @@ def colorize_depth(depth: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Pixels outside ``mask`` (or with non-finite / non-positive depth) are black.
     """
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be (H, W), got {tuple(depth.shape)}")
+    if not isinstance(depth, Tensor) or depth.ndim != 2:
+        raise ValueError(f"depth must be a tensor (H, W), got {getattr(depth, 'shape', type(depth).__name__)}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != depth.shape):
+        raise ValueError(f"mask must have the shape of depth {tuple(depth.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
     depth = depth.detach().float().cpu()
     valid = torch.isfinite(depth) & (depth > 0)
     if mask is not None:
@@ -238,7 +269,14 @@ class PCABasis:
 
 
 def pca_basis(features: Tensor) -> PCABasis:
-    """Fit a 3-component PCA to features (C, ...) (any trailing spatial dims), for ``pca_rgb``."""
+    """Fit a 3-component PCA to features (C, ...) (any trailing spatial dims), for ``pca_rgb``.
+
+    Non-finite features are refused (ValueError); a single pixel or constant features give a valid basis."""
+    if not isinstance(features, Tensor) or features.ndim < 2 or features.shape[0] == 0 or features[0].numel() == 0:
+        raise ValueError(f"features must be a tensor (C, ...) with C > 0 and at least one pixel, got "
+                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features must be finite")
     flat = features.detach().float().cpu().flatten(1).T  # (P, C)
     mean = flat.mean(0)
     _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
@@ -255,9 +293,11 @@ def pca_rgb(features: Tensor, basis: PCABasis | None = None) -> Tensor:
 
     Pass a ``basis`` from ``pca_basis`` to colour several maps (before/after fine-tuning) consistently.
     """
-    if features.ndim != 3:
-        raise ValueError(f"features must be (C, H, W), got {tuple(features.shape)}")
+    if not isinstance(features, Tensor) or features.ndim != 3:
+        raise ValueError(f"features must be a tensor (C, H, W), got {getattr(features, 'shape', type(features).__name__)}")
     basis = basis or pca_basis(features)
+    if basis.mean.shape[0] != features.shape[0]:
+        raise ValueError(f"basis was fitted to {basis.mean.shape[0]} channels, features have {features.shape[0]}")
     _, height, width = features.shape
     flat = features.detach().float().cpu().flatten(1).T  # (H*W, C)
     projected = ((flat - basis.mean) @ basis.components - basis.low) / (basis.high - basis.low).clamp_min(1e-6)
@@ -294,6 +334,8 @@ def format_table(rows: list[dict], float_format: str = "{:.4f}") -> str:
     if not rows:
         return ""
     keys = list(rows[0])
+    if any(not isinstance(row, dict) or list(row) != keys for row in rows):
+        raise ValueError(f"rows must be dicts with the same keys in the same order ({keys})")
     cells = [[float_format.format(row[key]) if isinstance(row[key], float) else str(row[key]) for key in keys]
              for row in rows]
     widths = [max(len(key), *(len(line[i]) for line in cells)) for i, key in enumerate(keys)]
@@ -317,6 +359,9 @@ def claim(text: str, metric: str, higher_is_better: bool, baseline: tuple[str, f
     """
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    for name, pair in (("baseline", baseline), ("method", method)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name} must be a (name, value) pair, got {pair!r}")
     (baseline_name, baseline_value), (method_name, method_value) = baseline, method
     baseline_value, method_value = float(baseline_value), float(method_value)
     if higher_is_better:

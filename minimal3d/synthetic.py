@@ -171,12 +171,24 @@ class SceneBuilder:
         if texture.pattern not in PATTERNS:
             raise ValueError(f"texture.pattern must be one of {PATTERNS}, got {texture.pattern!r}")
         half_size = [float(h) for h in half_size]
+        if len(half_size) != 3:
+            raise ValueError(f"half_size must be 3 positive numbers, got {half_size}")
         if kind == "quad":
             half_size[2] = 1.0
-        if len(half_size) != 3 or min(half_size) <= 0:
-            raise ValueError(f"half_size must be 3 positive numbers, got {half_size}")
+        if not all(0 < h < math.inf for h in half_size):
+            raise ValueError(f"half_size must be 3 finite positive numbers, got {half_size}")
+        center = [float(c) for c in center]
+        if len(center) != 3 or not all(math.isfinite(c) for c in center):
+            raise ValueError(f"center must be 3 finite numbers, got {center}")
+        if not math.isfinite(yaw):
+            raise ValueError(f"yaw must be finite, got {yaw}")
+        if rotation is not None:
+            matrix = torch.as_tensor(rotation, dtype=torch.float64)
+            if matrix.shape != (3, 3) or not bool(torch.isfinite(matrix).all()) or \
+                    not torch.allclose(matrix.T @ matrix, torch.eye(3, dtype=torch.float64), atol=1e-4):
+                raise ValueError(f"rotation must be a (3, 3) rotation matrix (R^T R = I), got {matrix.tolist()}")
         rotation = _yaw_rotation(yaw) if rotation is None else torch.as_tensor(rotation, dtype=torch.float64).tolist()
-        self.primitives.append(dict(kind=PRIMITIVES.index(kind), center=[float(c) for c in center],
+        self.primitives.append(dict(kind=PRIMITIVES.index(kind), center=center,
                                     half_size=half_size, rotation=rotation, label=label, instance=instance,
                                     texture=texture))
 
@@ -385,6 +397,13 @@ def render_scene(scene: Scene, viewmat: Tensor, K: Tensor, width: int, height: i
         raise TypeError("viewmat and K must be torch.Tensors")
     if viewmat.shape != (4, 4) or K.shape != (3, 3):
         raise ValueError(f"viewmat must be (4, 4) and K (3, 3), got {tuple(viewmat.shape)} and {tuple(K.shape)}")
+    light = torch.as_tensor(light_direction, dtype=torch.float64)
+    if light.shape != (3,) or not bool(torch.isfinite(light).all()) or not bool((light != 0).any()):
+        raise ValueError(f"light_direction must be 3 finite numbers, not all 0, got {light_direction}")
+    if not 0.0 <= ambient <= 1.0:
+        raise ValueError(f"ambient must be in [0, 1], got {ambient}")
+    if not isinstance(chunk_rays, int) or isinstance(chunk_rays, bool) or chunk_rays < 1:
+        raise ValueError(f"chunk_rays must be a positive int, got {chunk_rays!r}")
     viewmat, K = viewmat.to(scene.center), K.to(scene.center)
     origins, directions = cameras.pixel_rays(viewmat, K, width, height)  # (R, 3) each
     if scene.kind.shape[0] == 0:  # an empty scene: every ray misses
@@ -723,6 +742,11 @@ def _room_scene(seed: int) -> Scene:
 def room_camera_path(seed: int, num_frames: int, step_degrees: float = 6.0) -> Tensor:
     """viewmats (T, 4, 4) of room ``seed``: the camera orbits the room centre and looks across the room,
     turning ``step_degrees`` per frame, with a slow wobble of height, heading and pitch."""
+    _check_index("seed", seed)
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if not math.isfinite(step_degrees):
+        raise ValueError(f"step_degrees must be finite, got {step_degrees}")
     _, _, _, orbit = _room_layout(seed)
     step = torch.arange(num_frames, dtype=torch.float64) * math.radians(step_degrees)
     phi = orbit["phase"] + orbit["direction"] * step
@@ -897,6 +921,12 @@ def corrupt_image(image: Tensor, depth: Tensor, corruption: str, severity: int,
         raise ValueError(f"corruption must be None or one of {CORRUPTIONS}, got {corruption!r}")
     if severity not in (1, 2, 3):
         raise ValueError(f"severity must be 1, 2 or 3, got {severity!r}")
+    if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a floating-point tensor (3, H, W), got "
+                         f"{getattr(image, 'shape', type(image).__name__)} {getattr(image, 'dtype', '')}")
+    if corruption == "fog" and (not isinstance(depth, Tensor) or depth.shape != image.shape[1:]):
+        raise ValueError(f"depth must be (H, W) = {tuple(image.shape[1:])} for fog, got "
+                         f"{getattr(depth, 'shape', type(depth).__name__)}")
     level = severity - 1
     if corruption == "noise":
         noise = torch.randn(image.shape, generator=generator, dtype=image.dtype)

@@ -18,14 +18,13 @@ Only cls and patches carry a position embedding.
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-
-from minimal3d.runtime import load_state_dict_checked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +48,19 @@ class ViTConfig:
     layerscale_init: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.num_register_tokens, bool) or not isinstance(self.num_register_tokens, int) \
+                or self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be an integer >= 0, got {self.num_register_tokens!r}")
+        if not 0 < self.mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        if not 0 <= self.interpolate_offset < 1:
+            raise ValueError(f"interpolate_offset must be in [0, 1) (hub: 0.1 or 0.0), got {self.interpolate_offset}")
+        if not math.isfinite(self.layerscale_init):
+            raise ValueError(f"layerscale_init must be finite, got {self.layerscale_init}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.ffn_layer not in ("mlp", "swiglu"):
@@ -259,6 +271,8 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"x must be images of shape (B, {c}, H, W), got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (normalised images), got {x.dtype}")
+        if x.dtype != self.pos_embed.dtype:
+            raise TypeError(f"x must have the model's dtype {self.pos_embed.dtype}, got {x.dtype} (cast x or the model)")
         height, width = x.shape[-2:]
         if height == 0 or width == 0 or height % p or width % p:
             raise ValueError(
@@ -267,6 +281,9 @@ class DinoVisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
         """Position embedding for an image of height x width pixels -> (1, 1 + h*w, D)."""
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < self.patch_size:
+                raise ValueError(f"{name} must be an integer >= the patch size {self.patch_size}, got {size!r}")
         h, w = height // self.patch_size, width // self.patch_size
         num_grid = self.pos_embed.shape[1] - 1
         return interpolate_pos_embed(
@@ -297,11 +314,12 @@ class DinoVisionTransformer(nn.Module):
         """Images x: (B, 3, H, W), H and W multiples of 14 -> dict of
         ``x_norm_clstoken (B, D)``, ``x_norm_regtokens (B, R, D)``, ``x_norm_patchtokens (B, h*w, D)``,
         ``x_prenorm (B, 1+R+h*w, D)`` and ``masks`` (as given: optional (B, h*w) bool, True = use mask_token).
+        x must have the model's dtype; NaN in x is data and flows through to the outputs.
         """
         self._check_images(x)
         if masks is not None:
             h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-            if masks.shape != (x.shape[0], h * w) or masks.dtype != torch.bool:
+            if not isinstance(masks, Tensor) or masks.shape != (x.shape[0], h * w) or masks.dtype != torch.bool:
                 raise ValueError(f"masks must be a bool tensor of shape (B, h*w) = {(x.shape[0], h * w)}")
         tokens = self.prepare_tokens(x, masks)
         for block in self.blocks:
@@ -338,12 +356,16 @@ class DinoVisionTransformer(nn.Module):
         """
         self._check_images(x)
         depth = len(self.blocks)
+        if isinstance(n, bool) or not isinstance(n, (int, Sequence)) or (
+            not isinstance(n, int) and not all(isinstance(i, int) and not isinstance(i, bool) for i in n)
+        ):
+            raise TypeError(f"n must be an int (the last n blocks) or a sequence of int block indices, got {n!r}")
         if isinstance(n, int):
             if not 1 <= n <= depth:
                 raise ValueError(f"n must be between 1 and depth={depth} blocks, got {n}")
             take = list(range(depth - n, depth))
         else:
-            take = sorted(int(i) for i in n)
+            take = sorted(n)
             if not take or take[0] < 0 or take[-1] >= depth or len(set(take)) != len(take):
                 raise ValueError(f"n must list distinct block indices in [0, {depth - 1}], got {list(n)}")
         tokens = self.prepare_tokens(x)
@@ -416,36 +438,93 @@ ARCHITECTURES = {
 # ----------------------------------------------------------------------------------------------------
 
 
+def _load_failure_reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to retry with weights_only=False."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:  # not a zip archive: torch fell back to plain unpickling
+        detail = message.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"corrupt or not written by torch.save: {detail[0][:120] if detail else 'unpickling failed'}"
+    lines = [line for line in message.strip().splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0].split(". ")[0] if lines else "unreadable"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A flat state dict (name -> tensor) from a ``torch.save`` file, read with ``weights_only=True``.
+
+    Raises ``ValueError("not a valid checkpoint: PATH (reason)")`` for a missing, empty, truncated or corrupt
+    file and for one that does not hold a dict of tensors. (torch's own message for a corrupt file suggests
+    ``weights_only=False``, which is wrong and unsafe advice here, so it is replaced.)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"not a valid checkpoint: {path} (no such file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"not a valid checkpoint: {path} (empty file)")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or not written by torch.save
+        raise ValueError(f"not a valid checkpoint: {path} ({_load_failure_reason(error)})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise ValueError(f"not a valid checkpoint: {path} (expected a flat dict of name -> tensor, "
+                         f"got {type(state_dict).__name__})")
+    return state_dict
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], description: str) -> None:
+    """Compare key sets and shapes with ``module``, name every missing / unexpected / mis-shaped key in one
+    ``ValueError``, then load with ``strict=True``. ``description`` says what was expected (for the message)."""
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {shape}"
+                   for key, shape in expected.items() if key in state_dict and tuple(state_dict[key].shape) != shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"state_dict does not match {description}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {wrong_shape}")
+    module.load_state_dict(state_dict, strict=True)
+
+
 def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> ViTConfig:
     """Read a ViTConfig from an official DINOv2 state dict.
 
     From the weights: D, depth, registers, patch size, base grid, MLP vs SwiGLU (and MLP width).
     Not in the weights: heads (D / 64, as in every released model, unless ``num_heads`` is given) and the
-    interpolation flags (tied to registers as the hub does, unless given).
+    interpolation flags (tied to registers as the hub does, unless given). A state dict without the keys
+    this needs raises ``ValueError`` naming them.
     """
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-        if key not in state_dict:
-            raise ValueError(f"state_dict is not a DINOv2 ViT state dict: missing {key!r}")
-    dim = state_dict["cls_token"].shape[-1]
-    block_ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    if not block_ids:
-        raise ValueError("state_dict has no 'blocks.<i>.*' keys")
-    grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
-    patch = state_dict["patch_embed.proj.weight"].shape[-1]
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of name -> tensor, got {type(state_dict).__name__}")
+    ffn_key = "blocks.0.mlp.w12.weight" if "blocks.0.mlp.w12.weight" in state_dict else "blocks.0.mlp.fc1.weight"
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", ffn_key)
+    missing = [key for key in needed if key not in state_dict]
+    if missing:
+        found = sorted(state_dict)[:8]
+        raise ValueError(f"state_dict is not a DINOv2 ViT state dict: missing keys {missing} (has {found}...)")
+    shapes = {key: tuple(state_dict[key].shape) for key in needed}
+    if len(shapes["cls_token"]) != 3 or len(shapes["pos_embed"]) != 3 or len(shapes["patch_embed.proj.weight"]) != 4:
+        raise ValueError(f"state_dict has shapes cls_token {shapes['cls_token']}, pos_embed {shapes['pos_embed']}, "
+                         f"patch_embed.proj.weight {shapes['patch_embed.proj.weight']}: not a DINOv2 ViT")
+    dim = shapes["cls_token"][-1]
+    block_ids = {key.split(".")[1] for key in state_dict if key.startswith("blocks.")}
+    if not block_ids or not all(index.isdigit() for index in block_ids):
+        raise ValueError(f"state_dict must name its blocks 'blocks.<i>.*' (i = 0, 1, ...), got {sorted(block_ids)[:5]}")
+    grid = math.isqrt(max(shapes["pos_embed"][1] - 1, 0))
+    patch = shapes["patch_embed.proj.weight"][-1]
     registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
-    swiglu = "blocks.0.mlp.w12.weight" in state_dict
-    mlp_ratio = 4.0 if swiglu else state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    swiglu = ffn_key.endswith("w12.weight")
+    mlp_ratio = 4.0 if swiglu else shapes[ffn_key][0] / dim
     if "num_heads" not in overrides and dim % 64:
         raise ValueError(f"cannot infer num_heads for embed_dim {dim} (not a multiple of 64): pass num_heads=")
     config = ViTConfig(
         embed_dim=dim,
-        depth=max(block_ids) + 1,
+        depth=max(int(index) for index in block_ids) + 1,
         num_heads=dim // 64 if dim % 64 == 0 else 1,
         mlp_ratio=mlp_ratio,
         ffn_layer="swiglu" if swiglu else "mlp",
         patch_size=patch,
         img_size=grid * patch,
-        in_chans=state_dict["patch_embed.proj.weight"].shape[1],
+        in_chans=shapes["patch_embed.proj.weight"][1],
         num_register_tokens=registers,
         interpolate_offset=0.0 if registers else 0.1,
         interpolate_antialias=bool(registers),
@@ -458,17 +537,24 @@ def load_dinov2(path_or_state_dict: str | os.PathLike | dict, **overrides) -> Di
 
     path_or_state_dict: a ``.pth`` file (e.g. ``dinov2_vits14_pretrain.pth``) or a dict of tensors /
     arrays with the official keys. overrides: ViTConfig fields the weights do not determine (``num_heads``,
-    ``interpolate_offset``, ``interpolate_antialias``). Missing or unexpected keys and shape mismatches
-    raise ``ValueError`` listing them by name.
+    ``interpolate_offset``, ``interpolate_antialias``). An unreadable file raises ``ValueError("not a valid
+    checkpoint: PATH (reason)")``; missing or unexpected keys and shape mismatches raise ``ValueError``
+    listing them by name.
     """
     if isinstance(path_or_state_dict, dict):
-        state_dict = {k: torch.as_tensor(v) for k, v in path_or_state_dict.items()}
+        state_dict = {}
+        for key, value in path_or_state_dict.items():
+            try:
+                state_dict[key] = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"path_or_state_dict[{key!r}] must be a tensor or an array, "
+                                f"got {type(value).__name__}") from None
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
-        state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        state_dict = read_state_dict_file(path_or_state_dict)
     else:
         raise TypeError(f"path_or_state_dict must be a path or a dict, got {type(path_or_state_dict).__name__}")
     model = DinoVisionTransformer(config_from_state_dict(state_dict, **overrides))
-    load_state_dict_checked(model, state_dict, "the DINOv2 layout")
+    load_state_dict_strict(model, state_dict, "the DINOv2 layout")
     return model
 
 
@@ -516,6 +602,8 @@ __all__ = [
     "vit_large",
     "vit_giant2",
     "config_from_state_dict",
+    "read_state_dict_file",
+    "load_state_dict_strict",
     "load_dinov2",
     "save_dinov2",
     "build_backbone",

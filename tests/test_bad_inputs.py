@@ -27,7 +27,202 @@ CASES: list[Case] = []
 # cameras, vit, resunet, runtime, checkpoints
 # ===================================================================================================
 
-# (cases for this area go here)
+
+def _foundation_cases() -> list[Case]:
+    from minimal3d import cameras, probes, runtime, synthetic
+    from minimal3d.resunet import ResNetEncoder, ResUNet, load_torchvision_resnet
+    from minimal3d.vit import DinoVisionTransformer, ViTConfig, build_backbone, load_dinov2, normalize_image
+
+    nan, inf = float("nan"), float("inf")
+    eye4, K = torch.eye(4), cameras.intrinsics(10.0, 10.0, 4.0, 4.0)
+    points = torch.zeros(5, 3)
+
+    def K_with(row: int, col: int, value: float) -> torch.Tensor:
+        bad = K.clone()
+        bad[row, col] = value
+        return bad
+
+    def viewmat_with(scale: float = 1.0, row3=(0.0, 0.0, 0.0, 1.0), flip: bool = False, shear: float = 0.0):
+        bad = torch.eye(4)
+        bad[:3, :3] *= scale
+        bad[0, 1] = shear
+        bad[3] = torch.tensor(row3)
+        if flip:
+            bad[0, 0] = -1.0
+        return bad
+
+    up, zero3 = torch.tensor([0.0, 0.0, 1.0]), torch.zeros(3)
+    tiny_vit = DinoVisionTransformer(ViTConfig(embed_dim=8, depth=2, num_heads=2, patch_size=2, img_size=8))
+    tiny_unet = ResUNet(18, 4, 32)
+
+    def bad_file(tmp: str, content: bytes):
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.mkdtemp()) / tmp
+        path.write_bytes(content)
+        return path
+
+    cases = [
+        # -- cameras: shapes
+        Case("cameras-shape-project-points", lambda: cameras.project(torch.zeros(2, 2), eye4, K), ValueError, "points"),
+        Case("cameras-shape-project-one-point", lambda: cameras.project(torch.zeros(3), eye4, K), ValueError, "points"),
+        Case("cameras-shape-project-K", lambda: cameras.project(points, eye4, torch.eye(4)), ValueError, "K must"),
+        Case("cameras-shape-pixel_rays-viewmat", lambda: cameras.pixel_rays(torch.eye(3), K, 4, 4), ValueError, "viewmat"),
+        Case("cameras-shape-unproject-depth", lambda: cameras.unproject_depth(torch.ones(5), eye4, K), ValueError, "depth"),
+        Case("cameras-shape-look_at-eye", lambda: cameras.look_at(torch.zeros(2), zero3, up), ValueError, "eye"),
+        Case("cameras-shape-rotation_error", lambda: cameras.rotation_error(torch.eye(3)[:, :2], torch.eye(3)), ValueError, "R_pred"),
+        Case("cameras-shape-transform-matrix", lambda: cameras.transform_points(points, torch.eye(4)[:3]), ValueError, "matrix"),
+        Case("cameras-shape-camera_center", lambda: cameras.camera_center(torch.eye(4)[:, :3]), ValueError, "viewmat"),
+        Case("cameras-shape-make_viewmat", lambda: cameras.make_viewmat(torch.eye(3), torch.zeros(4)), ValueError, "translation"),
+        Case("cameras-shape-opengl", lambda: cameras.opengl_to_opencv_c2w(torch.eye(3)), ValueError, "c2w"),
+        Case("cameras-type-list-viewmat", lambda: cameras.camera_center([[1.0]]), TypeError, "viewmat"),
+        # -- cameras: batch sizes
+        Case("cameras-batch-project", lambda: cameras.project(torch.zeros(2, 5, 3), eye4.expand(3, 4, 4), K), ValueError, "viewmat"),
+        Case("cameras-batch-pixel_rays", lambda: cameras.pixel_rays(eye4.expand(2, 4, 4), K.expand(3, 3, 3), 4, 4), ValueError, "K must"),
+        Case("cameras-batch-unproject", lambda: cameras.unproject_depth(torch.ones(2, 4, 4), eye4.expand(3, 4, 4), K), ValueError, "depth"),
+        Case("cameras-batch-look_at", lambda: cameras.look_at(torch.ones(2, 3), torch.zeros(3, 3), up), ValueError, "target"),
+        Case("cameras-batch-rotation_error", lambda: cameras.rotation_error(torch.eye(3).expand(2, 3, 3), torch.eye(3).expand(3, 3, 3)), ValueError, "R_gt"),
+        Case("cameras-batch-intrinsics", lambda: cameras.intrinsics(torch.ones(2), 1.0, torch.ones(3), 1.0), ValueError, "cx"),
+        Case("cameras-batch-pose_from_angles", lambda: cameras.pose_from_angles(torch.zeros(2), 0.0, 0.0, torch.ones(3) * 5), ValueError, "distance"),
+        Case("cameras-batch-make_viewmat", lambda: cameras.make_viewmat(torch.eye(3).expand(2, 3, 3), torch.zeros(3, 3)), ValueError, "translation"),
+        # -- cameras: dtypes
+        Case("cameras-dtype-project-mixed", lambda: cameras.project(points.double(), eye4, K), TypeError, "points"),
+        Case("cameras-dtype-project-half", lambda: cameras.project(points.half(), eye4.half(), K.half()), TypeError, "points"),
+        Case("cameras-dtype-project-int-points", lambda: cameras.project(torch.zeros(5, 3, dtype=torch.long), eye4, K), TypeError, "points"),
+        Case("cameras-dtype-look_at-up", lambda: cameras.look_at(torch.ones(3), zero3, up.double()), TypeError, "up"),
+        Case("cameras-dtype-unproject-depth", lambda: cameras.unproject_depth(torch.ones(4, 4, dtype=torch.long), eye4, K), TypeError, "depth"),
+        Case("cameras-dtype-pixel_centers", lambda: cameras.pixel_centers(4, 4, dtype=torch.int64), TypeError, "dtype"),
+        Case("cameras-dtype-intrinsics", lambda: cameras.intrinsics(torch.ones(1), torch.ones(1, dtype=torch.float64), 1.0, 1.0), TypeError, "fy"),
+        Case("cameras-dtype-rotation_error", lambda: cameras.rotation_error(torch.eye(3), torch.eye(3, dtype=torch.float64)), TypeError, "R_gt"),
+        # -- cameras: focal lengths and parameters
+        Case("cameras-range-intrinsics-zero-fx", lambda: cameras.intrinsics(0.0, 1.0, 1.0, 1.0), ValueError, "fx"),
+        Case("cameras-range-intrinsics-negative-fy", lambda: cameras.intrinsics(1.0, -1.0, 1.0, 1.0), ValueError, "fy"),
+        Case("cameras-range-intrinsics-nan-fx", lambda: cameras.intrinsics(nan, 1.0, 1.0, 1.0), ValueError, "fx"),
+        Case("cameras-range-intrinsics-inf-cx", lambda: cameras.intrinsics(1.0, 1.0, inf, 1.0), ValueError, "cx"),
+        Case("cameras-range-fov-zero", lambda: cameras.fov_intrinsics(0.0, 8, 8), ValueError, "fov_x"),
+        Case("cameras-range-fov-nan", lambda: cameras.fov_intrinsics(nan, 8, 8), ValueError, "fov_x"),
+        Case("cameras-range-project-zero-focal", lambda: cameras.project(points, eye4, K_with(0, 0, 0.0)), ValueError, "K must"),
+        Case("cameras-range-pixel_rays-negative-focal", lambda: cameras.pixel_rays(eye4, K_with(1, 1, -10.0), 4, 4), ValueError, "K must"),
+        Case("cameras-range-unproject-nan-K", lambda: cameras.unproject_depth(torch.ones(4, 4), eye4, K_with(0, 2, nan)), ValueError, "K must"),
+        Case("cameras-range-project-K-not-pinhole", lambda: cameras.project(points, eye4, K_with(2, 0, 1.0)), ValueError, "K must"),
+        Case("cameras-range-pose-distance-zero", lambda: cameras.pose_from_angles(0.0, 0.0, 0.0, 0.0), ValueError, "distance"),
+        Case("cameras-range-pose-distance-nan", lambda: cameras.pose_from_angles(0.0, 0.0, 0.0, nan), ValueError, "distance"),
+        Case("cameras-range-pose-azimuth-nan", lambda: cameras.pose_from_angles(nan, 0.0, 0.0, 5.0), ValueError, "azimuth"),
+        # -- cameras: image sizes
+        Case("cameras-size-width-zero", lambda: cameras.pixel_rays(eye4, K, 0, 4), ValueError, "width"),
+        Case("cameras-size-width-float", lambda: cameras.pixel_rays(eye4, K, 3.5, 4), TypeError, "width"),
+        Case("cameras-size-height-negative", lambda: cameras.pixel_centers(4, -2), ValueError, "height"),
+        Case("cameras-size-fov-width-float", lambda: cameras.fov_intrinsics(1.0, 10.0, 8), TypeError, "width"),
+        Case("cameras-size-height-bool", lambda: cameras.pixel_centers(4, True), TypeError, "height"),
+        # -- cameras: poses
+        Case("cameras-pose-singular", lambda: cameras.project(points, viewmat_with(scale=0.0), K), ValueError, "viewmat"),
+        Case("cameras-pose-scaled", lambda: cameras.project(points, viewmat_with(scale=2.0), K), ValueError, "viewmat"),
+        Case("cameras-pose-sheared", lambda: cameras.pixel_rays(viewmat_with(shear=0.3), K, 4, 4), ValueError, "viewmat"),
+        Case("cameras-pose-reflection", lambda: cameras.unproject_depth(torch.ones(4, 4), viewmat_with(flip=True), K), ValueError, "viewmat"),
+        Case("cameras-pose-last-row", lambda: cameras.project(points, viewmat_with(row3=(0.0, 0.0, 1.0, 1.0)), K), ValueError, "viewmat"),
+        Case("cameras-pose-nan", lambda: cameras.camera_center(torch.full((4, 4), nan)), ValueError, "viewmat"),
+        Case("cameras-pose-camera_center-scaled", lambda: cameras.camera_center(viewmat_with(scale=3.0)), ValueError, "viewmat"),
+        Case("cameras-pose-transform-sheared", lambda: cameras.transform_points(points, viewmat_with(shear=0.2)), ValueError, "matrix"),
+        Case("cameras-pose-rotation_error-scaled", lambda: cameras.rotation_error(2 * torch.eye(3), torch.eye(3)), ValueError, "R_pred"),
+        Case("cameras-pose-make_viewmat-rotation", lambda: cameras.make_viewmat(torch.ones(3, 3), zero3), ValueError, "rotation"),
+        Case("cameras-pose-make_viewmat-translation", lambda: cameras.make_viewmat(torch.eye(3), torch.full((3,), nan)), ValueError, "translation"),
+        Case("cameras-pose-opengl-scaled", lambda: cameras.opengl_to_opencv_c2w(viewmat_with(scale=2.0)), ValueError, "c2w"),
+        Case("cameras-pose-look_at-eye-is-target", lambda: cameras.look_at(torch.ones(3), torch.ones(3), up), ValueError, "target"),
+        Case("cameras-pose-look_at-zero-up", lambda: cameras.look_at(torch.ones(3), zero3, zero3), ValueError, "up"),
+        Case("cameras-pose-look_at-parallel-up", lambda: cameras.look_at(torch.tensor([0.0, 0, 1]), zero3, up), ValueError, "up"),
+        Case("cameras-pose-look_at-nan-eye", lambda: cameras.look_at(torch.full((3,), nan), zero3, up), ValueError, "eye"),
+        # -- vit
+        Case("vit-shape-x", lambda: tiny_vit(torch.randn(3, 8, 8)), ValueError, "x must"),
+        Case("vit-shape-x-channels", lambda: tiny_vit(torch.randn(1, 4, 8, 8)), ValueError, "x must"),
+        Case("vit-shape-x-not-multiple", lambda: tiny_vit(torch.randn(1, 3, 8, 7)), ValueError, "x must"),
+        Case("vit-dtype-x-uint8", lambda: tiny_vit(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), TypeError, "x must"),
+        Case("vit-dtype-x-double", lambda: tiny_vit(torch.zeros(1, 3, 8, 8, dtype=torch.float64)), TypeError, "x must"),
+        Case("vit-shape-masks", lambda: tiny_vit.forward_features(torch.randn(1, 3, 8, 8), masks=torch.ones(1, 3, dtype=torch.bool)), ValueError, "masks"),
+        Case("vit-range-n-zero", lambda: tiny_vit.get_intermediate_layers(torch.randn(1, 3, 8, 8), n=0), ValueError, "n must"),
+        Case("vit-range-n-above-depth", lambda: tiny_vit.get_intermediate_layers(torch.randn(1, 3, 8, 8), n=3), ValueError, "n must"),
+        Case("vit-range-n-index", lambda: tiny_vit.get_intermediate_layers(torch.randn(1, 3, 8, 8), n=[0, 5]), ValueError, "n must"),
+        Case("vit-type-n-float", lambda: tiny_vit.get_intermediate_layers(torch.randn(1, 3, 8, 8), n=1.5), TypeError, "n must"),
+        Case("vit-range-pos-height", lambda: tiny_vit.interpolate_pos_encoding(0, 8), ValueError, "height"),
+        Case("vit-range-normalize-255", lambda: normalize_image(torch.rand(1, 3, 4, 4) * 255), ValueError, "images"),
+        Case("vit-config-heads", lambda: ViTConfig(embed_dim=10, num_heads=3), ValueError, "num_heads"),
+        Case("vit-config-patch-zero", lambda: ViTConfig(patch_size=0), ValueError, "patch_size"),
+        Case("vit-config-depth-zero", lambda: ViTConfig(depth=0), ValueError, "depth"),
+        Case("vit-config-registers", lambda: ViTConfig(num_register_tokens=-1), ValueError, "num_register_tokens"),
+        Case("vit-config-mlp_ratio-nan", lambda: ViTConfig(mlp_ratio=nan), ValueError, "mlp_ratio"),
+        Case("vit-config-ffn", lambda: ViTConfig(ffn_layer="geglu"), ValueError, "ffn_layer"),
+        Case("vit-config-arch", lambda: build_backbone(arch="vit_huge"), ValueError, "arch"),
+        # -- resunet
+        Case("resunet-shape-images", lambda: tiny_unet(torch.randn(3, 32, 32)), ValueError, "images"),
+        Case("resunet-shape-images-small", lambda: tiny_unet(torch.randn(1, 3, 16, 32)), ValueError, "images"),
+        Case("resunet-dtype-images-int", lambda: tiny_unet(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), TypeError, "images"),
+        Case("resunet-dtype-images-double", lambda: tiny_unet(torch.zeros(1, 3, 32, 32, dtype=torch.float64)), TypeError, "images"),
+        Case("resunet-config-stride", lambda: ResUNet(18, 4, 3), ValueError, "output_stride"),
+        Case("resunet-config-out_channels", lambda: ResUNet(18, 2.5), ValueError, "out_channels"),
+        Case("resunet-config-depth", lambda: ResNetEncoder(101), ValueError, "depth"),
+        Case("resunet-type-encoder", lambda: load_torchvision_resnet(tiny_unet, {}), TypeError, "encoder"),
+        # -- checkpoints
+        Case("checkpoint-dinov2-missing-file", lambda: load_dinov2("/nonexistent/dinov2.pth"), ValueError, "not a valid checkpoint"),
+        Case("checkpoint-dinov2-empty", lambda: load_dinov2(bad_file("empty.pth", b"")), ValueError, "not a valid checkpoint"),
+        Case("checkpoint-dinov2-corrupt", lambda: load_dinov2(bad_file("corrupt.pth", b"\x80\x02garbage" * 4)), ValueError, "not a valid checkpoint"),
+        Case("checkpoint-dinov2-missing-key", lambda: load_dinov2({"pos_embed": torch.zeros(1, 5, 64)}), ValueError, "cls_token"),
+        Case("checkpoint-dinov2-type", lambda: load_dinov2(3), TypeError, "path_or_state_dict"),
+        Case("checkpoint-resnet-truncated", lambda: load_torchvision_resnet(ResNetEncoder(18), bad_file("r.pth", b"PK\x03\x04trunc")), ValueError, "not a valid checkpoint"),
+        Case("checkpoint-resnet-missing-key", lambda: load_torchvision_resnet(ResNetEncoder(18), {"conv1.weight": torch.zeros(64, 3, 7, 7)}), ValueError, "bn1.weight"),
+        Case("checkpoint-runtime-missing-file", lambda: runtime.load_checkpoint("/nonexistent/run.pt"), ValueError, "not a valid checkpoint"),
+        Case("checkpoint-runtime-corrupt", lambda: runtime.load_checkpoint(bad_file("c.pt", b"\x00garbage" * 8)), ValueError, "not a valid checkpoint"),
+        # -- runtime
+        Case("runtime-device-unknown", lambda: runtime.pick_device("tpu7"), ValueError, "device"),
+        Case("runtime-panels-empty", lambda: runtime.save_panels("/tmp/unused.png", []), ValueError, "panels"),
+        Case("runtime-panels-size", lambda: runtime.save_panels("/tmp/unused.png", [("a", torch.zeros(4, 4))], size=0), ValueError, "size"),
+        Case("runtime-png-empty", lambda: runtime.save_png("/tmp/unused.png", []), ValueError, "images"),
+        Case("runtime-depth-shape", lambda: runtime.colorize_depth(torch.ones(1, 4, 4)), ValueError, "depth"),
+        Case("runtime-depth-mask-shape", lambda: runtime.colorize_depth(torch.ones(4, 4), torch.ones(3, 3, dtype=torch.bool)), ValueError, "mask"),
+        Case("runtime-pca-shape", lambda: runtime.pca_rgb(torch.ones(4, 4)), ValueError, "features"),
+        Case("runtime-pca-nan", lambda: runtime.pca_basis(torch.full((4, 3, 3), nan)), ValueError, "features"),
+        Case("runtime-pca-basis-channels", lambda: runtime.pca_rgb(torch.rand(5, 3, 3), runtime.pca_basis(torch.rand(4, 3, 3))), ValueError, "basis"),
+        Case("runtime-claim-margin", lambda: runtime.claim("c", "m", True, ("a", 1.0), ("b", 2.0), margin=-1.0), ValueError, "margin"),
+        Case("runtime-claim-pair", lambda: runtime.claim("c", "m", True, 1.0, ("b", 2.0)), ValueError, "baseline"),
+        Case("runtime-table-keys", lambda: runtime.format_table([{"a": 1}, {"b": 2}]), ValueError, "rows"),
+        # -- probes
+        Case("probes-shape-segmentation", lambda: probes.segmentation_metrics(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), 2), ValueError, "pred"),
+        Case("probes-empty-segmentation", lambda: probes.segmentation_metrics(torch.zeros(2, dtype=torch.long), torch.full((2,), -1), 2), ValueError, "target"),
+        Case("probes-range-num_classes", lambda: probes.segmentation_metrics(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 0), ValueError, "num_classes"),
+        Case("probes-dtype-labels-fraction", lambda: probes.segmentation_metrics(torch.full((2,), 0.5), torch.zeros(2, dtype=torch.long), 2), ValueError, "pred"),
+        Case("probes-range-labels", lambda: probes.segmentation_metrics(torch.full((2,), 5), torch.zeros(2, dtype=torch.long), 2), ValueError, "labels"),
+        Case("probes-shape-depth", lambda: probes.depth_metrics(torch.ones(3), torch.ones(4)), ValueError, "pred"),
+        Case("probes-shape-depth-mask", lambda: probes.depth_metrics(torch.ones(3), torch.ones(3), torch.ones(2, dtype=torch.bool)), ValueError, "mask"),
+        Case("probes-empty-depth", lambda: probes.depth_metrics(torch.ones(3), torch.zeros(3)), ValueError, "target"),
+        Case("probes-empty-depth-nan-holes", lambda: probes.depth_metrics(torch.ones(2), torch.full((2,), nan)), ValueError, "target"),
+        Case("probes-shape-classifier-labels", lambda: probes.fit_linear_classifier(torch.ones(4, 2), torch.zeros(3, dtype=torch.long), 2), ValueError, "labels"),
+        Case("probes-empty-classifier", lambda: probes.fit_linear_classifier(torch.ones(0, 2), torch.zeros(0, dtype=torch.long), 2), ValueError, "labels"),
+        Case("probes-empty-classifier-ignored", lambda: probes.fit_linear_classifier(torch.ones(2, 2), torch.full((2,), -1), 2), ValueError, "labels"),
+        Case("probes-range-classifier-classes", lambda: probes.fit_linear_classifier(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), 0), ValueError, "num_classes"),
+        Case("probes-range-classifier-decay", lambda: probes.fit_linear_classifier(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), 2, weight_decay=-1.0), ValueError, "weight_decay"),
+        Case("probes-range-classifier-iter", lambda: probes.fit_linear_classifier(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), 2, max_iter=0), ValueError, "max_iter"),
+        Case("probes-shape-regressor-rows", lambda: probes.fit_linear_regressor(torch.ones(4, 2), torch.ones(3)), ValueError, "targets"),
+        Case("probes-range-regressor-ridge", lambda: probes.fit_linear_regressor(torch.ones(4, 2), torch.ones(4), ridge=-1.0), ValueError, "ridge"),
+        Case("probes-range-regressor-ridge-nan", lambda: probes.fit_linear_regressor(torch.ones(4, 2), torch.ones(4), ridge=nan), ValueError, "ridge"),
+        Case("probes-nan-regressor-features", lambda: probes.fit_linear_regressor(torch.full((4, 2), nan), torch.ones(4)), ValueError, "features"),
+        Case("probes-nan-regressor-targets", lambda: probes.fit_linear_regressor(torch.ones(4, 2), torch.full((4,), nan)), ValueError, "targets"),
+        Case("probes-shape-probe-call", lambda: probes.fit_linear_regressor(torch.rand(4, 2), torch.ones(4))(torch.ones(4, 3)), ValueError, "features"),
+        # -- synthetic
+        Case("synthetic-size-render", lambda: synthetic.render_scene(synthetic.SceneBuilder().build(), eye4, K, 4, 16), ValueError, "width"),
+        Case("synthetic-pose-render", lambda: synthetic.render_scene(synthetic.SceneBuilder().build(), viewmat_with(scale=2.0), K, 16, 16), ValueError, "viewmat"),
+        Case("synthetic-range-render-light", lambda: synthetic.render_scene(synthetic.SceneBuilder().build(), eye4, K, 16, 16, light_direction=(0, 0, 0)), ValueError, "light_direction"),
+        Case("synthetic-range-render-ambient", lambda: synthetic.render_scene(synthetic.SceneBuilder().build(), eye4, K, 16, 16, ambient=nan), ValueError, "ambient"),
+        Case("synthetic-shape-add-center", lambda: synthetic.SceneBuilder().add("box", (0.0, 0.0), (1, 1, 1), synthetic.Texture()), ValueError, "center"),
+        Case("synthetic-range-add-half_size", lambda: synthetic.SceneBuilder().add("box", (0, 0, 0), (1, inf, 1), synthetic.Texture()), ValueError, "half_size"),
+        Case("synthetic-shape-add-quad", lambda: synthetic.SceneBuilder().add("quad", (0, 0, 0), (1, 1), synthetic.Texture()), ValueError, "half_size"),
+        Case("synthetic-pose-add-rotation", lambda: synthetic.SceneBuilder().add("box", (0, 0, 0), (1, 1, 1), synthetic.Texture(), rotation=2 * torch.eye(3)), ValueError, "rotation"),
+        Case("synthetic-range-camera-path", lambda: synthetic.room_camera_path(0, 0), ValueError, "num_frames"),
+        Case("synthetic-shape-corrupt-image", lambda: synthetic.corrupt_image(torch.rand(4, 8), torch.ones(4, 8), "noise", 1), ValueError, "image"),
+        Case("synthetic-shape-corrupt-fog-depth", lambda: synthetic.corrupt_image(torch.rand(3, 4, 8), torch.ones(8, 4), "fog", 1), ValueError, "depth"),
+    ]
+    return cases
+
+
+CASES += _foundation_cases()
 
 
 # ===================================================================================================

@@ -145,3 +145,51 @@ def test_bad_inputs():
         cameras.pose_from_angles(0.0, 0.0, 0.0, 0.0)
     with pytest.raises(TypeError, match="eye"):
         cameras.look_at([0.0, 0, 1], torch.zeros(3), torch.tensor([0.0, 0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_look_at_with_huge_eye_and_tiny_up(dtype):
+    # Squaring 1e20 overflows float32: the directions are normalised at any scale, so the camera looks along
+    # -eye as for a unit eye, and a tiny up is as good as a unit one.
+    direction = torch.tensor([1.0, 2.0, -3.0], dtype=dtype)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=dtype)
+    reference = cameras.look_at(direction, torch.zeros(3, dtype=dtype), up)
+    for scale in (1e20, 1e30):
+        viewmat = cameras.look_at(direction * scale, torch.zeros(3, dtype=dtype), up)
+        torch.testing.assert_close(viewmat[:3, :3], reference[:3, :3])
+        assert bool(torch.isfinite(viewmat).all())
+        torch.testing.assert_close(viewmat[2, 3], torch.tensor(scale * direction.norm().item(), dtype=dtype))
+    tiny_up = cameras.look_at(direction, torch.zeros(3, dtype=dtype), up * 1e-30)
+    torch.testing.assert_close(tiny_up, reference)
+
+
+def test_value_checks_are_skipped_with_check_false():
+    sheared = torch.eye(4)
+    sheared[0, 1] = 0.5
+    K = cameras.intrinsics(10.0, 10.0, 4.0, 4.0)
+    points = torch.tensor([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="viewmat must be rigid"):
+        cameras.project(points, sheared, K)
+    uv, depth = cameras.project(points, sheared, K, check=False)  # the plain formula, unchecked
+    torch.testing.assert_close(uv, torch.tensor([[(1.0 + 0.5 * 2.0) / 3.0 * 10.0 + 4.0, 2.0 / 3.0 * 10.0 + 4.0]]))
+    torch.testing.assert_close(depth, torch.tensor([3.0]))
+
+
+def test_rigid_tolerance_accepts_float32_round_off():
+    # A float32 pose inverted by torch.linalg.inv, with a large translation, is rigid up to round-off.
+    viewmat = cameras.look_at(torch.tensor([300.0, -200.0, 50.0]), torch.zeros(3), torch.tensor([0.0, 0.0, 1.0]))
+    back = torch.linalg.inv(torch.linalg.inv(viewmat))
+    cameras.camera_center(back)
+    reflected = viewmat.clone()
+    reflected[0, :3] *= -1
+    with pytest.raises(ValueError, match="det R = \\+1"):
+        cameras.camera_center(reflected)
+
+
+def test_empty_batches_and_nan_points_flow_through():
+    K = cameras.intrinsics(10.0, 10.0, 4.0, 4.0)
+    uv, depth = cameras.project(torch.zeros(0, 5, 3), torch.eye(4).expand(0, 4, 4), K)
+    assert uv.shape == (0, 5, 2) and depth.shape == (0, 5)
+    points = torch.tensor([[0.0, 0.0, 2.0], [float("nan"), 0.0, 2.0]])
+    uv, depth = cameras.project(points, torch.eye(4), K)
+    assert bool(torch.isfinite(uv[0]).all()) and bool(torch.isnan(uv[1, 0]))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,32 @@ def test_bad_inputs():
         probes.fit_linear_regressor(torch.tensor([[float("nan")]]), torch.zeros(1))
     with pytest.raises(ValueError, match="target > 0"):
         probes.depth_metrics(torch.ones(3), torch.zeros(3))
+
+
+def test_label_dtypes_and_empty_sets():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, -1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 0]])
+    expected = probes.segmentation_metrics(pred, target, num_classes=4)
+    # integer-valued float labels and a numpy integer class count give the same numbers
+    assert probes.segmentation_metrics(pred.float(), target.double(), num_classes=np.int64(4)) == expected
+    with pytest.raises(ValueError, match="pred must hold integer labels"):
+        probes.segmentation_metrics(pred.float() + 0.5, target, 4)
+    with pytest.raises(ValueError, match="no pixel to evaluate"):
+        probes.segmentation_metrics(pred, torch.full_like(target, -1), 4)
+    # NaN holes in the target are left out of the depth metrics, as are pixels outside the mask
+    depth = probes.depth_metrics(torch.tensor([1.0, 5.0, 2.0]), torch.tensor([1.0, float("nan"), 4.0]))
+    assert depth["AbsRel"] == pytest.approx(0.25)
+    masked = probes.depth_metrics(torch.tensor([1.0, 5.0]), torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
+    assert masked["RMSE"] == 0.0
+
+
+def test_probe_with_constant_feature_and_one_class_stays_finite():
+    features = torch.cat([torch.ones(6, 1), torch.arange(6.0).unsqueeze(1)], dim=1)  # a constant channel
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    probe = probes.fit_linear_classifier(features, labels, num_classes=2)
+    assert bool(torch.isfinite(probe(features)).all())
+    assert (probe(features).argmax(-1) == labels).all()
+    single = probes.fit_linear_classifier(features, torch.zeros(6, dtype=torch.long), num_classes=1)
+    assert bool(torch.isfinite(single(features)).all())
+    regressor = probes.fit_linear_regressor(features, features[:, 1] * 2.0 + 1.0)
+    torch.testing.assert_close(regressor(features).squeeze(-1), features[:, 1].double() * 2.0 + 1.0, atol=1e-2, rtol=0)

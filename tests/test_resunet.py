@@ -211,3 +211,18 @@ def test_skip_additions_reach_the_output():
             base = model.decoder(features, (32, 32))
             zeroed = model.decoder([torch.zeros_like(features[0])] + features[1:], (32, 32))
         assert (not torch.allclose(base, zeroed)) == changes
+
+
+def test_load_torchvision_resnet_bad_files_say_not_a_valid_checkpoint(tmp_path):
+    encoder = ResNetEncoder(18)
+    good = tmp_path / "resnet18.pth"
+    torch.save(encoder.state_dict(), good)
+    load_torchvision_resnet(encoder, good)
+    empty, truncated = tmp_path / "empty.pth", tmp_path / "truncated.pth"
+    empty.write_bytes(b"")
+    truncated.write_bytes(good.read_bytes()[:300])
+    for path, reason in [(tmp_path / "missing.pth", "no such file"), (empty, "empty"), (truncated, "(")]:
+        with pytest.raises(ValueError, match="not a valid checkpoint") as info:
+            load_torchvision_resnet(encoder, path)
+        assert str(path) in str(info.value) and reason in str(info.value)
+        assert "weights_only" not in str(info.value)

@@ -248,9 +248,13 @@ def test_block_matches_naive():
         torch.testing.assert_close(model.blocks[1](x), naive_block(model.blocks[1], x))
 
 
-@pytest.mark.parametrize("registers", [0, 2])
-def test_gradcheck_float64(registers):
-    """Gradients w.r.t. images, pos_embed (through the bicubic resize) and a qkv weight."""
+@pytest.mark.parametrize(
+    "registers, fast_mode", [(0, True), (2, True), pytest.param(0, False, marks=pytest.mark.slow),
+                             pytest.param(2, False, marks=pytest.mark.slow)])
+def test_gradcheck_float64(registers, fast_mode):
+    """Gradients w.r.t. images, pos_embed (through the bicubic resize) and a qkv weight. fast_mode compares
+    a random projection u^T J v of the analytic and numerical Jacobians (10x cheaper); the slow variant
+    compares every entry."""
     model = tiny_model(registers, dtype=torch.float64, depth=1)
     params = dict(model.named_parameters())
     images = torch.randn(1, 3, 6, 4, dtype=torch.float64, requires_grad=True)  # grid 3x2: resized
@@ -262,7 +266,7 @@ def test_gradcheck_float64(registers):
         features = functional_call(model, values, (images,), {}, strict=True)
         return features
 
-    assert torch.autograd.gradcheck(run, (images, pos_embed, qkv), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(run, (images, pos_embed, qkv), eps=1e-6, atol=1e-6, fast_mode=fast_mode)
 
 
 @pytest.mark.slow
@@ -272,3 +276,29 @@ def test_torch_compile_gives_same_numbers():
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model(images), atol=1e-5, rtol=1e-5)
+
+
+def test_load_dinov2_bad_files_say_not_a_valid_checkpoint(tmp_path):
+    good = tmp_path / "good.pth"
+    save_dinov2(vit_tiny(depth=1), good)
+    empty, truncated, corrupt, listed = (tmp_path / n for n in ("empty.pth", "truncated.pth", "corrupt.pth", "list.pth"))
+    empty.write_bytes(b"")
+    truncated.write_bytes(good.read_bytes()[:200])
+    corrupt.write_bytes(b"\x00 not a zip archive " * 10)
+    torch.save([torch.zeros(1)], listed)
+    for path, reason in [(tmp_path / "missing.pth", "no such file"), (empty, "empty"), (truncated, "("),
+                         (corrupt, "("), (listed, "flat dict")]:
+        with pytest.raises(ValueError, match="not a valid checkpoint") as info:
+            load_dinov2(path)
+        assert str(path) in str(info.value) and reason in str(info.value)
+        assert "weights_only" not in str(info.value)
+
+
+def test_load_dinov2_names_missing_keys_without_key_error():
+    state_dict = vit_tiny(depth=1).state_dict()
+    for key in ("cls_token", "blocks.0.mlp.fc1.weight", "pos_embed"):
+        broken = {k: v for k, v in state_dict.items() if k != key}
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            load_dinov2(broken)
+    with pytest.raises(ValueError, match="blocks"):
+        load_dinov2({**state_dict, "blocks.x.norm1.weight": torch.zeros(1)})
