@@ -244,7 +244,8 @@ def test_tile_size_does_not_change_result(tile_size):
         torch.testing.assert_close(other_grads[key], reference_grads[key], atol=1e-11, rtol=1e-11, msg=key)
 
 
-def test_gradcheck_rasterizer():
+@pytest.mark.parametrize("fast", [False, True])
+def test_gradcheck_rasterizer(fast):
     width, height = 8, 6
     viewmat, K = camera(width, height)
     scene = random_scene(5, seed=2, opacity_range=(0.3, 0.8), scale_log=-1.5)
@@ -253,7 +254,8 @@ def test_gradcheck_rasterizer():
     projections = torch.randn(6, height * width * 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def render(*params):  # 6 random linear functionals of (render, alpha, depth_acc) keep gradcheck cheap
-        out = rasterize_gaussians(*params, viewmat, K, width, height, background=torch.full((3,), 0.3, dtype=torch.float64))
+        background = torch.full((3,), 0.3, dtype=torch.float64)
+        out = rasterize_gaussians(*params, viewmat, K, width, height, background=background, fast=fast)
         return projections @ torch.cat([out["render"], out["alpha"][..., None], out["depth_acc"][..., None]], -1).reshape(-1)
 
     inputs = tuple(value.requires_grad_() for value in scene.values())
@@ -323,38 +325,39 @@ def test_scan_keeps_float32_precision_over_many_runs():
     assert (values32.grad.double() - exact_grad).abs().max() < 1e-4
 
 
-def test_sparse_and_index_add_blending_agree():
-    """The two forms of the weighted sums (sparse matrix product, index_add) agree, values and gradients."""
-    from minimal3d.splatting import (
-        composite_pairs,
-        find_pixel_pairs,
-        gaussian_covariances,
-        intersect_tiles,
-        project_gaussians,
-    )
-
+@pytest.mark.parametrize("channels", [3, 20])
+def test_fast_path_equals_readable_path(channels):
+    """The fast path (scan with custom backward, sparse CSR product) gives the readable path's numbers."""
     width, height = 24, 20
     viewmat, K = camera(width, height)
-    params = leaves(random_scene(80, channels=5, seed=9))
-    covars = gaussian_covariances(params["quats"], params["scales"])
-    projected = project_gaussians(params["means"], covars, viewmat, K, width, height)
-    means2d, conics, depths = projected["means2d"], projected["conics"], projected["depths"]
-    _, gaussian_ids, tile_starts = intersect_tiles(means2d.detach(), projected["radii"], depths.detach(), width, height, 16)
-    pairs = find_pixel_pairs(
-        means2d.detach(), conics.detach(), params["opacities"], gaussian_ids, tile_starts, width, height, 16
-    )
-    assert pairs[0].shape[0] > 200
-    weights = torch.randn(3, width * height, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    results = {}
-    for sparse in (True, False):
-        outputs = composite_pairs(
-            *pairs, means2d, conics, params["opacities"], depths, params["colors"], width, height, sparse=sparse
-        )
-        color, alpha, depth_acc = outputs
-        loss = (color * weights[0]).sum() + (alpha * weights[1, :, 0]).sum() + (depth_acc * weights[2, :, 0]).sum()
-        results[sparse] = outputs + torch.autograd.grad(loss, [params[k] for k in PARAMS], retain_graph=True)
-    for dense_value, sparse_value in zip(results[False], results[True]):
-        torch.testing.assert_close(sparse_value, dense_value, atol=1e-13, rtol=1e-12)
+    params = leaves(random_scene(80, channels=channels, seed=9))
+    background = torch.linspace(0.1, 0.9, channels, dtype=torch.float64)
+    outputs = {
+        fast: rasterize_gaussians(*params.values(), viewmat, K, width, height, background=background, fast=fast)
+        for fast in (False, True)
+    }
+    for key in ("render", "alpha", "depth_acc", "depth_exp"):
+        torch.testing.assert_close(outputs[True][key], outputs[False][key], atol=1e-14, rtol=1e-13, msg=key)
+    assert outputs[False]["alpha"].gt(0.5).sum() > 100  # a well covered image
+    weights = loss_weights(height, width, channels)
+    grads = {fast: grads_of(outputs[fast], params, weights) for fast in (False, True)}
+    for key in PARAMS:
+        torch.testing.assert_close(grads[True][key], grads[False][key], atol=1e-12, rtol=1e-11, msg=key)
+
+
+def test_fast_path_is_picked_for_wide_features_on_cpu():
+    """``fast=None`` runs the sparse path for >= 16 channels on CPU, the readable one otherwise."""
+    from unittest import mock
+
+    from minimal3d import splatting
+
+    width, height = 16, 12
+    viewmat, K = camera(width, height)
+    for channels, expected in ((3, False), (splatting.FAST_PATH_MIN_CHANNELS, True)):
+        scene = random_scene(10, channels=channels, seed=2)
+        with mock.patch.object(splatting, "composite_pairs_fast", wraps=splatting.composite_pairs_fast) as spy:
+            rasterize_gaussians(*scene.values(), viewmat, K, width, height)
+        assert spy.called == expected, channels
 
 
 def test_detach_geometry_trains_only_features():
