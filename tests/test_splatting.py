@@ -517,3 +517,31 @@ def test_torch_compile_gives_same_numbers():
     eager_grads, other_grads = grads_of(eager, eager_params, weights), grads_of(other, compiled_params, weights)
     for key in PARAMS:  # measured <= 9e-7 of the largest gradient
         torch.testing.assert_close(other_grads[key], eager_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_scales_and_quaternions_stay_finite(dtype):
+    """Scales of 1e30 / 1e-30 and quaternions of norm 1e-30 / 1e30 give finite images and gradients; a
+    rescaled quaternion renders exactly like the unit one (no silent wrong rotation)."""
+    width, height = 16, 12
+    viewmat, K = (t.to(dtype) for t in camera(width, height))
+    scene = {key: value.to(dtype) for key, value in random_scene(12, seed=21).items()}
+    with torch.no_grad():
+        scene["scales"][0] = 1e30
+        scene["scales"][1] = 1e-30
+        scene["scales"][2, 0] = 1e30
+        scene["quats"][3] *= 1e-30
+        scene["quats"][4] *= 1e30
+    params = leaves(scene)
+    out = rasterize_gaussians(*params.values(), viewmat, K, width, height, background=torch.ones(3, dtype=dtype))
+    for key in ("render", "alpha", "depth_exp", "means2d", "conics"):
+        assert torch.isfinite(out[key]).all(), key
+    assert out["radii"][0].min() > 100 * width  # the huge Gaussian covers the image (a flat haze)
+    (out["render"].sum() + out["depth_acc"].sum()).backward()
+    for key in PARAMS:
+        assert torch.isfinite(params[key].grad).all(), key
+    quats64 = scene["quats"].double()
+    unit = dict(scene, quats=(quats64 / (quats64 / quats64.abs().amax(-1, keepdim=True)).norm(dim=-1, keepdim=True)
+                              / quats64.abs().amax(-1, keepdim=True)).to(dtype))
+    reference = rasterize_gaussians(*unit.values(), viewmat, K, width, height, background=torch.ones(3, dtype=dtype))
+    torch.testing.assert_close(out["render"].detach(), reference["render"], atol=1e-5, rtol=0)
