@@ -522,9 +522,9 @@ def largest_scale(K: Tensor, width: int, height: int, near_plane: float, dtype: 
     """Bound on the standard deviations below which no 2D covariance or determinant overflows ``dtype``.
 
     A Gaussian at the near plane with scale ``s`` has 2D variances of at most ``3 (J_max s)^2``, with
-    ``J_max`` the largest row norm of the EWA Jacobian there. The bound keeps them below
-    ``0.01 sqrt(dtype max)`` (float32: 2D standard deviations up to ~4e8 px, far larger than any image),
-    so ``det`` stays finite. Returns a 0-dim tensor (no host sync).
+    ``J_max`` the largest row norm of the EWA Jacobian there. The bound ``J_max s <= 0.1 (dtype max)^(1/4)``
+    keeps them below ``0.03 sqrt(dtype max)`` (float32: 2D standard deviations up to ~2e8 px, far larger
+    than any image), so ``det`` stays finite. Returns a 0-dim tensor (no host sync).
     """
     focal = K.diagonal()[:2]
     sizes = K.new_tensor([float(width), float(height)])
@@ -558,8 +558,8 @@ def rasterize_gaussians(
 
     Args:
         means: (N, 3) world centres. quats: (N, 4) rotations (w, x, y, z), any non-zero norm.
-        scales: (N, 3) standard deviations (> 0); values beyond ``largest_scale`` (float32: a 2D std of
-            ~4e8 px at the near plane) are clamped there, so nothing overflows (zero gradient above).
+        scales: (N, 3) standard deviations (> 0); values beyond ``largest_scale`` (float32: a 2D standard
+            deviation of ~1e8 px at the near plane) are clamped there, so nothing overflows (zero gradient above).
         opacities: (N,) in [0, 1]; exactly 0 or 1 (a saturated float32 sigmoid) are accepted: such a
             Gaussian is invisible or clamped to alpha_max.
         colors: (N, D) colours or features (any D), or with ``sh_degree`` SH coefficients (N, K, 3),
@@ -581,7 +581,7 @@ def rasterize_gaussians(
             readable table is pixels x longest list). ``None`` (default) picks it on CPU for colours with
             at least ``FAST_PATH_MIN_CHANNELS`` = 16 channels (FiT3D's 64-dim features), where it is
             ~2x faster forward+backward (``benchmarks/bench_splatting.py``); everywhere else (RGB, SH
-            colours, CUDA, ``compiled_rasterizer``) the readable path runs.
+            colours, CUDA) the readable path runs; ``compiled_rasterizer`` defaults to ``fast=False``.
     Inputs are float32 or float64 (float16 is refused: 2D covariances overflow it). NaN or Inf in any
     input is an error (one host sync for all value checks).
     Returns a dict:
@@ -672,7 +672,8 @@ def compiled_rasterizer(**compile_options) -> Callable[..., dict[str, Tensor]]:
     projection + SH stage and the readable compositing stage are compiled with ``dynamic=True``, so the
     number of Gaussians, of (tile, Gaussian) intersections and of (pixel, Gaussian) pairs may change
     from step to step without recompiling (checked by a slow test). Same signature and results as
-    ``rasterize_gaussians`` (``fast=True`` runs the fast path eagerly). In your own code::
+    ``rasterize_gaussians``, except that ``fast`` defaults to False (the compiled stages are the readable
+    ones; ``fast=True`` runs the fast path eagerly). In your own code::
 
         rasterize = compiled_rasterizer()           # once
         out = rasterize(means, quats, scales, ...)  # every step
@@ -685,7 +686,7 @@ def compiled_rasterizer(**compile_options) -> Callable[..., dict[str, Tensor]]:
     @functools.wraps(rasterize_gaussians)
     def rasterize(means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree=None,
                   background=None, near_plane=0.2, far_plane=1e10, eps2d=0.3, alpha_max=0.99, tile_size=8,
-                  detach_geometry=False, fast=None):  # fmt: skip
+                  detach_geometry=False, fast=False):  # fmt: skip
         _check_inputs(
             means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background,
             near_plane, far_plane, eps2d, alpha_max, tile_size,
