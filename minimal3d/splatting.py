@@ -23,8 +23,9 @@ The file reads top-down in gsplat's stage order, one function per stage:
 2. ``project_gaussians``: world -> camera, EWA Jacobian, 2D covariances, radii and conics, culling;
 3. ``intersect_tiles``: every (tile, Gaussian) overlap, sorted by tile and depth with one ``torch.sort``;
 4. ``find_pixel_pairs`` (which pairs pass the skip rule; no gradient) and ``composite_pairs``
-   (transmittance ``T_i = prod_{j<i} (1 - alpha_j)`` by ``cumprod`` along each pixel's list, the stop
-   rule as a mask, colours / depth / alpha by ``index_add``; autograd does the backward);
+   (transmittance ``T_i = prod_{j<i} (1 - alpha_j)`` as ``exp`` of a ``cumsum`` of ``log(1 - alpha)``
+   along each pixel's list, the stop rule as a mask, colours / depth / alpha by one ``index_add``;
+   autograd does the backward);
 5. ``spherical_harmonics``: view-dependent colour;
 6. ``rasterize_gaussians``: the public entry point, and ``compiled_rasterizer`` (``torch.compile`` of
    the differentiable stages with dynamic shapes: the CUDA path);
@@ -646,7 +647,7 @@ def _rasterize(stages, means, quats, scales, opacities, colors, viewmat, K, widt
         )
     else:
         slots = position_in_pixel(pixel_ids)
-        longest = int(slots.max()) + 1 if slots.numel() else 0  # host sync: size of the cumprod table
+        longest = int(slots.max()) + 1 if slots.numel() else 0  # host sync: width of the transmittance table
         color, alpha, depth_acc = stages["composite"](
             pixel_ids, pair_gaussian_ids, slots, longest, means2d, conics, opacities, depths, colors,
             width, height, alpha_max,
