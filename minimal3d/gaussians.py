@@ -107,7 +107,8 @@ class FeatureGaussians(nn.Module):
         self.opacity_logits = nn.Parameter(inverse_sigmoid(opacity))
         self.sh_dc = nn.Parameter(((rgb.detach() - 0.5) / SH_C0).reshape(n, 1, 3).clone())  # 3DGS RGB2SH
         self.sh_rest = nn.Parameter(torch.zeros(n, (sh_degree + 1) ** 2 - 1, 3, dtype=dtype, device=device))
-        self.features = nn.Parameter(torch.zeros(n, feature_dim, dtype=dtype, device=device))  # FiT3D: zeros
+        # FiT3D's code starts features at zero; its paper (Sec. 4.2) at random vectors: overwrite for that
+        self.features = nn.Parameter(torch.zeros(n, feature_dim, dtype=dtype, device=device))
         self.up_projection = nn.Conv2d(feature_dim, vit_width, 3, padding=1, bias=False,
                                        device=device, dtype=dtype)
         self.register_buffer("grad_accum", torch.zeros(n, dtype=dtype, device=device), persistent=False)
