@@ -7,7 +7,7 @@ Representations by 3D-Aware Fine-Tuning", ECCV 2024, arXiv:2407.20229. Official 
 graphdeco-inria/gaussian-splatting), whose optimisation schedule is followed here.
 
 Every Gaussian carries, besides the 3DGS parameters, a low-dimensional feature (64 channels, initialised
-to zero). Rendered feature maps are up-projected to the ViT width by a scene-specific 3x3 convolution.
+to zero as in FiT3D's code; the paper's Sec. 4.2 starts from random vectors, so callers may overwrite them). Rendered feature maps are up-projected to the ViT width by a scene-specific 3x3 convolution.
 The RGB loss `0.8 L1 + 0.2 (1 - SSIM)` trains every Gaussian parameter; the feature L1 loss trains only
 the features and the convolution, because features are composited with detached blending weights
 (`rasterize_gaussians(..., detach_geometry=True)`), which is what FiT3D's CUDA backward does.
