@@ -1,31 +1,39 @@
-"""Benchmark of minimal3d.splatting.rasterize_gaussians against a naive dense renderer.
+"""Benchmark of minimal3d.splatting.rasterize_gaussians against gsplat's own pure-PyTorch pipeline.
 
-Scenes: random Gaussians in the view frustum with trained-scene-like sizes (~3-4 px radius), float32.
-Default: 20k Gaussians at 128 x 128 with RGB colours and with 64-dim features; ``--full`` adds 200k
-Gaussians at 512 x 512. The dense baseline evaluates every Gaussian at every pixel (N x H x W tensors,
-sequential rules by cumprod over the depth-sorted Gaussians); it runs on the first ``--dense-gaussians``
-Gaussians of each scene, fewer if N x H x W would exceed ``--dense-elements`` (the full scene would not fit),
-and ours is timed on that same subset for the ratio. Times are medians of ``--repeats`` runs. Peak memory: CUDA ``max_memory_allocated``; CPU the peak
-resident set size of a fresh subprocess during one call minus its size just before (Linux VmHWM, reset
-through /proc/self/clear_refs).
+Baseline: a transcription, written here, of the pipeline of gsplat 1.5.3's ``gsplat/cuda/_torch_impl.py``
+as ``rasterization()`` chains it: ``_quat_scale_to_covar_preci`` -> ``_fully_fused_projection``
+(``_world_to_cam``, ``_persp_proj``) -> ``_isect_tiles`` (a Python loop over Gaussians and their tiles,
+as in gsplat) -> ``_isect_offset_encode`` -> ``_rasterize_to_pixels`` (``accumulate`` with nerfacc's
+``render_weight_from_alpha`` / ``accumulate_along_rays``). Two helpers it calls exist only as CUDA
+kernels (``rasterize_to_indices_in_range`` and nerfacc's packed exclusive product); they are replaced by
+CPU code with the same rules (a loop over tiles; a cumprod per pixel list). Every call of the baseline is
+checked against ours (same image within float32 rounding) before it is timed.
 
-    python benchmarks/bench_splatting.py            # CPU (and CUDA when present)
-    python benchmarks/bench_splatting.py --quick   # seconds
-    python benchmarks/bench_splatting.py --full    # adds 200k Gaussians at 512 x 512
+Scenes: random Gaussians in the view frustum with trained-scene-like sizes (~3-4 px radius), float32,
+RGB colours (D = 3) and 64-dim features (D = 64). Default: 20k Gaussians at 128 x 128; ``--full`` adds
+200k Gaussians at 512 x 512. Times are medians of ``--repeats`` runs of forward (+ backward of
+``render.sum() + alpha.sum()``), all methods alternating in one run. Peak memory (``--memory``): CUDA
+``max_memory_allocated``; CPU the peak resident set growth of a fresh subprocess during one call.
+
+    python benchmarks/bench_splatting.py                    # CPU (and CUDA when present)
+    python benchmarks/bench_splatting.py --quick            # seconds
+    python benchmarks/bench_splatting.py --full --memory    # adds 200k Gaussians at 512 x 512
 """
 
 import argparse
 import math
 import multiprocessing
 import statistics
+import struct
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimal3d.splatting import rasterize_gaussians  # noqa: E402
+from minimal3d.splatting import compiled_rasterizer, rasterize_gaussians  # noqa: E402
 
 
 def make_scene(num, size, channels, device, seed=0):
@@ -46,40 +54,209 @@ def make_scene(num, size, channels, device, seed=0):
     return scene, torch.eye(4, device=device), K.to(device)
 
 
-def dense_render(means, quats, scales, opacities, colors, viewmat, K, width, height, alpha_max=0.99):
-    """Naive baseline: every Gaussian at every pixel, (N, H*W) tensors, same rules as the tile renderer."""
-    w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
-    rotation = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)  # fmt: skip
-    covariance = rotation @ torch.diag_embed(scales**2) @ rotation.transpose(1, 2)
-    points = means @ viewmat[:3, :3].T + viewmat[:3, 3]
-    covariance = viewmat[:3, :3] @ covariance @ viewmat[:3, :3].T
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    px, py, pz = points.unbind(-1)
-    tx = pz * torch.clamp(px / pz, -(cx / fx + 0.15 * width / fx), (width - cx) / fx + 0.15 * width / fx)
-    ty = pz * torch.clamp(py / pz, -(cy / fy + 0.15 * height / fy), (height - cy) / fy + 0.15 * height / fy)
-    zeros = torch.zeros_like(pz)
-    jacobian = torch.stack([fx / pz, zeros, -fx * tx / pz**2, zeros, fy / pz, -fy * ty / pz**2], -1).reshape(-1, 2, 3)
-    covariance2d = jacobian @ covariance @ jacobian.transpose(1, 2) + 0.3 * torch.eye(2, device=means.device)
-    conic = torch.linalg.inv(covariance2d)  # (N, 2, 2)
-    means2d = torch.stack([fx * px / pz + cx, fy * py / pz + cy], -1)
-    order = torch.argsort(pz)
-    visible = (pz[order] > 0.2)[:, None]
-    rows, columns = torch.meshgrid(torch.arange(height, device=means.device), torch.arange(width, device=means.device), indexing="ij")
-    centres = torch.stack([columns, rows], -1).reshape(-1, 2).to(means.dtype) + 0.5
-    d = means2d[order][:, None, :] - centres[None]  # (N, H*W, 2)
-    sigma = 0.5 * torch.einsum("npi,nij,npj->np", d, conic[order], d)
-    alpha = torch.clamp(opacities[order][:, None] * torch.exp(-sigma), max=alpha_max)
-    alpha = torch.where(visible & (sigma >= 0) & (alpha >= 1 / 255), alpha, torch.zeros_like(alpha))
-    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:1]), 1 - alpha[:-1]]), dim=0)
-    weights = torch.where((transmittance * (1 - alpha)).detach() > 1e-4, alpha * transmittance, torch.zeros_like(alpha))
-    render = weights.T @ colors[order]  # (H*W, D)
-    return {"render": render.reshape(height, width, -1), "alpha": weights.sum(0).reshape(height, width)}
+# ----------------------------------------------------------------------------------------------------
+# Baseline: gsplat 1.5.3's pure-PyTorch pipeline (_torch_impl.py), one camera (C = 1)
+# ----------------------------------------------------------------------------------------------------
 
 
-def ours_render(*args):
-    return rasterize_gaussians(*args)
+def gsplat_quat_scale_to_covar(quats, scales):
+    w, x, y, z = torch.unbind(F.normalize(quats, p=2, dim=-1), dim=-1)
+    rotation = torch.stack([1 - 2 * (y**2 + z**2), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                            2 * (x * y + w * z), 1 - 2 * (x**2 + z**2), 2 * (y * z - w * x),
+                            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x**2 + y**2)], dim=-1)  # fmt: skip
+    matrix = rotation.reshape(-1, 3, 3) * scales[:, None, :]
+    return torch.bmm(matrix, matrix.transpose(-1, -2))
+
+
+def gsplat_projection(means, covars, viewmats, Ks, width, height, eps2d=0.3, near_plane=0.2, far_plane=1e10):
+    """``_fully_fused_projection`` (pinhole): ``_world_to_cam``, ``_persp_proj``, conics, 3.33 sigma radii."""
+    rotation, translation = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    means_c = torch.einsum("cij,nj->cni", rotation, means) + translation[:, None, :]
+    covars_c = torch.einsum("cij,njk,clk->cnil", rotation, covars, rotation)
+    tx, ty, tz = torch.unbind(means_c, dim=-1)
+    fx, fy, cx, cy = Ks[..., 0, 0, None], Ks[..., 1, 1, None], Ks[..., 0, 2, None], Ks[..., 1, 2, None]
+    tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
+    lim_x_pos, lim_x_neg = (width - cx) / fx + 0.3 * tan_fovx, cx / fx + 0.3 * tan_fovx
+    lim_y_pos, lim_y_neg = (height - cy) / fy + 0.3 * tan_fovy, cy / fy + 0.3 * tan_fovy
+    tx = tz * torch.clamp(tx / tz, min=-lim_x_neg, max=lim_x_pos)
+    ty = tz * torch.clamp(ty / tz, min=-lim_y_neg, max=lim_y_pos)
+    zeros = torch.zeros_like(tz)
+    jacobian = torch.stack([fx / tz, zeros, -fx * tx / tz**2, zeros, fy / tz, -fy * ty / tz**2], dim=-1)
+    jacobian = jacobian.reshape(*tz.shape, 2, 3)
+    covars2d = torch.einsum("...ij,...jk,...kl->...il", jacobian, covars_c, jacobian.transpose(-1, -2))
+    means2d = torch.einsum("cij,cnj->cni", Ks[:, :2, :3], means_c) / means_c[..., 2:3]
+    covars2d = covars2d + torch.eye(2, device=means.device, dtype=means.dtype) * eps2d
+    det = (covars2d[..., 0, 0] * covars2d[..., 1, 1] - covars2d[..., 0, 1] * covars2d[..., 1, 0]).clamp(min=1e-10)
+    conics = torch.stack([covars2d[..., 1, 1] / det, -(covars2d[..., 0, 1] + covars2d[..., 1, 0]) / 2.0 / det,
+                          covars2d[..., 0, 0] / det], dim=-1)  # fmt: skip
+    depths = means_c[..., 2]
+    radius = torch.ceil(3.33 * torch.sqrt(torch.stack([covars2d[..., 0, 0], covars2d[..., 1, 1]], -1)))
+    valid = (det > 0) & (depths > near_plane) & (depths < far_plane)
+    radius = torch.where(valid[..., None], radius, torch.zeros_like(radius))
+    inside = ((means2d[..., 0] + radius[..., 0] > 0) & (means2d[..., 0] - radius[..., 0] < width)
+              & (means2d[..., 1] + radius[..., 1] > 0) & (means2d[..., 1] - radius[..., 1] < height))  # fmt: skip
+    radius = torch.where(inside[..., None], radius, torch.zeros_like(radius))
+    return radius.int(), means2d, depths, conics
+
+
+@torch.no_grad()
+def gsplat_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height):
+    """``_isect_tiles``: gsplat's Python loop over cameras x Gaussians x covered tiles, then one sort."""
+    cameras, num = means2d.shape[:2]
+    tile_means2d, tile_radii = means2d / tile_size, radii / tile_size
+    tile_mins = torch.floor(tile_means2d - tile_radii).int()
+    tile_maxs = torch.ceil(tile_means2d + tile_radii).int()
+    tile_mins[..., 0] = torch.clamp(tile_mins[..., 0], 0, tile_width)
+    tile_mins[..., 1] = torch.clamp(tile_mins[..., 1], 0, tile_height)
+    tile_maxs[..., 0] = torch.clamp(tile_maxs[..., 0], 0, tile_width)
+    tile_maxs[..., 1] = torch.clamp(tile_maxs[..., 1], 0, tile_height)
+    tiles_per_gauss = (tile_maxs - tile_mins).prod(dim=-1) * (radii > 0).all(dim=-1)
+    n_isects = tiles_per_gauss.sum().item()
+    isect_ids = torch.empty(n_isects, dtype=torch.int64, device=means2d.device)
+    flatten_ids = torch.empty(n_isects, dtype=torch.int32, device=means2d.device)
+    cum_tiles_per_gauss = torch.cumsum(tiles_per_gauss.flatten(), dim=0)
+    tile_n_bits = (tile_width * tile_height).bit_length()
+
+    def kernel(cam_id, gauss_id):
+        if (radii[cam_id, gauss_id] <= 0).any():
+            return
+        index = cam_id * num + gauss_id
+        current = cum_tiles_per_gauss[index - 1] if index > 0 else 0
+        depth_bits = struct.unpack("i", struct.pack("f", depths[cam_id, gauss_id]))[0]
+        tile_min, tile_max = tile_mins[cam_id, gauss_id], tile_maxs[cam_id, gauss_id]
+        for y in range(tile_min[1], tile_max[1]):
+            for x in range(tile_min[0], tile_max[0]):
+                tile_id = y * tile_width + x
+                isect_ids[current] = (cam_id << 32 << tile_n_bits) | (tile_id << 32) | depth_bits
+                flatten_ids[current] = index
+                current += 1
+
+    for cam_id in range(cameras):
+        for gauss_id in range(num):
+            kernel(cam_id, gauss_id)
+    isect_ids, sort_indices = torch.sort(isect_ids)
+    return isect_ids, flatten_ids[sort_indices]
+
+
+@torch.no_grad()
+def gsplat_isect_offset_encode(isect_ids, cameras, tile_width, tile_height):
+    tile_n_bits = (tile_width * tile_height).bit_length()
+    tile_counts = torch.zeros((cameras, tile_height, tile_width), dtype=torch.int64, device=isect_ids.device)
+    unique_ids, counts = torch.unique_consecutive(isect_ids >> 32, return_counts=True)
+    camera_ids, tile_ids = unique_ids >> tile_n_bits, unique_ids & ((1 << tile_n_bits) - 1)
+    tile_counts[camera_ids, tile_ids // tile_width, tile_ids % tile_width] = counts
+    cumulative = torch.cumsum(tile_counts.flatten(), dim=0).reshape_as(tile_counts)
+    return (cumulative - tile_counts).int()
+
+
+@torch.no_grad()
+def cpu_rasterize_to_indices_in_range(range_start, range_end, transmittances, means2d, conics, opacities,
+                                      width, height, tile_size, isect_offsets, flatten_ids):  # fmt: skip
+    """CPU stand-in for gsplat's CUDA ``rasterize_to_indices_in_range``: per tile, its Gaussians in the
+    batch range, each pixel front to back with the skip (alpha < 1/255) and stop (T <= 1e-4) rules."""
+    cameras, tile_height, tile_width = isect_offsets.shape
+    num = means2d.shape[1]
+    block = tile_size * tile_size
+    offsets = torch.cat([isect_offsets.flatten(), torch.tensor([flatten_ids.shape[0]], device=means2d.device)])
+    local = torch.arange(block, device=means2d.device)
+    gaussian_out, pixel_out, camera_out = [], [], []
+    for tile in range(cameras * tile_height * tile_width):
+        start, end = int(offsets[tile]), int(offsets[tile + 1])
+        start, end = start + range_start * block, min(end, start + range_end * block)
+        if end <= start:
+            continue
+        camera, tile_in_camera = divmod(tile, tile_height * tile_width)
+        rows = (tile_in_camera // tile_width) * tile_size + local // tile_size
+        columns = (tile_in_camera % tile_width) * tile_size + local % tile_size
+        on_image = (rows < height) & (columns < width)
+        rows, columns = rows[on_image], columns[on_image]
+        ids = flatten_ids[start:end].long() % num  # (L,)
+        delta = torch.stack([columns, rows], -1)[:, None, :] + 0.5 - means2d[camera, ids][None]  # (P, L, 2)
+        conic = conics[camera, ids]
+        sigma = 0.5 * (conic[:, 0] * delta[..., 0] ** 2 + conic[:, 2] * delta[..., 1] ** 2) + conic[:, 1] * delta[..., 0] * delta[..., 1]
+        alpha = torch.clamp_max(opacities[camera, ids] * torch.exp(-sigma), 0.999)
+        used = (sigma >= 0) & (alpha >= 1.0 / 255.0)
+        factors = torch.where(used, 1 - alpha, torch.ones_like(alpha))
+        after = transmittances[camera, rows, columns][:, None] * torch.cumprod(factors, dim=1)
+        used &= torch.cumsum((used & (after <= 1e-4)).int(), dim=1) == 0  # stop before the first T <= 1e-4
+        pixel_index, slot = used.nonzero(as_tuple=True)
+        gaussian_out.append(ids[slot])
+        pixel_out.append(rows[pixel_index] * width + columns[pixel_index])
+        camera_out.append(torch.full_like(slot, camera))
+    if not gaussian_out:
+        empty = torch.zeros(0, dtype=torch.long, device=means2d.device)
+        return empty, empty, empty
+    gaussian_ids, pixel_ids, camera_ids = torch.cat(gaussian_out), torch.cat(pixel_out), torch.cat(camera_out)
+    order = torch.argsort(camera_ids * height * width + pixel_ids, stable=True)  # packed by pixel, as on CUDA
+    return gaussian_ids[order], pixel_ids[order], camera_ids[order]
+
+
+def cpu_exclusive_prod_packed(values, ray_indices, n_rays):
+    """CPU stand-in for nerfacc's CUDA packed ``exclusive_prod`` (samples grouped by ray, in order)."""
+    position = torch.arange(values.shape[0], device=values.device)
+    counts = torch.bincount(ray_indices, minlength=n_rays)
+    slot = position - (torch.cumsum(counts, 0) - counts)[ray_indices]
+    table = torch.ones(n_rays, int(counts.max()) + 1, dtype=values.dtype, device=values.device)
+    table = table.index_put((ray_indices, slot + 1), values)
+    return torch.cumprod(table, dim=1)[ray_indices, slot]
+
+
+def gsplat_accumulate(means2d, conics, opacities, colors, gaussian_ids, pixel_ids, camera_ids, width, height):
+    """``accumulate``: alphas of the pairs, nerfacc ``render_weight_from_alpha`` and ``accumulate_along_rays``."""
+    cameras = means2d.shape[0]
+    pixel_coords = torch.stack([pixel_ids % width, pixel_ids // width], dim=-1) + 0.5
+    deltas = pixel_coords - means2d[camera_ids, gaussian_ids]
+    c = conics[camera_ids, gaussian_ids]
+    sigmas = 0.5 * (c[:, 0] * deltas[:, 0] ** 2 + c[:, 2] * deltas[:, 1] ** 2) + c[:, 1] * deltas[:, 0] * deltas[:, 1]
+    alphas = torch.clamp_max(opacities[camera_ids, gaussian_ids] * torch.exp(-sigmas), 0.999)
+    indices = camera_ids * height * width + pixel_ids
+    total = cameras * height * width
+    weights = alphas * cpu_exclusive_prod_packed(1 - alphas, indices, total)  # render_weight_from_alpha
+    src = weights[:, None] * colors[camera_ids, gaussian_ids]  # accumulate_along_rays
+    renders = torch.zeros(total, colors.shape[-1], dtype=src.dtype, device=src.device).index_add(0, indices, src)
+    alphas_out = torch.zeros(total, 1, dtype=src.dtype, device=src.device).index_add(0, indices, weights[:, None])
+    return renders.reshape(cameras, height, width, -1), alphas_out.reshape(cameras, height, width, 1)
+
+
+def gsplat_rasterize_to_pixels(means2d, conics, colors, opacities, width, height, tile_size, isect_offsets,
+                               flatten_ids, batch_per_iter=100):  # fmt: skip
+    cameras = means2d.shape[0]
+    render_colors = torch.zeros((cameras, height, width, colors.shape[-1]), device=means2d.device)
+    render_alphas = torch.zeros((cameras, height, width, 1), device=means2d.device)
+    block = tile_size * tile_size
+    offsets = torch.cat([isect_offsets.flatten(), torch.tensor([len(flatten_ids)], device=means2d.device)])
+    max_range = (offsets[1:] - offsets[:-1]).max().item()
+    num_batches = (max_range + block - 1) // block
+    for step in range(0, num_batches, batch_per_iter):
+        transmittances = 1.0 - render_alphas[..., 0]
+        gs_ids, pixel_ids, camera_ids = cpu_rasterize_to_indices_in_range(
+            step, step + batch_per_iter, transmittances, means2d, conics, opacities, width, height, tile_size,
+            isect_offsets, flatten_ids,
+        )  # fmt: skip
+        if len(gs_ids) == 0:
+            break
+        renders, accs = gsplat_accumulate(means2d, conics, opacities, colors, gs_ids, pixel_ids, camera_ids, width, height)
+        render_colors = render_colors + renders * transmittances[..., None]
+        render_alphas = render_alphas + accs * transmittances[..., None]
+    return render_colors, render_alphas
+
+
+def gsplat_render(means, quats, scales, opacities, colors, viewmat, K, width, height, tile_size=16):
+    """gsplat's ``rasterization()`` chain of ``_torch_impl`` functions (packed=False, RGB mode)."""
+    covars = gsplat_quat_scale_to_covar(quats, scales)
+    radii, means2d, depths, conics = gsplat_projection(means, covars, viewmat[None], K[None], width, height)
+    opacities = opacities[None].expand(1, -1)
+    tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    isect_ids, flatten_ids = gsplat_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
+    isect_offsets = gsplat_isect_offset_encode(isect_ids, 1, tile_width, tile_height)
+    render, alpha = gsplat_rasterize_to_pixels(means2d, conics, colors[None], opacities, width, height, tile_size,
+                                               isect_offsets, flatten_ids)  # fmt: skip
+    return {"render": render[0], "alpha": alpha[0, ..., 0]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
 
 
 def run_once(method, scene, viewmat, K, size, backward):
@@ -90,68 +267,94 @@ def run_once(method, scene, viewmat, K, size, backward):
     return out
 
 
-def median_time(method, scene, viewmat, K, size, backward, repeats, clock=time.perf_counter):
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_times(methods, scene, viewmat, K, size, backward, repeats, clock):
+    """Median time of each method; the methods alternate inside every repeat (same machine load)."""
     device = scene["means"].device
-    run_once(method, scene, viewmat, K, size, backward)  # warm up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
+    for method in methods.values():  # warm up (and compile)
         run_once(method, scene, viewmat, K, size, backward)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return statistics.median(times)
+    times = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, method in methods.items():
+            synchronize(device)
+            start = clock()
+            run_once(method, scene, viewmat, K, size, backward)
+            synchronize(device)
+            times[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _status_bytes(field):
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
 
-def _cpu_peak_child(queue, method_name, num, size, channels, backward, threads):
+def _cpu_peak_child(queue, method_name, num, size, channels, threads):
     torch.set_num_threads(threads)
     scene, viewmat, K = make_scene(num, size, channels, torch.device("cpu"))
-    method = {"ours": ours_render, "dense": dense_render}[method_name]
+    method = METHODS[method_name]
     before = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset the peak (VmHWM) to the current resident size
-    run_once(method, scene, viewmat, K, size, backward)
+    run_once(method, scene, viewmat, K, size, True)
     queue.put(_status_bytes("VmHWM") - before)
 
 
-def peak_memory_mb(method_name, num, size, channels, backward, device):
+def peak_memory_mb(method_name, num, size, channels, device):
     if device.type == "cuda":
         scene, viewmat, K = make_scene(num, size, channels, device)
-        method = {"ours": ours_render, "dense": dense_render}[method_name]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        run_once(method, scene, viewmat, K, size, backward)
+        run_once(METHODS[method_name], scene, viewmat, K, size, True)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     if not Path("/proc/self/clear_refs").exists():  # Linux only
         return float("nan")
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_cpu_peak_child, args=(queue, method_name, num, size, channels, backward, torch.get_num_threads()))
+    child = context.Process(target=_cpu_peak_child, args=(queue, method_name, num, size, channels, torch.get_num_threads()))
     child.start()
-    peak = queue.get(timeout=900)  # raises if the child failed
+    peak = queue.get(timeout=900)
     child.join()
     return max(peak, 0) / 2**20
 
 
+def ours_default(*args):
+    return rasterize_gaussians(*args)
+
+
+def ours_fast(*args):
+    return rasterize_gaussians(*args, fast=True)
+
+
+METHODS = {"ours (default)": ours_default, "ours fast=True": ours_fast, "gsplat torch": gsplat_render}
+
+
+def check_baseline(scene, viewmat, K, size):
+    """The baseline renders the same image as ours (float64, where float32 rounding cannot flip a skip or
+    stop decision; alpha_max 0.999 as in gsplat)."""
+    scene, viewmat, K = {key: value.double() for key, value in scene.items()}, viewmat.double(), K.double()
+    ours = rasterize_gaussians(*scene.values(), viewmat, K, size, size, alpha_max=0.999)
+    theirs = gsplat_render(*scene.values(), viewmat, K, size, size)
+    for key in ("render", "alpha"):
+        error = (ours[key] - theirs[key]).abs().max().item()
+        assert error < 1e-9, f"baseline differs from ours in {key}: {error}"
+    return max((ours[key] - theirs[key]).abs().max().item() for key in ("render", "alpha"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small scenes, 3 repeats, no memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="small scenes, 3 repeats")
     parser.add_argument("--full", action="store_true", help="also 200k Gaussians at 512 x 512")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dense-gaussians", type=int, default=1000, help="at most this many Gaussians in the dense baseline")
-    parser.add_argument("--dense-elements", type=int, default=1 << 24,
-                        help="and at most this many Gaussian x pixel entries (about 1 GB peak at 2^24)")
+    parser.add_argument("--memory", action="store_true", help="also peak memory (fresh subprocess per method)")
+    parser.add_argument("--compiled", action="store_true", help="also compiled_rasterizer() (default on CUDA)")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
     parser.add_argument("--timer", choices=["wall", "process"], default="wall",
                         help="wall clock, or CPU time of this process (steadier on a loaded machine; CPU only)")
@@ -160,9 +363,9 @@ def main():
     scenes = [(20_000, 128, 3), (20_000, 128, 64)]
     if args.full:
         scenes += [(200_000, 512, 3), (200_000, 512, 64)]
-    repeats, dense_num = args.repeats, args.dense_gaussians
+    repeats = args.repeats
     if args.quick:
-        scenes, repeats, dense_num = [(5_000, 64, 3), (5_000, 64, 64)], 3, 300
+        scenes, repeats = [(3_000, 64, 3), (3_000, 64, 64)], 3
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
@@ -170,31 +373,26 @@ def main():
     clock = time.process_time if args.timer == "process" else time.perf_counter
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, median of {repeats}, "
           f"{args.timer} time")
-    header = ["device", "scene", "method", "fwd s", "fwd+bwd s", "peak MB fwd+bwd", "dense/ours fwd", "dense/ours fwd+bwd"]
+    header = ["device", "scene", "method", "fwd s", "fwd+bwd s", "peak MB fwd+bwd", "gsplat/this fwd", "gsplat/this fwd+bwd"]
     rows = []
     for device in devices:
+        methods = dict(METHODS)
+        if args.compiled or device.type == "cuda":
+            methods["ours compiled"] = compiled_rasterizer()
         for num, size, channels in scenes:
             scene, viewmat, K = make_scene(num, size, channels, device)
-            times = {bw: median_time(ours_render, scene, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
-            memory = float("nan") if args.quick else peak_memory_mb("ours", num, size, channels, True, device)
+            error = check_baseline(scene, viewmat, K, size)
+            times = {bw: median_times(methods, scene, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
             name = f"{num // 1000}k {size}x{size} D={channels}"
-            rows.append([device.type, name, "ours", f"{times[False]:.3f}", f"{times[True]:.3f}", f"{memory:.0f}", "", ""])
-            subset_num = max(1, min(dense_num, args.dense_elements // (size * size)))
-            subset = {key: value[:subset_num] for key, value in scene.items()}
-            ours_small = {bw: median_time(ours_render, subset, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
-            dense_small = {
-                bw: median_time(dense_render, subset, viewmat, K, size, bw, max(1, repeats // 2), clock) for bw in (False, True)
-            }
-            memory_ours = memory_dense = float("nan")
-            if not args.quick:
-                memory_ours = peak_memory_mb("ours", subset_num, size, channels, True, device)
-                memory_dense = peak_memory_mb("dense", subset_num, size, channels, True, device)
-            small = f"{subset_num} {size}x{size} D={channels}"
-            rows.append([device.type, small, "ours", f"{ours_small[False]:.3f}", f"{ours_small[True]:.3f}", f"{memory_ours:.0f}", "", ""])
-            ratio_fwd, ratio_bwd = dense_small[False] / ours_small[False], dense_small[True] / ours_small[True]
-            rows.append([device.type, small, "dense", f"{dense_small[False]:.3f}", f"{dense_small[True]:.3f}", f"{memory_dense:.0f}", f"{ratio_fwd:.1f}x", f"{ratio_bwd:.1f}x"])
-            for row in rows[-3:]:
-                print(" | ".join(row), flush=True)
+            for method in methods:
+                memory = float("nan")
+                if args.memory and method in METHODS:
+                    memory = peak_memory_mb(method, num, size, channels, device)
+                ratio = [times[bw]["gsplat torch"] / times[bw][method] for bw in (False, True)]
+                rows.append([device.type, name, method, f"{times[False][method]:.3f}", f"{times[True][method]:.3f}",
+                             f"{memory:.0f}", f"{ratio[0]:.1f}x", f"{ratio[1]:.1f}x"])  # fmt: skip
+                print(" | ".join(rows[-1]), flush=True)
+            print(f"  (baseline vs ours, float64, alpha_max 0.999: max abs image difference {error:.1e})")
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     print()
     for row in [header, ["-" * w for w in widths]] + rows:

@@ -7,7 +7,7 @@ Representations by 3D-Aware Fine-Tuning", ECCV 2024, arXiv:2407.20229. Official 
 graphdeco-inria/gaussian-splatting), whose optimisation schedule is followed here.
 
 Every Gaussian carries, besides the 3DGS parameters, a low-dimensional feature (64 channels, initialised
-to zero). Rendered feature maps are up-projected to the ViT width by a scene-specific 3x3 convolution.
+to zero as in FiT3D's code; the paper's Sec. 4.2 starts from random vectors, so callers may overwrite them). Rendered feature maps are up-projected to the ViT width by a scene-specific 3x3 convolution.
 The RGB loss `0.8 L1 + 0.2 (1 - SSIM)` trains every Gaussian parameter; the feature L1 loss trains only
 the features and the convolution, because features are composited with detached blending weights
 (`rasterize_gaussians(..., detach_geometry=True)`), which is what FiT3D's CUDA backward does.
@@ -19,15 +19,15 @@ optimisation (`GaussianSchedule`, `build_optimizer`, `update_position_lr`), adap
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimal3d.splatting import rasterize_gaussians
+from minimal3d.splatting import SH_C0, quaternion_to_rotation, rasterize_gaussians
 
-SH_C0 = 0.28209479177387814  # Y_0^0, converts RGB to the DC spherical-harmonic coefficient (3DGS RGB2SH)
 PER_GAUSSIAN = ("means", "log_scales", "quats", "opacity_logits", "sh_dc", "sh_rest", "features")
 
 
@@ -77,14 +77,22 @@ class FeatureGaussians(nn.Module):
     def __init__(self, means: Tensor, rgb: Tensor, log_scales: Tensor, *, vit_width: int,
                  feature_dim: int = 64, sh_degree: int = 3, initial_opacity: float = 0.1):
         super().__init__()
+        for name, value in (("means", means), ("rgb", rgb), ("log_scales", log_scales)):
+            if not isinstance(value, Tensor) or value.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{name} must be a float32 or float64 tensor, got {getattr(value, 'dtype', value)!r}")
         if means.ndim != 2 or means.shape[-1] != 3:
             raise ValueError(f"means must have shape (N, 3), got {tuple(means.shape)}")
         if rgb.shape != means.shape:
             raise ValueError(f"rgb must have shape {tuple(means.shape)}, got {tuple(rgb.shape)}")
         if log_scales.shape != means.shape:
             raise ValueError(f"log_scales must have shape {tuple(means.shape)}, got {tuple(log_scales.shape)}")
-        if not 0 <= sh_degree <= 3:
-            raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
+        if sh_degree not in (0, 1, 2, 3) or isinstance(sh_degree, bool):
+            raise ValueError(f"sh_degree must be 0, 1, 2 or 3, got {sh_degree!r}")
+        for name, size in (("vit_width", vit_width), ("feature_dim", feature_dim)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        if not bool(torch.isfinite(means).all() & torch.isfinite(rgb).all() & torch.isfinite(log_scales).all()):
+            raise ValueError("means, rgb and log_scales must be finite (got NaN or Inf)")
         if not 0 < initial_opacity < 1:
             raise ValueError(f"initial_opacity must be in (0, 1), got {initial_opacity}")
         n, dtype, device = means.shape[0], means.dtype, means.device
@@ -99,7 +107,8 @@ class FeatureGaussians(nn.Module):
         self.opacity_logits = nn.Parameter(inverse_sigmoid(opacity))
         self.sh_dc = nn.Parameter(((rgb.detach() - 0.5) / SH_C0).reshape(n, 1, 3).clone())  # 3DGS RGB2SH
         self.sh_rest = nn.Parameter(torch.zeros(n, (sh_degree + 1) ** 2 - 1, 3, dtype=dtype, device=device))
-        self.features = nn.Parameter(torch.zeros(n, feature_dim, dtype=dtype, device=device))  # FiT3D: zeros
+        # FiT3D's code starts features at zero; its paper (Sec. 4.2) at random vectors: overwrite for that
+        self.features = nn.Parameter(torch.zeros(n, feature_dim, dtype=dtype, device=device))
         self.up_projection = nn.Conv2d(feature_dim, vit_width, 3, padding=1, bias=False,
                                        device=device, dtype=dtype)
         self.register_buffer("grad_accum", torch.zeros(n, dtype=dtype, device=device), persistent=False)
@@ -238,7 +247,9 @@ def feature_loss(rendered: Tensor, target: Tensor) -> Tensor:
 
 
 def psnr(image: Tensor, target: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
+    """Peak signal-to-noise ratio in dB for images in [0, 1] of the same shape (no broadcasting)."""
+    if image.shape != target.shape:
+        raise ValueError(f"image {tuple(image.shape)} and target {tuple(target.shape)} must have the same shape")
     mse = (image - target).square().mean()
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
@@ -273,6 +284,25 @@ class GaussianSchedule:
     max_world_size: float = 0.1  # times the scene extent
     max_gaussians: int | None = None  # optional cap on densification (3DGS: unlimited)
 
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "max_gaussians" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"GaussianSchedule.{field.name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"GaussianSchedule.{field.name} must be >= 0 (a learning rate, step or size), "
+                                 f"got {value}")
+        if self.iterations < 1:
+            raise ValueError(f"GaussianSchedule.iterations must be >= 1, got {self.iterations}")
+        for name in ("densification_interval", "opacity_reset_interval", "sh_increase_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GaussianSchedule.{name} must be >= 1, got {getattr(self, name)}")
+        if self.position_lr_init > 0 and not self.position_lr_final > 0:
+            raise ValueError(f"GaussianSchedule.position_lr_final must be > 0 (log-linear decay), got "
+                             f"{self.position_lr_final}")
+
     def scaled(self, iterations: int, min_densification_interval: int = 10) -> "GaussianSchedule":
         """The same schedule compressed to `iterations` steps (every step count times iterations / 30000).
 
@@ -298,16 +328,28 @@ class GaussianSchedule:
 def scene_extent(camera_centers: Tensor) -> float:
     """3DGS `getNerfppNorm` radius: 1.1 x the largest distance of a camera centre from their mean.
 
-    camera_centers: (V, 3). Falls back to 1.0 when all cameras coincide.
+    camera_centers: (V, 3), finite. Falls back to 1.0 when all cameras coincide (radius <= 1e-6).
     """
-    if camera_centers.ndim != 2 or camera_centers.shape[-1] != 3:
-        raise ValueError(f"camera_centers must have shape (V, 3), got {tuple(camera_centers.shape)}")
-    radius = 1.1 * (camera_centers - camera_centers.mean(0)).norm(dim=-1).max()
-    return float(radius) if float(radius) > 1e-6 else 1.0
+    if camera_centers.ndim != 2 or camera_centers.shape[-1] != 3 or camera_centers.shape[0] < 1:
+        raise ValueError(f"camera_centers must have shape (V >= 1, 3), got {tuple(camera_centers.shape)}")
+    radius = float(1.1 * (camera_centers - camera_centers.mean(0)).norm(dim=-1).max())
+    if not math.isfinite(radius):
+        raise ValueError("camera_centers must be finite (got NaN or Inf)")
+    return radius if radius > 1e-6 else 1.0
+
+
+def _check_extent(extent: float) -> None:
+    if isinstance(extent, bool) or not isinstance(extent, (int, float)) or not (math.isfinite(extent) and extent > 0):
+        raise ValueError(f"extent must be a finite number > 0 (the scene radius, see scene_extent), got {extent!r}")
 
 
 def build_optimizer(model: FeatureGaussians, schedule: GaussianSchedule, extent: float) -> torch.optim.Adam:
-    """Adam with one named group per parameter and the 3DGS / FiT3D learning rates (eps 1e-15)."""
+    """Adam with one named group per parameter and the 3DGS / FiT3D learning rates (eps 1e-15).
+
+    A step pre-hook sets non-finite gradient entries to 0 before every step (no host sync), so Adam's
+    moments never absorb a NaN or Inf (a NaN loss then leaves the parameters unchanged).
+    """
+    _check_extent(extent)
     groups = [
         {"name": "means", "params": [model.means], "lr": schedule.position_lr_init * extent},
         {"name": "sh_dc", "params": [model.sh_dc], "lr": schedule.sh_lr},
@@ -318,11 +360,23 @@ def build_optimizer(model: FeatureGaussians, schedule: GaussianSchedule, extent:
         {"name": "quats", "params": [model.quats], "lr": schedule.rotation_lr},
         {"name": "up_projection", "params": list(model.up_projection.parameters()), "lr": schedule.feature_lr},
     ]
-    return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+    optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+    optimizer.register_step_pre_hook(_zero_non_finite_gradients)
+    return optimizer
+
+
+def _zero_non_finite_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                torch.nan_to_num_(param.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def position_lr(step: int, schedule: GaussianSchedule, extent: float) -> float:
     """Log-linear decay from position_lr_init to position_lr_final over the run (3DGS get_expon_lr_func)."""
+    _check_extent(extent)
+    if schedule.position_lr_init == 0:
+        return 0.0
     t = min(max(step / max(schedule.iterations, 1), 0.0), 1.0)
     log_lr = math.log(schedule.position_lr_init) * (1 - t) + math.log(schedule.position_lr_final) * t
     return math.exp(log_lr) * extent
@@ -348,19 +402,22 @@ def accumulate_densification_stats(model: FeatureGaussians, means2d_grad: Tensor
 
     means2d_grad: (N, 2) gradient of the loss w.r.t. the projected means in pixels; it is converted to
     NDC units (x W/2, x H/2) so the 3DGS threshold 2e-4 applies at any resolution. radii: (N,) or (N, 2),
-    0 = not visible.
+    0 = not visible. A non-finite gradient is not counted (the statistics never absorb NaN or Inf).
     """
     n = model.num_gaussians
     if means2d_grad is None:
         raise ValueError("means2d_grad is None: call backward on a loss of render_rgb(...) first")
     if means2d_grad.shape != (n, 2):
         raise ValueError(f"means2d_grad must have shape ({n}, 2), got {tuple(means2d_grad.shape)}")
+    if radii.shape[0] != n:
+        raise ValueError(f"radii must have shape ({n},) or ({n}, 2), got {tuple(radii.shape)}")
     radius = radii.reshape(n, -1).amax(dim=1).to(model.max_radii.dtype)
-    visible = radius > 0
     scale = means2d_grad.new_tensor([width / 2, height / 2])
     grad_norm = (means2d_grad * scale).norm(dim=-1).to(model.grad_accum.dtype)
-    model.grad_accum += torch.where(visible, grad_norm, torch.zeros_like(grad_norm))
-    model.grad_count += visible.to(model.grad_count.dtype)
+    visible = radius > 0
+    counted = visible & torch.isfinite(grad_norm)
+    model.grad_accum += torch.where(counted, grad_norm, torch.zeros_like(grad_norm))
+    model.grad_count += counted.to(model.grad_count.dtype)
     model.max_radii.copy_(torch.where(visible, torch.maximum(model.max_radii, radius), model.max_radii))
 
 
@@ -397,16 +454,6 @@ def _reset_stats(model: FeatureGaussians) -> None:
         setattr(model, name, torch.zeros_like(model.means[:, 0].detach()))
 
 
-def quat_to_rotmat(quats: Tensor) -> Tensor:
-    """(N, 4) quaternions (w, x, y, z), any norm > 0 -> (N, 3, 3) rotation matrices."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(-1, 3, 3)
-
-
 @torch.no_grad()
 def densify(model: FeatureGaussians, optimizer: torch.optim.Optimizer, grad_threshold: float,
             extent: float, percent_dense: float = 0.01, generator: torch.Generator | None = None,
@@ -434,7 +481,7 @@ def densify(model: FeatureGaussians, optimizer: torch.optim.Optimizer, grad_thre
     cloned = {name: getattr(model, name)[clone] for name in PER_GAUSSIAN}
     stds = model.scales[split].repeat(2, 1)
     noise = torch.randn(stds.shape, generator=generator, dtype=stds.dtype).to(stds.device) * stds
-    rotations = quat_to_rotmat(model.quats[split]).repeat(2, 1, 1)
+    rotations = quaternion_to_rotation(model.quats[split]).repeat(2, 1, 1)
     children = {name: getattr(model, name)[split].repeat(2, *([1] * (getattr(model, name).ndim - 1)))
                 for name in PER_GAUSSIAN}
     children["means"] = children["means"] + (rotations @ noise[..., None])[..., 0]
@@ -509,16 +556,57 @@ def save_scene(model: FeatureGaussians, path) -> None:
     torch.save(state, path)
 
 
+SCENE_KEYS = PER_GAUSSIAN + ("up_projection.weight", "max_sh_degree", "active_sh_degree")
+
+
+def _read_scene_file(path: Path, map_location) -> dict:
+    """``torch.load(weights_only=True)`` of a ``save_scene`` file; ValueError("not a valid checkpoint: ...")."""
+    if not path.is_file():
+        raise ValueError(f"not a valid checkpoint: {path} (no such file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"not a valid checkpoint: {path} (empty file)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch's message would suggest weights_only=False: wrong for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in reason:  # the unpickler's message: never pass on its advice
+            reason = "corrupt, or holds objects other than tensors, numbers and strings"
+        raise ValueError(f"not a valid checkpoint: {path} ({type(error).__name__}: {reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"not a valid checkpoint: {path} (expected a dict, got {type(state).__name__})")
+    missing = [key for key in SCENE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"not a valid checkpoint: {path} (missing keys {missing})")
+    return state
+
+
 def load_scene(path, map_location=None) -> FeatureGaussians:
-    """Inverse of `save_scene`."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """Inverse of `save_scene`.
+
+    A missing, empty, truncated or corrupt file, one that lacks any of `SCENE_KEYS` or whose arrays do not
+    fit together raises ``ValueError("not a valid checkpoint: PATH (reason)")``.
+    """
+    path = Path(path)
+    state = _read_scene_file(path, map_location)
     weight = state["up_projection.weight"]
-    model = FeatureGaussians(state["means"], torch.zeros_like(state["means"]), state["log_scales"],
-                             vit_width=weight.shape[0], feature_dim=weight.shape[1],
-                             sh_degree=state["max_sh_degree"])
-    with torch.no_grad():
-        for name in PER_GAUSSIAN:
-            getattr(model, name).copy_(state[name])
-        model.up_projection.weight.copy_(weight)
-    model.active_sh_degree = state["active_sh_degree"]
+    try:
+        if not isinstance(weight, Tensor) or weight.ndim != 4:
+            raise ValueError("up_projection.weight must be a (vit_width, feature_dim, 3, 3) tensor")
+        model = FeatureGaussians(state["means"], torch.zeros_like(state["means"]), state["log_scales"],
+                                 vit_width=weight.shape[0], feature_dim=weight.shape[1],
+                                 sh_degree=state["max_sh_degree"])
+        with torch.no_grad():
+            for name in PER_GAUSSIAN:
+                value = state[name]
+                if not isinstance(value, Tensor) or value.shape != getattr(model, name).shape:
+                    raise ValueError(f"{name} has shape {tuple(getattr(value, 'shape', ()))}, expected "
+                                     f"{tuple(getattr(model, name).shape)}")
+                getattr(model, name).copy_(value)
+            model.up_projection.weight.copy_(weight)
+        active = state["active_sh_degree"]
+        if active not in range(model.max_sh_degree + 1):
+            raise ValueError(f"active_sh_degree must be in 0..{model.max_sh_degree}, got {active!r}")
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(f"not a valid checkpoint: {path} ({error})") from None
+    model.active_sh_degree = int(active)
     return model

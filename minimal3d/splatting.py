@@ -7,7 +7,7 @@ feature Gaussians with the same rasterizer. Conventions follow gsplat 1.5.3 (ner
 ``gsplat/cuda/_torch_impl.py`` and its CUDA kernels; Ye et al., arXiv:2409.06765), see
 ``tests/data/splatting/README.md``:
 
-* parameters are post-activation: ``scales`` are standard deviations, ``opacities`` lie in (0, 1),
+* parameters are post-activation: ``scales`` are standard deviations, ``opacities`` lie in [0, 1],
   ``quats`` are (w, x, y, z) and normalised here (gradients are w.r.t. the raw quaternion);
 * OpenCV camera: ``viewmat`` is world-to-camera, ``K`` in pixels, pixel (row i, column j) has its
   centre at (j + 0.5, i + 0.5); depth is camera z;
@@ -17,30 +17,41 @@ feature Gaussians with the same rasterizer. Conventions follow gsplat 1.5.3 (ner
   skipped when ``alpha < 1/255`` (or ``sigma < 0``), a pixel stops *before* the Gaussian that would bring
   its transmittance to ``<= 1e-4``.
 
-Pipeline (one function per stage, in this order):
-``quaternion_to_rotation`` -> ``gaussian_covariances`` -> ``project_gaussians`` (world -> camera, EWA,
-culling) -> ``spherical_harmonics`` (view-dependent colour) -> ``intersect_tiles`` (one sort on a
-combined (tile, depth) key) -> ``find_pixel_pairs`` (per-tile blocks, skip rule, no gradient) ->
-``composite_pairs`` (transmittance by a segmented scan, stop rule, weighted sums; autograd) ->
-``rasterize_gaussians`` (the public entry point).
+The file reads top-down in gsplat's stage order, one function per stage:
 
-How the compositing is vectorised: the sequential per-pixel loop of the CUDA kernel is rewritten as
-masks. For each tile, the block ``tile pixels x tile's depth-sorted Gaussians`` is evaluated without
-gradient to find the (pixel, Gaussian) pairs that pass the skip rule; only those pairs (in pixel-major,
-depth-sorted order) go through the differentiable part, where the transmittance in front of every pair
-is ``exp`` of an exclusive cumulative sum of ``log(1 - alpha)`` within its pixel. Pairs whose inclusive
-transmittance is ``<= 1e-4`` get weight 0, which is exactly the stop rule because the transmittance never
-increases along a pixel's list. Tiles are processed in chunks of similar list length, which bounds
-memory; the result does not depend on ``tile_size`` (3.33 sigma boxes make every skipped pair invisible).
-Two steps have a small hand-written backward (``ExclusiveCumsumPerRun`` keeps float32 precision,
-``SparseWeightedSum`` avoids materialising (pairs x channels) rows on CPU); everything else is autograd.
-Host syncs: the list sizes (``repeat_interleave``, ``nonzero``), the tile list lengths (read once to
-chunk the tiles) and one for input validation, as in any sort-based rasterizer without custom kernels.
+1. ``quaternion_to_rotation``, ``gaussian_covariances``: 3D covariances ``R S S^T R^T``;
+2. ``project_gaussians``: world -> camera, EWA Jacobian, 2D covariances, radii and conics, culling;
+3. ``intersect_tiles``: every (tile, Gaussian) overlap, sorted by tile and depth with one ``torch.sort``;
+4. ``find_pixel_pairs`` (which pairs pass the skip rule; no gradient) and ``composite_pairs``
+   (transmittance ``T_i = prod_{j<i} (1 - alpha_j)`` as ``exp`` of a ``cumsum`` of ``log(1 - alpha)``
+   along each pixel's list, the stop rule as a mask, colours / depth / alpha by one ``index_add``;
+   autograd does the backward);
+5. ``spherical_harmonics``: view-dependent colour;
+6. ``rasterize_gaussians``: the public entry point, and ``compiled_rasterizer`` (``torch.compile`` of
+   the differentiable stages with dynamic shapes: the CUDA path);
+7. the fast path of the same compositing math (``composite_pairs_fast``: per-pixel scan with a
+   hand-written backward, a sparse CSR pixel x Gaussian matrix product instead of ``index_add``),
+   selected by ``rasterize_gaussians(..., fast=...)``: ``None`` (default) takes it only on CPU for
+   colours with >= 16 channels (FiT3D's 64-dim features, ~2x faster there), ``True``/``False`` force it.
+   Tested equal to the readable path in float64 and by gradcheck.
+
+How the per-pixel loop of the CUDA kernel becomes tensor code: for each tile, the block ``tile pixels x
+tile's depth-sorted Gaussians`` is evaluated without gradient to find the (pixel, Gaussian) pairs that
+pass the skip rule; only those pairs (grouped by pixel, front to back) enter the differentiable part.
+Pairs whose transmittance after them is ``<= 1e-4`` get weight 0, which is exactly the stop rule because
+the transmittance never increases along a pixel's list. The result does not depend on ``tile_size``
+(3.33 sigma boxes make every skipped pair invisible).
+
+Host syncs (per call, none per Gaussian): the input checks (one), the number of tile intersections
+(``repeat_interleave``), the tile list lengths (read once to chunk the pair search), the number of pairs
+(``nonzero``) and the longest pixel list, as in any sort-based rasterizer without custom kernels.
 """
 
+import functools
 import math
 import numbers
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -49,7 +60,9 @@ ALPHA_MIN = 1.0 / 255.0  # skip pairs with alpha below this (3DGS / gsplat)
 TRANSMITTANCE_STOP = 1e-4  # stop a pixel before its transmittance would drop to this (gsplat)
 BOX_SIGMAS = 3.33  # per-axis radius of the screen-space box in standard deviations (gsplat 1.5)
 JACOBIAN_FOV_MARGIN = 0.3  # the EWA Jacobian is evaluated inside 1.3 x the half field of view
+MAX_RADIUS = 1 << 24  # box radii are capped here (int32 output; such a box covers any image)
 PAIR_BLOCK_ELEMENTS = 1 << 20  # (tile pixels x tile Gaussians) evaluated at once in find_pixel_pairs
+FAST_PATH_MIN_CHANNELS = 16  # fast=None picks the fast path on CPU from this many colour channels on
 
 # Real spherical harmonics constants of the 3DGS basis, degree 0-3 (Sloan, "Efficient Spherical
 # Harmonic Evaluation", JCGT 2013), in the order of 3DGS `features_dc` + `features_rest`.
@@ -68,15 +81,18 @@ SH_C3 = (
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3D Gaussians: rotation, covariance
+# 1. 3D Gaussians: rotation, covariance
 # ----------------------------------------------------------------------------------------------------
 
 
 def quaternion_to_rotation(quats: Tensor) -> Tensor:
-    """Rotation matrices from quaternions ``quats: (N, 4)`` in (w, x, y, z) order (normalised here).
+    """Rotation matrices from quaternions ``quats: (..., 4)`` in (w, x, y, z) order, any non-zero norm.
 
-    Returns ``(N, 3, 3)``.
+    ``q`` is divided by its largest absolute component before it is normalised: the direction is the
+    same, and ``|q|^2`` can neither underflow (q ~ 1e-30) nor overflow (q ~ 1e30) in float32. A zero
+    quaternion has no rotation (NaN here; ``rasterize_gaussians`` rejects it). Returns ``(..., 3, 3)``.
     """
+    quats = quats / quats.abs().amax(dim=-1, keepdim=True)
     w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
     rotation = torch.stack(
         [
@@ -99,7 +115,7 @@ def gaussian_covariances(quats: Tensor, scales: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Projection: world -> camera, EWA splatting, culling
+# 2. Projection: world -> camera, EWA splatting, radii and conics, culling
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -123,14 +139,14 @@ def project_gaussians(
         ``means2d`` (N, 2) pixel coordinates of the centres, ``depths`` (N,) camera z,
         ``conics`` (N, 3) upper triangle (xx, xy, yy) of the inverse 2D covariance,
         ``radii`` (N, 2) int32 per-axis box half sizes in pixels, 0 for culled Gaussians,
-        ``visible`` (N,) bool (radii > 0).
+        ``visible`` (N,) bool (radii > 0). Only visible Gaussians have defined means2d / conics.
     """
     rotation_cw, translation_cw = viewmat[:3, :3], viewmat[:3, 3]
     means_cam = means @ rotation_cw.T + translation_cw  # (N, 3)
-    covars_cam = rotation_cw @ covars @ rotation_cw.T  # (N, 3, 3)
+    covars_cam = rotation_cw @ covars @ rotation_cw.T  # (N, 3, 3), W Sigma W^T
     x, y, depths = means_cam.unbind(-1)
     in_depth_range = (depths > near_plane) & (depths < far_plane)
-    # Culled Gaussians (e.g. z = 0 behind the camera) still flow through the arithmetic below; a safe
+    # Culled Gaussians (e.g. z = 0, behind the camera) still flow through the arithmetic below; a safe
     # depth keeps their values and gradients finite (they are masked out afterwards).
     z = torch.where(in_depth_range, depths, torch.ones_like(depths))
 
@@ -160,20 +176,214 @@ def project_gaussians(
     # Per-axis screen-space box: outside 3.33 sigma along an axis, alpha < 1/255 for any opacity <= 1.
     with torch.no_grad():
         radii = torch.ceil(BOX_SIGMAS * torch.stack([var_x, var_y], dim=-1).clamp(min=0).sqrt())  # (N, 2)
+        radii = radii.clamp(max=MAX_RADIUS)
         centre = means2d.detach()
         on_image = (
             (centre[:, 0] + radii[:, 0] > 0)
             & (centre[:, 0] - radii[:, 0] < width)
             & (centre[:, 1] + radii[:, 1] > 0)
             & (centre[:, 1] - radii[:, 1] < height)
-        )
-        visible = in_depth_range & on_image & (radii > 0).all(dim=-1)
+        )  # False for a non-finite centre
+        finite = torch.isfinite(conics.detach()).all(dim=-1)
+        visible = in_depth_range & on_image & finite & (radii > 0).all(dim=-1)
         radii = torch.where(visible[:, None], radii, torch.zeros_like(radii)).to(torch.int32)
     return {"means2d": means2d, "depths": depths, "conics": conics, "radii": radii, "visible": visible}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Spherical harmonics (view-dependent colour)
+# 3. Tile intersection and sorting
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def intersect_tiles(
+    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """List every (tile, Gaussian) overlap, sorted by tile and front to back within a tile.
+
+    gsplat's ``isect_tiles`` + ``isect_offset_encode``, vectorised.
+    Args:
+        means2d: (N, 2). radii: (N, 2) int, 0 = culled. depths: (N,).
+    Returns:
+        ``tile_ids`` (I,) and ``gaussian_ids`` (I,) of the I intersections, sorted by one ``torch.sort``
+        on the key ``tile * N + depth_rank``; ``tile_starts`` (num_tiles + 1,) offsets of each tile's run.
+    """
+    num_gaussians = means2d.shape[0]
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    visible = (radii > 0).all(dim=-1)
+    radii = radii.to(means2d.dtype)
+    centre = torch.where(visible[:, None], means2d, torch.zeros_like(means2d))  # culled: any finite value
+    tile_limits = torch.tensor([tiles_x, tiles_y], device=means2d.device)
+    tile_min = torch.minimum(torch.floor((centre - radii) / tile_size).long().clamp(min=0), tile_limits)
+    tile_max = torch.minimum(torch.ceil((centre + radii) / tile_size).long().clamp(min=0), tile_limits)
+    tile_extent = tile_max - tile_min  # (N, 2) tiles covered along x and y
+    tiles_per_gaussian = tile_extent.prod(dim=-1) * visible
+
+    # One row per intersection: which Gaussian, and which tile of its box (row-major inside the box).
+    all_ids = torch.arange(num_gaussians, device=means2d.device)
+    gaussian_ids = torch.repeat_interleave(all_ids, tiles_per_gaussian)  # host sync: list size
+    first_row = torch.cumsum(tiles_per_gaussian, 0) - tiles_per_gaussian
+    index_in_box = torch.arange(gaussian_ids.shape[0], device=means2d.device) - first_row[gaussian_ids]
+    box_width = tile_extent[gaussian_ids, 0].clamp(min=1)
+    tile_x = tile_min[gaussian_ids, 0] + index_in_box % box_width
+    tile_y = tile_min[gaussian_ids, 1] + index_in_box // box_width
+    tile_ids = tile_y * tiles_x + tile_x
+
+    # The depth order enters the key as a rank, which is exact for any dtype and ties (stable order).
+    depth_rank = gaussian_ids.new_empty(num_gaussians)
+    depth_rank[torch.argsort(depths, stable=True)] = all_ids
+    sort_key = tile_ids * num_gaussians + depth_rank[gaussian_ids]
+    order = torch.sort(sort_key).indices  # the one sort: by tile, then front to back
+    tile_ids, gaussian_ids = tile_ids[order], gaussian_ids[order]
+    tile_counts = torch.bincount(tile_ids, minlength=tiles_x * tiles_y)
+    tile_starts = torch.cat([tile_counts.new_zeros(1), torch.cumsum(tile_counts, 0)])
+    return tile_ids, gaussian_ids, tile_starts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Per-pixel alpha compositing, front to back
+# ----------------------------------------------------------------------------------------------------
+
+
+def pair_sigma(means2d: Tensor, conics: Tensor, pixel_x: Tensor, pixel_y: Tensor) -> Tensor:
+    """Gaussian exponent ``sigma = 1/2 d^T Sigma2D^-1 d`` with ``d = mean - pixel centre`` (broadcasting).
+
+    ``means2d: (..., 2)``, ``conics: (..., 3)`` and pixel centre coordinates broadcast against each other.
+    """
+    dx, dy = means2d[..., 0] - pixel_x, means2d[..., 1] - pixel_y
+    a, b, c = conics.unbind(-1)
+    return 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy  # 3DGS Eq. 4 exponent
+
+
+@torch.no_grad()
+def find_pixel_pairs(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    gaussian_ids: Tensor,
+    tile_starts: Tensor,
+    width: int,
+    height: int,
+    tile_size: int,
+) -> tuple[Tensor, Tensor]:
+    """(pixel, Gaussian) pairs that pass the skip rule, grouped by pixel and front to back in each pixel.
+
+    The role of gsplat's ``rasterize_to_indices_in_range``. Each tile's block ``(tile pixels, tile's
+    sorted Gaussians)`` is evaluated at once; tiles are taken in chunks of similar list length (longest
+    first) so that a block has at most ``PAIR_BLOCK_ELEMENTS`` entries. A pair is kept iff
+    ``sigma >= 0`` and ``o exp(-sigma) >= 1/255``, written as ``sigma <= log(255 o)`` (gsplat's skip rule;
+    alpha_max > 1/255 does not change it). The stop rule needs the transmittance and is applied in
+    ``composite_pairs``. The tile list lengths are read on the host once, to form the chunks.
+
+    Returns ``pixel_ids`` (M,) raster indices ``row * width + column`` and ``pair_gaussian_ids`` (M,).
+    """
+    device = means2d.device
+    tiles_x = math.ceil(width / tile_size)
+    tile_counts = tile_starts[1:] - tile_starts[:-1]
+    tiles_by_count = torch.argsort(tile_counts, descending=True, stable=True)
+    sorted_counts = tile_counts[tiles_by_count].tolist()  # host sync: chunk sizes
+    log_threshold = torch.log(opacities / ALPHA_MIN)  # skip iff sigma > log(255 o)
+    offsets = torch.arange(tile_size, device=device)
+    pixel_ids, pair_gaussian_ids = [], []
+    first = 0
+    while first < len(sorted_counts) and sorted_counts[first] > 0:
+        list_length = sorted_counts[first]
+        num_tiles = max(1, PAIR_BLOCK_ELEMENTS // (list_length * tile_size * tile_size))
+        tiles = tiles_by_count[first : first + num_tiles]  # (T,)
+        first += num_tiles
+        slot = torch.arange(list_length, device=device)
+        in_list = slot < tile_counts[tiles, None]  # (T, L)
+        rows = torch.minimum(tile_starts[tiles, None] + slot, tile_starts[-1:] - 1)
+        gaussians = gaussian_ids[rows]  # (T, L), padded slots repeat a valid id and are masked
+        threshold = torch.where(in_list, log_threshold[gaussians], -torch.inf)  # (T, L)
+        column = (tiles % tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel columns of the tile
+        row = (tiles // tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel rows of the tile
+        # pair_sigma on the (T, S rows, S columns, L) block, split into per-column and per-row parts so
+        # that only three operations run on the full block.
+        a, b, c = conics[gaussians].unbind(-1)  # (T, L)
+        dx = means2d[gaussians, 0][:, None, :] - (column + 0.5)[:, :, None]  # (T, S, L)
+        dy = means2d[gaussians, 1][:, None, :] - (row + 0.5)[:, :, None]  # (T, S, L)
+        sigma_x, sigma_y, b_dx = 0.5 * a[:, None] * dx * dx, 0.5 * c[:, None] * dy * dy, b[:, None] * dx
+        sigma = (sigma_y[:, :, None] + sigma_x[:, None]) + b_dx[:, None] * dy[:, :, None]  # (T, S, S, L)
+        keep = (sigma <= threshold[:, None, None]) & (sigma >= 0)
+        tile_index, in_row, in_column, in_slot = keep.nonzero(as_tuple=True)  # pixel-major, front to back
+        pair_row, pair_column = row[tile_index, in_row], column[tile_index, in_column]
+        pair_gaussians = gaussians[tile_index, in_slot]
+        if width % tile_size or height % tile_size:  # drop the parts of edge tiles outside the image
+            on_image = (pair_row < height) & (pair_column < width)
+            pair_row, pair_column = pair_row[on_image], pair_column[on_image]
+            pair_gaussians = pair_gaussians[on_image]
+        pixel_ids.append(pair_row * width + pair_column)
+        pair_gaussian_ids.append(pair_gaussians)
+    if not pixel_ids:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    return torch.cat(pixel_ids), torch.cat(pair_gaussian_ids)
+
+
+@torch.no_grad()
+def position_in_pixel(pixel_ids: Tensor) -> Tensor:
+    """Index of each pair in its pixel's front-to-back list (0, 1, 2, ...); pairs grouped by pixel, (M,)."""
+    position = torch.arange(pixel_ids.shape[0], device=pixel_ids.device)
+    starts_list = torch.ones_like(pixel_ids, dtype=torch.bool)
+    starts_list[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    list_start = torch.cummax(torch.where(starts_list, position, 0), dim=0).values  # first pair of the list
+    return position - list_start
+
+
+def composite_pairs(
+    pixel_ids: Tensor,
+    pair_gaussian_ids: Tensor,
+    slots: Tensor,
+    longest: int,
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    colors: Tensor,
+    width: int,
+    height: int,
+    alpha_max: float = 0.99,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Front-to-back alpha compositing of the kept pairs (3DGS Eq. 3), differentiable by autograd.
+
+    Args:
+        pixel_ids, pair_gaussian_ids: (M,) from ``find_pixel_pairs`` (grouped per pixel, front to back).
+        slots: (M,) ``position_in_pixel(pixel_ids)``; longest: the longest pixel list (``slots.max() + 1``).
+        means2d (N, 2), conics (N, 3), opacities (N,), depths (N,), colors (N, D): per Gaussian.
+        alpha_max: clamp of a single alpha (0.99 in 3DGS/FiT3D, 0.999 in gsplat).
+    Returns ``color (H*W, D)`` = sum_i c_i alpha_i T_i, ``alpha (H*W,)`` = 1 - final transmittance,
+    ``depth_acc (H*W,)`` = sum_i z_i alpha_i T_i, in raster order. Memory: (H*W, longest) for the
+    transmittance table, (M, D + 2) for the weighted values.
+    """
+    pixel_x = (pixel_ids % width).to(means2d.dtype) + 0.5  # pixel centres (column + 0.5, row + 0.5)
+    pixel_y = torch.div(pixel_ids, width, rounding_mode="floor").to(means2d.dtype) + 0.5
+    pair_means2d = means2d.index_select(0, pair_gaussian_ids)  # (M, 2), i.e. means2d[pair_gaussian_ids]
+    pair_conics = conics.index_select(0, pair_gaussian_ids)  # (M, 3)
+    sigma = pair_sigma(pair_means2d, pair_conics, pixel_x, pixel_y)  # (M,)
+    pair_opacities = opacities.index_select(0, pair_gaussian_ids)
+    alpha = torch.clamp(pair_opacities * torch.exp(-sigma), max=alpha_max)  # alpha_i = o_i G_i (3DGS Eq. 4)
+
+    # T_i = prod_{j < i} (1 - alpha_j) along each pixel's list (3DGS Eq. 3), as exp of a sum of logs: the
+    # lists become the rows of a (pixels, longest list + 1) table, shifted by one slot so that the
+    # cumulative sum along a row is exclusive, and padded with log(1) = 0.
+    log_one_minus_alpha = torch.zeros(width * height, longest + 1, dtype=alpha.dtype, device=alpha.device)
+    log_one_minus_alpha = log_one_minus_alpha.index_put((pixel_ids, slots + 1), torch.log1p(-alpha))
+    transmittance = torch.exp(torch.cumsum(log_one_minus_alpha, dim=1)[pixel_ids, slots])  # T_i, (M,)
+    # Stop rule as a mask: a pair counts only while the transmittance after it stays above 1e-4.
+    reached = (transmittance * (1 - alpha)).detach() > TRANSMITTANCE_STOP
+    weights = torch.where(reached, alpha * transmittance, torch.zeros_like(alpha))  # w_i = alpha_i T_i
+
+    # Colours, depth and alpha (= sum of weights = 1 - final transmittance) in one weighted sum per pixel.
+    values = torch.cat([colors, depths[:, None].to(colors), torch.ones_like(colors[:, :1])], dim=-1)  # (N, D+2)
+    weighted = weights[:, None].to(colors) * values.index_select(0, pair_gaussian_ids)  # (M, D + 2)
+    blended = values.new_zeros(width * height, values.shape[-1]).index_add(0, pixel_ids, weighted)
+    color, depth_acc, alpha_image = blended[:, :-2], blended[:, -2], blended[:, -1]
+    return color, alpha_image, depth_acc
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Spherical harmonics (view-dependent colour)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -182,7 +392,8 @@ def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
 
     Args:
         degree: 0, 1, 2 or 3; the first ``(degree + 1)^2`` coefficients are used.
-        dirs: (..., 3) directions (normalised here). coeffs: (..., K, C) with K >= (degree + 1)^2.
+        dirs: (..., 3) directions (normalised here; a zero direction gives the constant term only).
+        coeffs: (..., K, C) with K >= (degree + 1)^2.
     Returns ``(..., C)``, without the +0.5 offset and clamping that the renderer applies.
     """
     if degree not in (0, 1, 2, 3):
@@ -218,142 +429,288 @@ def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tile binning
+# 6. Public entry point
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def intersect_tiles(
-    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """List every (tile, Gaussian) overlap, sorted by tile and front to back within a tile.
+def _check_inputs(
+    means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background,
+    near_plane, far_plane, eps2d, alpha_max, tile_size,
+):  # fmt: skip
+    """Validate the arguments of ``rasterize_gaussians`` (ValueError/TypeError naming the argument).
 
-    Args:
-        means2d: (N, 2). radii: (N, 2) int, 0 = culled. depths: (N,).
-    Returns:
-        ``tile_ids`` (I,) and ``gaussian_ids`` (I,) of the I intersections, sorted by one ``torch.sort``
-        on the key ``tile * N + depth_rank``; ``tile_starts`` (num_tiles + 1,) offsets of each tile's run.
+    Shapes, dtypes, devices and options are checked on the host; all value checks on tensors are
+    reduced to one tensor of flags, read with a single device sync.
     """
-    num_gaussians = means2d.shape[0]
-    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
-    radii = radii.to(means2d.dtype)
-    tile_limits = torch.tensor([tiles_x, tiles_y], device=means2d.device)
-    tile_min = torch.minimum(torch.floor((means2d - radii) / tile_size).long().clamp(min=0), tile_limits)
-    tile_max = torch.minimum(torch.ceil((means2d + radii) / tile_size).long().clamp(min=0), tile_limits)
-    tile_extent = tile_max - tile_min  # (N, 2) tiles covered along x and y
-    tiles_per_gaussian = tile_extent.prod(dim=-1) * (radii > 0).all(dim=-1)
+    tensors = {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors}
+    tensors |= {"viewmat": viewmat, "K": K}
+    if background is not None:
+        tensors["background"] = background
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in (torch.float32, torch.float64):  # float16 overflows in the projection
+            raise TypeError(f"{name} must be a float32 or float64 tensor, got {value.dtype}")
+    for name in ("quats", "scales", "opacities", "colors"):
+        if tensors[name].dtype != means.dtype or tensors[name].device != means.device:
+            raise TypeError(f"{name} must have the dtype and device of means ({means.dtype}, {means.device})")
+    for name, size in (("width", width), ("height", height), ("tile_size", tile_size)):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    for name, value in (("near_plane", near_plane), ("far_plane", far_plane), ("eps2d", eps2d)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(near_plane) and near_plane > 0):  # also rejects NaN
+        raise ValueError(f"near_plane must be a finite number > 0 (nothing at or behind the camera), got {near_plane}")
+    if not far_plane > near_plane:
+        raise ValueError(f"far_plane must be larger than near_plane = {near_plane}, got {far_plane}")
+    if not (math.isfinite(eps2d) and eps2d > 0):
+        raise ValueError(f"eps2d must be a finite number > 0 (it keeps the 2D covariance invertible), got {eps2d}")
+    if not (isinstance(alpha_max, numbers.Real) and 1.0 / 255.0 < alpha_max < 1.0):
+        raise ValueError(f"alpha_max must lie in (1/255, 1), got {alpha_max!r}")
+    if means.ndim != 2 or means.shape[1] != 3:
+        raise ValueError(f"means must have shape (N, 3), got {tuple(means.shape)}")
+    num = means.shape[0]
+    if quats.shape != (num, 4):
+        raise ValueError(f"quats must have shape (N, 4) = ({num}, 4), got {tuple(quats.shape)}")
+    if scales.shape != (num, 3):
+        raise ValueError(f"scales must have shape (N, 3) = ({num}, 3), got {tuple(scales.shape)}")
+    if opacities.shape not in ((num,), (num, 1)):
+        raise ValueError(f"opacities must have shape (N,) = ({num},), got {tuple(opacities.shape)}")
+    if sh_degree is None:
+        if colors.ndim != 2 or colors.shape[0] != num:
+            raise ValueError(f"colors must have shape (N, D) = ({num}, D), got {tuple(colors.shape)}")
+    else:
+        if sh_degree not in (0, 1, 2, 3) or isinstance(sh_degree, bool):
+            raise ValueError(f"sh_degree must be None, 0, 1, 2 or 3, got {sh_degree!r}")
+        needed = (sh_degree + 1) ** 2
+        if colors.ndim != 3 or colors.shape[0] != num or colors.shape[1] < needed or colors.shape[2] != 3:
+            raise ValueError(
+                f"colors must be SH coefficients of shape (N, K >= {needed}, 3) for sh_degree={sh_degree}, "
+                f"got {tuple(colors.shape)}"
+            )
+    if viewmat.shape != (4, 4):
+        raise ValueError(f"viewmat must have shape (4, 4) (world-to-camera), got {tuple(viewmat.shape)}")
+    if K.shape != (3, 3):
+        raise ValueError(f"K must have shape (3, 3), got {tuple(K.shape)}")
+    if background is not None:
+        channels = 3 if sh_degree is not None else colors.shape[-1]
+        if background.shape != (channels,):
+            raise ValueError(f"background must have shape (D,) = ({channels},), got {tuple(background.shape)}")
 
-    # One row per intersection: which Gaussian, and which tile of its box (row-major inside the box).
-    all_ids = torch.arange(num_gaussians, device=means2d.device)
-    gaussian_ids = torch.repeat_interleave(all_ids, tiles_per_gaussian)  # host sync: list size
-    first_row = torch.cumsum(tiles_per_gaussian, 0) - tiles_per_gaussian
-    index_in_box = torch.arange(gaussian_ids.shape[0], device=means2d.device) - first_row[gaussian_ids]
-    box_width = tile_extent[gaussian_ids, 0].clamp(min=1)
-    tile_x = tile_min[gaussian_ids, 0] + index_in_box % box_width
-    tile_y = tile_min[gaussian_ids, 1] + index_in_box // box_width
-    tile_ids = tile_y * tiles_x + tile_x
-
-    # The depth order enters the key as a rank, which is exact for any dtype and ties (stable order).
-    depth_rank = gaussian_ids.new_empty(num_gaussians)
-    depth_rank[torch.argsort(depths, stable=True)] = all_ids
-    sort_key = tile_ids * num_gaussians + depth_rank[gaussian_ids]
-    order = torch.sort(sort_key).indices  # the one sort: by tile, then front to back
-    tile_ids, gaussian_ids = tile_ids[order], gaussian_ids[order]
-    tile_counts = torch.bincount(tile_ids, minlength=tiles_x * tiles_y)
-    tile_starts = torch.cat([tile_counts.new_zeros(1), torch.cumsum(tile_counts, 0)])
-    return tile_ids, gaussian_ids, tile_starts
-
-
-# ----------------------------------------------------------------------------------------------------
-# Compositing
-# ----------------------------------------------------------------------------------------------------
+    problems = [(f"{name} must be finite, got NaN or Inf", ~torch.isfinite(value)) for name, value in tensors.items()]
+    rotation = viewmat[:3, :3]
+    eye = torch.eye(3, dtype=rotation.dtype, device=rotation.device)
+    problems += [
+        ("quats must have non-zero norm (they are normalised inside)", (quats == 0).all(dim=-1)),
+        ("scales must be > 0 (standard deviations, post-activation)", scales <= 0),
+        ("opacities must lie in [0, 1] (post-activation)", (opacities < 0) | (opacities > 1)),
+        ("K must have positive focal lengths K[0, 0] and K[1, 1]", K.diagonal()[:2] <= 0),
+        (
+            "viewmat must be rigid: viewmat[:3, :3] a rotation (orthonormal, det +1), last row (0, 0, 0, 1)",
+            ((rotation @ rotation.T - eye).abs().amax() > 1e-3)
+            | (torch.dot(torch.linalg.cross(rotation[0], rotation[1]), rotation[2]) < 0)  # det < 0
+            | (viewmat[3] != viewmat.new_tensor([0.0, 0.0, 0.0, 1.0])).any(),
+        ),
+    ]
+    flags = torch.stack([violated.any().to(means.device) for _, violated in problems]).tolist()  # one sync
+    for (message, _), flag in zip(problems, flags):
+        if flag:
+            raise ValueError(message)
 
 
-def pair_sigma(means2d: Tensor, conics: Tensor, pixel_x: Tensor, pixel_y: Tensor) -> Tensor:
-    """Gaussian exponent ``sigma = 1/2 d^T Sigma2D^-1 d`` with ``d = mean - pixel centre`` (broadcasting).
+def largest_scale(K: Tensor, width: int, height: int, near_plane: float, dtype: torch.dtype) -> Tensor:
+    """Bound on the standard deviations below which no 2D covariance or determinant overflows ``dtype``.
 
-    ``means2d: (..., 2)``, ``conics: (..., 3)`` and pixel centre coordinates broadcast against each other.
+    A Gaussian at the near plane with scale ``s`` has 2D variances of at most ``3 (J_max s)^2``, with
+    ``J_max`` the largest row norm of the EWA Jacobian there. The bound ``J_max s <= 0.1 (dtype max)^(1/4)``
+    keeps them below ``0.03 sqrt(dtype max)`` (float32: 2D standard deviations up to ~2e8 px, far larger
+    than any image), so ``det`` stays finite. Returns a 0-dim tensor (no host sync).
     """
-    dx, dy = means2d[..., 0] - pixel_x, means2d[..., 1] - pixel_y
-    a, b, c = conics.unbind(-1)
-    return 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy  # 3DGS Eq. 4 exponent
+    focal = K.diagonal()[:2]
+    sizes = K.new_tensor([float(width), float(height)])
+    extent = (K[:2, 2].abs() + sizes) / focal + JACOBIAN_FOV_MARGIN * 0.5 * sizes / focal  # |x/z| bound
+    jacobian_max = (focal / min(near_plane, 1.0) * (1 + extent)).max()  # culled Gaussians use z = 1
+    return 0.1 * torch.finfo(dtype).max ** 0.25 / jacobian_max
 
 
-@torch.no_grad()
-def find_pixel_pairs(
-    means2d: Tensor,
-    conics: Tensor,
+def rasterize_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
     opacities: Tensor,
-    gaussian_ids: Tensor,
-    tile_starts: Tensor,
+    colors: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
     width: int,
     height: int,
-    tile_size: int,
-) -> tuple[Tensor, Tensor]:
-    """(pixel, Gaussian) pairs that pass the skip rule, grouped by pixel and front to back in each pixel.
+    *,
+    sh_degree: int | None = None,
+    background: Tensor | None = None,
+    near_plane: float = 0.2,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    alpha_max: float = 0.99,
+    tile_size: int = 8,
+    detach_geometry: bool = False,
+    fast: bool | None = None,
+) -> dict[str, Tensor]:
+    """Render 3D Gaussians into one pinhole camera (gsplat semantics, see the module docstring).
 
-    Each tile's block ``(tile pixels, tile's sorted Gaussians)`` is evaluated at once; tiles are taken
-    in chunks of similar list length (longest first) so that a block has at most
-    ``PAIR_BLOCK_ELEMENTS`` entries. A pair is kept iff ``sigma >= 0`` and ``o exp(-sigma) >= 1/255``,
-    written as ``sigma <= log(255 o)`` (gsplat's skip rule; alpha_max > 1/255 does not change it).
-    The tile list lengths are read on the host once, to form the chunks.
+    Args:
+        means: (N, 3) world centres. quats: (N, 4) rotations (w, x, y, z), any non-zero norm.
+        scales: (N, 3) standard deviations (> 0); values beyond ``largest_scale`` (float32: a 2D standard
+            deviation of ~1e8 px at the near plane) are clamped there, so nothing overflows (zero gradient above).
+        opacities: (N,) in [0, 1]; exactly 0 or 1 (a saturated float32 sigmoid) are accepted: such a
+            Gaussian is invisible or clamped to alpha_max.
+        colors: (N, D) colours or features (any D), or with ``sh_degree`` SH coefficients (N, K, 3),
+            K >= (sh_degree + 1)^2, evaluated along ``normalise(mean - camera centre)`` (world frame) and
+            mapped to colour by ``max(SH + 0.5, 0)`` (gsplat / 3DGS).
+        viewmat: (4, 4) rigid world-to-camera (OpenCV axes). K: (3, 3) intrinsics in pixels.
+        width, height: image size in pixels.
+        background: optional (D,) colour added with the final transmittance.
+        near_plane, far_plane: Gaussians with camera z outside (near, far) are culled; ``near_plane > 0``.
+        eps2d: low-pass variance (> 0) added to the 2D covariance. alpha_max: clamp of a single alpha.
+        tile_size: tile edge in pixels; does not change the result, only speed and memory. 8 by default:
+            on CPU, 8 x 8 blocks waste fewer pixel x Gaussian evaluations in ``find_pixel_pairs`` than
+            gsplat's 16 x 16 (chosen there for CUDA thread blocks); the parity tests use 16.
+        detach_geometry: FiT3D's rule for feature Gaussians: composite with weights computed from
+            detached means/quats/scales/opacities, so a loss on ``render`` only trains ``colors``.
+        fast: composite with ``composite_pairs_fast`` (hand-written scan backward, sparse CSR matrix
+            product; the last section of this file) instead of the readable ``composite_pairs``. Same
+            numbers (tested in float64 and by gradcheck); memory in proportion to the pairs only (the
+            readable table is pixels x longest list). ``None`` (default) picks it on CPU for colours with
+            at least ``FAST_PATH_MIN_CHANNELS`` = 16 channels (FiT3D's 64-dim features), where it is
+            ~2x faster forward+backward (``benchmarks/bench_splatting.py``); everywhere else (RGB, SH
+            colours, CUDA) the readable path runs; ``compiled_rasterizer`` defaults to ``fast=False``.
+    Inputs are float32 or float64 (float16 is refused: 2D covariances overflow it). NaN or Inf in any
+    input is an error (one host sync for all value checks).
+    Returns a dict:
+        ``render`` (H, W, D), ``alpha`` (H, W), ``depth_acc`` (H, W) = sum w_i z_i,
+        ``depth_exp`` (H, W) = depth_acc / max(alpha, 1e-10), ``radii`` (N, 2) int32 (0 = culled),
+        ``means2d`` (N, 2) projected centres (its ``.grad`` is kept after backward for densification
+        when it requires grad), ``depths`` (N,) camera z, ``conics`` (N, 3).
 
-    Returns ``pixel_ids`` (M,) raster indices ``row * width + column`` and ``pair_gaussian_ids`` (M,).
+    On CUDA, ``compiled_rasterizer()`` returns this function with its differentiable stages compiled.
     """
-    device = means2d.device
-    tiles_x = math.ceil(width / tile_size)
-    tile_counts = tile_starts[1:] - tile_starts[:-1]
-    tiles_by_count = torch.argsort(tile_counts, descending=True, stable=True)
-    sorted_counts = tile_counts[tiles_by_count].tolist()  # host sync: chunk sizes
-    log_threshold = torch.log(opacities / ALPHA_MIN)  # skip iff sigma > log(255 o)
-    offsets = torch.arange(tile_size, device=device)
-    pixel_ids, pair_gaussian_ids = [], []
-    first = 0
-    while first < len(sorted_counts) and sorted_counts[first] > 0:
-        list_length = sorted_counts[first]
-        num_tiles = max(1, PAIR_BLOCK_ELEMENTS // (list_length * tile_size * tile_size))
-        tiles = tiles_by_count[first : first + num_tiles]  # (T,)
-        first += num_tiles
-        slot = torch.arange(list_length, device=device)
-        in_list = slot < tile_counts[tiles, None]  # (T, L)
-        rows = torch.minimum(tile_starts[tiles, None] + slot, tile_starts[-1:] - 1)
-        gaussians = gaussian_ids[rows]  # (T, L), padded slots repeat a valid id and are masked
-        threshold = torch.where(in_list, log_threshold[gaussians], -torch.inf)  # (T, L)
-        column = (tiles % tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel columns of the tile
-        row = (tiles // tiles_x)[:, None] * tile_size + offsets  # (T, S) pixel rows of the tile
-        # sigma of pair_sigma, split into per-column and per-row parts so that only three operations
-        # run on the full (T, S rows, S columns, L) block.
-        a, b, c = conics[gaussians].unbind(-1)  # (T, L)
-        dx = means2d[gaussians, 0][:, None, :] - (column + 0.5)[:, :, None]  # (T, S, L)
-        dy = means2d[gaussians, 1][:, None, :] - (row + 0.5)[:, :, None]  # (T, S, L)
-        sigma_x, sigma_y, b_dx = 0.5 * a[:, None] * dx * dx, 0.5 * c[:, None] * dy * dy, b[:, None] * dx
-        sigma = (sigma_y[:, :, None] + sigma_x[:, None]) + b_dx[:, None] * dy[:, :, None]  # (T, S, S, L)
-        keep = (sigma <= threshold[:, None, None]) & (sigma >= 0)
-        tile_index, in_row, in_column, in_slot = keep.nonzero(as_tuple=True)  # pixel-major, front to back
-        pair_row, pair_column = row[tile_index, in_row], column[tile_index, in_column]
-        pair_gaussians = gaussians[tile_index, in_slot]
-        if width % tile_size or height % tile_size:  # drop the parts of edge tiles outside the image
-            on_image = (pair_row < height) & (pair_column < width)
-            pair_row, pair_column = pair_row[on_image], pair_column[on_image]
-            pair_gaussians = pair_gaussians[on_image]
-        pixel_ids.append(pair_row * width + pair_column)
-        pair_gaussian_ids.append(pair_gaussians)
-    if not pixel_ids:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
-    return torch.cat(pixel_ids), torch.cat(pair_gaussian_ids)
+    _check_inputs(
+        means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background,
+        near_plane, far_plane, eps2d, alpha_max, tile_size,
+    )  # fmt: skip
+    return _rasterize(
+        _EAGER_STAGES, means, quats, scales, opacities, colors, viewmat, K, int(width), int(height),
+        sh_degree, background, near_plane, far_plane, eps2d, alpha_max, int(tile_size), detach_geometry, fast,
+    )  # fmt: skip
 
 
-def pixel_runs(pixel_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Structure of pairs stored as contiguous runs, one run per pixel (CSR rows of the weight matrix).
+def _project_and_shade(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree,
+                       near_plane, far_plane, eps2d, scale_limit):  # fmt: skip
+    """Stages 1, 2 and 5 for one camera: covariances, projection, view-dependent colour (differentiable)."""
+    covars = gaussian_covariances(quats, torch.minimum(scales, scale_limit))
+    projected = project_gaussians(means, covars, viewmat, K, width, height, near_plane, far_plane, eps2d)
+    if sh_degree is not None:
+        camera_centre = -viewmat[:3, :3].T @ viewmat[:3, 3]  # inverse of the rigid world-to-camera map
+        colors = torch.clamp_min(spherical_harmonics(sh_degree, means - camera_centre, colors) + 0.5, 0.0)
+    return projected, colors
 
-    ``pixel_ids: (M,)``. Returns ``run_starts (R + 1,)`` (first pair of every run, then M) and
-    ``run_pixels (R,)`` (the pixel of every run).
+
+_EAGER_STAGES = {"project": _project_and_shade, "composite": composite_pairs}
+
+
+def _rasterize(stages, means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree,
+               background, near_plane, far_plane, eps2d, alpha_max, tile_size, detach_geometry, fast):  # fmt: skip
+    """The pipeline of ``rasterize_gaussians`` after its input checks; ``stages`` may be compiled."""
+    opacities = opacities.reshape(-1)
+    viewmat, K = viewmat.to(means), K.to(means)
+    if detach_geometry:  # FiT3D: the feature loss never moves the geometry
+        means, quats, scales, opacities = means.detach(), quats.detach(), scales.detach(), opacities.detach()
+    scale_limit = largest_scale(K, width, height, near_plane, means.dtype)
+    projected, colors = stages["project"](
+        means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, near_plane, far_plane,
+        eps2d, scale_limit,
+    )  # fmt: skip
+    means2d, depths, conics = projected["means2d"], projected["depths"], projected["conics"]
+    if means2d.requires_grad:
+        means2d.retain_grad()  # the view-space gradient statistic of 3DGS densification
+
+    _, gaussian_ids, tile_starts = intersect_tiles(
+        means2d.detach(), projected["radii"], depths.detach(), width, height, tile_size
+    )
+    pixel_ids, pair_gaussian_ids = find_pixel_pairs(
+        means2d.detach(), conics.detach(), opacities.detach(), gaussian_ids, tile_starts, width, height, tile_size
+    )
+    if fast is None:
+        fast = means.device.type == "cpu" and colors.shape[-1] >= FAST_PATH_MIN_CHANNELS
+    if fast:
+        color, alpha, depth_acc = composite_pairs_fast(
+            pixel_ids, pair_gaussian_ids, means2d, conics, opacities, depths, colors, width, height, alpha_max
+        )
+    else:
+        slots = position_in_pixel(pixel_ids)
+        longest = int(slots.max()) + 1 if slots.numel() else 0  # host sync: width of the transmittance table
+        color, alpha, depth_acc = stages["composite"](
+            pixel_ids, pair_gaussian_ids, slots, longest, means2d, conics, opacities, depths, colors,
+            width, height, alpha_max,
+        )  # fmt: skip
+    if background is not None:
+        color = color + (1 - alpha)[:, None] * background.to(color)
+    return {
+        "render": color.reshape(height, width, -1),
+        "alpha": alpha.reshape(height, width),
+        "depth_acc": depth_acc.reshape(height, width),
+        "depth_exp": (depth_acc / alpha.clamp(min=1e-10)).reshape(height, width),
+        "radii": projected["radii"],
+        "means2d": means2d,
+        "depths": depths,
+        "conics": conics,
+    }
+
+
+def compiled_rasterizer(**compile_options) -> Callable[..., dict[str, Tensor]]:
+    """``rasterize_gaussians`` with its differentiable stages compiled by ``torch.compile``.
+
+    The stages with data-dependent sizes (``intersect_tiles``, ``find_pixel_pairs``) run eagerly; the
+    projection + SH stage and the readable compositing stage are compiled with ``dynamic=True``, so the
+    number of Gaussians, of (tile, Gaussian) intersections and of (pixel, Gaussian) pairs may change
+    from step to step without recompiling (checked by a slow test). Same signature and results as
+    ``rasterize_gaussians``, except that ``fast`` defaults to False (the compiled stages are the readable
+    ones; ``fast=True`` runs the fast path eagerly). In your own code::
+
+        rasterize = compiled_rasterizer()           # once
+        out = rasterize(means, quats, scales, ...)  # every step
+
+    ``compile_options`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``; ``dynamic`` defaults to True).
     """
-    starts_run = torch.ones_like(pixel_ids, dtype=torch.bool)
-    starts_run[1:] = pixel_ids[1:] != pixel_ids[:-1]
-    first_pairs = starts_run.nonzero().squeeze(-1)
-    return torch.cat([first_pairs, pixel_ids.new_full((1,), pixel_ids.shape[0])]), pixel_ids[first_pairs]
+    compile_options.setdefault("dynamic", True)
+    stages = {name: torch.compile(stage, **compile_options) for name, stage in _EAGER_STAGES.items()}
+
+    @functools.wraps(rasterize_gaussians)
+    def rasterize(means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree=None,
+                  background=None, near_plane=0.2, far_plane=1e10, eps2d=0.3, alpha_max=0.99, tile_size=8,
+                  detach_geometry=False, fast=False):  # fmt: skip
+        _check_inputs(
+            means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background,
+            near_plane, far_plane, eps2d, alpha_max, tile_size,
+        )  # fmt: skip
+        return _rasterize(
+            stages, means, quats, scales, opacities, colors, viewmat, K, int(width), int(height), sh_degree,
+            background, near_plane, far_plane, eps2d, alpha_max, int(tile_size), detach_geometry, fast,
+        )  # fmt: skip
+
+    return rasterize
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Fast path of the same compositing math
+#
+# ``composite_pairs_fast`` computes exactly what ``composite_pairs`` computes, with two tuned pieces:
+# the exclusive per-pixel sum of log(1 - alpha) is one global scan restarted at every pixel (memory in
+# proportion to the pairs, not pixels x longest list; a hand-written backward keeps float32 precision),
+# and the weighted sums per pixel are a sparse (pixels x Gaussians) matrix product in CSR form (never
+# materialises the (pairs x channels) rows: several times faster for 64-dim features on CPU). Selected
+# by ``rasterize_gaussians(..., fast=True)``; tested equal to the readable path in float64 and by
+# gradcheck (tests/test_splatting.py).
+# ----------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -394,6 +751,13 @@ class ExclusiveCumsumPerRun(torch.autograd.Function):
         return _exclusive_cumsum_per_run(grad_out.flip(0), reversed_runs[:1] - reversed_runs).flip(0), None
 
 
+def _csr(row_offsets: Tensor, columns: Tensor, entries: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix; torch's beta-state notice for CSR is silenced here only, for this call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(row_offsets, columns, entries, size=size, check_invariants=False)
+
+
 class SparseWeightedSum(torch.autograd.Function):
     """``W @ values`` for a sparse matrix ``W`` (R x N) in CSR form whose entries ``weights`` need gradients.
 
@@ -426,38 +790,7 @@ class SparseWeightedSum(torch.autograd.Function):
         return grad_weights, grad_values, None, None
 
 
-def _csr(row_offsets: Tensor, columns: Tensor, entries: Tensor, size: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(row_offsets, columns, entries, size=size, check_invariants=False)
-
-
-def weighted_sum_per_pixel(
-    weights: Tensor,
-    values: Tensor,
-    pixel_ids: Tensor,
-    pair_gaussian_ids: Tensor,
-    num_pixels: int,
-    sparse: bool | None = None,
-) -> Tensor:
-    """``out[p] = sum_j weights_j values[gaussian_j]`` over the pairs j of pixel p; ``(N, C) -> (P, C)``.
-
-    The readable form is one ``index_add`` of the (M, C) weighted rows (the default off CPU, where
-    atomic adds are fast); with ``sparse`` (default on CPU) the same sum is the product of the sparse
-    pixel x Gaussian weight matrix with ``values``, which never materialises the (M, C) rows (several
-    times faster for 64-dim features on CPU).
-    """
-    if sparse is None:
-        sparse = weights.device.type == "cpu"
-    out = torch.zeros(num_pixels, values.shape[-1], dtype=values.dtype, device=values.device)
-    if not sparse:
-        return out.index_add(0, pixel_ids, weights[:, None] * values[pair_gaussian_ids])
-    run_starts, run_pixels = pixel_runs(pixel_ids)
-    per_run = SparseWeightedSum.apply(weights, values, run_starts, pair_gaussian_ids)  # (R, C)
-    return out.index_copy(0, run_pixels, per_run)
-
-
-def composite_pairs(
+def composite_pairs_fast(
     pixel_ids: Tensor,
     pair_gaussian_ids: Tensor,
     means2d: Tensor,
@@ -468,194 +801,25 @@ def composite_pairs(
     width: int,
     height: int,
     alpha_max: float = 0.99,
-    sparse: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Front-to-back alpha compositing of the kept pairs (3DGS Eq. 3), differentiable.
-
-    Args:
-        pixel_ids, pair_gaussian_ids: (M,) from ``find_pixel_pairs`` (runs per pixel, front to back).
-        means2d (N, 2), conics (N, 3), opacities (N,), depths (N,), colors (N, D): per Gaussian.
-        alpha_max: clamp of a single alpha (0.99 in 3DGS/FiT3D, 0.999 in gsplat).
-        sparse: how the weighted sums are formed, see ``weighted_sum_per_pixel``.
-    Returns ``color (H*W, D)`` = sum_i c_i alpha_i T_i, ``alpha (H*W,)`` = 1 - final transmittance,
-    ``depth_acc (H*W,)`` = sum_i z_i alpha_i T_i, in raster order.
-    """
-    pixel_x = (pixel_ids % width).to(means2d.dtype) + 0.5  # pixel centres (column + 0.5, row + 0.5)
+    """``composite_pairs`` with a per-run scan (custom backward) and a sparse weighted sum; same outputs."""
+    pixel_x = (pixel_ids % width).to(means2d.dtype) + 0.5
     pixel_y = torch.div(pixel_ids, width, rounding_mode="floor").to(means2d.dtype) + 0.5
-    pair_means2d = means2d.index_select(0, pair_gaussian_ids)  # (M, 2); index_select: fast backward
-    pair_conics = conics.index_select(0, pair_gaussian_ids)  # (M, 3)
-    sigma = pair_sigma(pair_means2d, pair_conics, pixel_x, pixel_y)  # (M,)
-    pair_opacities = opacities.index_select(0, pair_gaussian_ids)
-    alpha = torch.clamp(pair_opacities * torch.exp(-sigma), max=alpha_max)  # alpha_i = o_i G_i (3DGS Eq. 4)
-    new_run = torch.zeros_like(pixel_ids)
-    new_run[1:] = pixel_ids[1:] != pixel_ids[:-1]
-    run_of_pair = torch.cumsum(new_run, 0)  # (M,) 0, 0, 1, 1, 1, 2, ...: the pixel run of each pair
-    log_transmittance = ExclusiveCumsumPerRun.apply(torch.log1p(-alpha), run_of_pair)
-    transmittance = torch.exp(log_transmittance)  # T_i = prod_{j < i} (1 - alpha_j), 3DGS Eq. 3
-    # Stop rule as a mask: a pair counts only while the transmittance after it stays above 1e-4.
+    pair_means2d = means2d.index_select(0, pair_gaussian_ids)  # index_select: fast backward
+    pair_conics = conics.index_select(0, pair_gaussian_ids)
+    sigma = pair_sigma(pair_means2d, pair_conics, pixel_x, pixel_y)
+    alpha = torch.clamp(opacities.index_select(0, pair_gaussian_ids) * torch.exp(-sigma), max=alpha_max)
+    starts_run = torch.ones_like(pixel_ids, dtype=torch.bool)
+    starts_run[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    run_of_pair = torch.cumsum(starts_run, 0) - 1  # (M,) 0, 0, 1, 1, 1, 2, ...: the pixel run of each pair
+    transmittance = torch.exp(ExclusiveCumsumPerRun.apply(torch.log1p(-alpha), run_of_pair))  # T_i
     reached = (transmittance * (1 - alpha)).detach() > TRANSMITTANCE_STOP
-    weights = torch.where(reached, alpha * transmittance, torch.zeros_like(alpha))  # alpha_i T_i, (M,)
+    weights = torch.where(reached, alpha * transmittance, torch.zeros_like(alpha))
 
-    # Colours, depth and alpha (= sum of weights = 1 - final transmittance) in one weighted sum.
+    # Colours, depth and alpha in one product of the sparse (runs x Gaussians) weight matrix.
     values = torch.cat([colors, depths[:, None].to(colors), torch.ones_like(colors[:, :1])], dim=-1)
-    blended = weighted_sum_per_pixel(
-        weights.to(colors), values, pixel_ids, pair_gaussian_ids, width * height, sparse
-    )  # (H*W, D + 2)
-    color, depth_acc, alpha_image = blended[:, :-2], blended[:, -2], blended[:, -1]
-    return color, alpha_image, depth_acc
-
-
-# ----------------------------------------------------------------------------------------------------
-# Public entry point
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background):
-    """Validate the arguments of ``rasterize_gaussians`` (ValueError/TypeError naming the argument).
-
-    Shapes, dtypes and devices are checked on the host; all value checks are reduced to one tensor of
-    flags, read with a single device sync.
-    """
-    tensors = {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors}
-    tensors |= {"viewmat": viewmat, "K": K}
-    if background is not None:
-        tensors["background"] = background
-    for name, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
-    for name in ("quats", "scales", "opacities", "colors"):
-        if tensors[name].dtype != means.dtype or tensors[name].device != means.device:
-            raise TypeError(f"{name} must have the dtype and device of means ({means.dtype}, {means.device})")
-    for name, size in (("width", width), ("height", height)):
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
-    if means.ndim != 2 or means.shape[1] != 3:
-        raise ValueError(f"means must have shape (N, 3), got {tuple(means.shape)}")
-    num = means.shape[0]
-    if quats.shape != (num, 4):
-        raise ValueError(f"quats must have shape (N, 4) = ({num}, 4), got {tuple(quats.shape)}")
-    if scales.shape != (num, 3):
-        raise ValueError(f"scales must have shape (N, 3) = ({num}, 3), got {tuple(scales.shape)}")
-    if opacities.shape not in ((num,), (num, 1)):
-        raise ValueError(f"opacities must have shape (N,) = ({num},), got {tuple(opacities.shape)}")
-    if sh_degree is None:
-        if colors.ndim != 2 or colors.shape[0] != num:
-            raise ValueError(f"colors must have shape (N, D) = ({num}, D), got {tuple(colors.shape)}")
-    else:
-        if sh_degree not in (0, 1, 2, 3):
-            raise ValueError(f"sh_degree must be None, 0, 1, 2 or 3, got {sh_degree!r}")
-        needed = (sh_degree + 1) ** 2
-        if colors.ndim != 3 or colors.shape[0] != num or colors.shape[1] < needed or colors.shape[2] != 3:
-            raise ValueError(
-                f"colors must be SH coefficients of shape (N, K >= {needed}, 3) for sh_degree={sh_degree}, "
-                f"got {tuple(colors.shape)}"
-            )
-    if viewmat.shape != (4, 4):
-        raise ValueError(f"viewmat must have shape (4, 4) (world-to-camera), got {tuple(viewmat.shape)}")
-    if K.shape != (3, 3):
-        raise ValueError(f"K must have shape (3, 3), got {tuple(K.shape)}")
-    if background is not None:
-        channels = 3 if sh_degree is not None else colors.shape[-1]
-        if background.shape != (channels,):
-            raise ValueError(f"background must have shape (D,) = ({channels},), got {tuple(background.shape)}")
-
-    problems = [(f"{name} must be finite, got NaN or Inf", ~torch.isfinite(value)) for name, value in tensors.items()]
-    problems += [
-        ("quats must have non-zero norm (they are normalised inside)", (quats == 0).all(dim=-1)),
-        ("scales must be > 0 (standard deviations, post-activation)", scales <= 0),
-        ("opacities must lie in [0, 1] (post-activation)", (opacities < 0) | (opacities > 1)),
-        ("K must have positive focal lengths K[0, 0] and K[1, 1]", K.diagonal()[:2] <= 0),
-    ]
-    flags = torch.stack([violated.any().to(means.device) for _, violated in problems]).tolist()  # one sync
-    for (message, _), flag in zip(problems, flags):
-        if flag:
-            raise ValueError(message)
-
-
-def rasterize_gaussians(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    colors: Tensor,
-    viewmat: Tensor,
-    K: Tensor,
-    width: int,
-    height: int,
-    *,
-    sh_degree: int | None = None,
-    background: Tensor | None = None,
-    near_plane: float = 0.2,
-    far_plane: float = 1e10,
-    eps2d: float = 0.3,
-    alpha_max: float = 0.99,
-    tile_size: int = 16,
-    detach_geometry: bool = False,
-) -> dict[str, Tensor]:
-    """Render 3D Gaussians into one pinhole camera (gsplat semantics, see the module docstring).
-
-    Args:
-        means: (N, 3) world centres. quats: (N, 4) rotations (w, x, y, z), any non-zero norm.
-        scales: (N, 3) standard deviations (> 0). opacities: (N,) in (0, 1); exactly 0 or 1 (a
-            saturated float32 sigmoid) are accepted: such a Gaussian is invisible or clamped to alpha_max.
-        colors: (N, D) colours or features (any D), or with ``sh_degree`` SH coefficients (N, K, 3),
-            K >= (sh_degree + 1)^2, evaluated along ``normalise(mean - camera centre)`` (world frame) and
-            mapped to colour by ``max(SH + 0.5, 0)`` (gsplat / 3DGS).
-        viewmat: (4, 4) world-to-camera (OpenCV axes). K: (3, 3) intrinsics in pixels.
-        width, height: image size in pixels.
-        background: optional (D,) colour added with the final transmittance.
-        near_plane, far_plane: Gaussians with camera z outside (near, far) are culled.
-        eps2d: low-pass variance added to the 2D covariance. alpha_max: clamp of a single alpha.
-        tile_size: tile edge in pixels (does not change the result, only speed and memory).
-        detach_geometry: FiT3D's rule for feature Gaussians: composite with weights computed from
-            detached means/quats/scales/opacities, so a loss on ``render`` only trains ``colors``.
-    Returns a dict:
-        ``render`` (H, W, D), ``alpha`` (H, W), ``depth_acc`` (H, W) = sum w_i z_i,
-        ``depth_exp`` (H, W) = depth_acc / max(alpha, 1e-10), ``radii`` (N, 2) int32 (0 = culled),
-        ``means2d`` (N, 2) projected centres (its ``.grad`` is kept after backward for densification
-        when it requires grad), ``depths`` (N,) camera z, ``conics`` (N, 3).
-    """
-    _check_inputs(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, background)
-    width, height = int(width), int(height)
-    if not isinstance(tile_size, int) or tile_size <= 0:
-        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
-    if not 1.0 / 255.0 < alpha_max < 1.0:
-        raise ValueError(f"alpha_max must lie in (1/255, 1), got {alpha_max}")
-    opacities = opacities.reshape(-1)
-    viewmat, K = viewmat.to(means), K.to(means)
-    if detach_geometry:  # FiT3D: the feature loss never moves the geometry
-        means, quats, scales, opacities = means.detach(), quats.detach(), scales.detach(), opacities.detach()
-
-    covars = gaussian_covariances(quats, scales)
-    projected = project_gaussians(means, covars, viewmat, K, width, height, near_plane, far_plane, eps2d)
-    means2d, depths, conics = projected["means2d"], projected["depths"], projected["conics"]
-    if means2d.requires_grad:
-        means2d.retain_grad()  # the view-space gradient statistic of 3DGS densification
-
-    if sh_degree is not None:
-        camera_centre = -viewmat[:3, :3].T @ viewmat[:3, 3]  # inverse of the rigid world-to-camera map
-        colors = torch.clamp_min(spherical_harmonics(sh_degree, means - camera_centre, colors) + 0.5, 0.0)
-
-    _, gaussian_ids, tile_starts = intersect_tiles(
-        means2d.detach(), projected["radii"], depths.detach(), width, height, tile_size
-    )
-    pixel_ids, pair_gaussian_ids = find_pixel_pairs(
-        means2d.detach(), conics.detach(), opacities.detach(), gaussian_ids, tile_starts, width, height, tile_size
-    )
-    color, alpha, depth_acc = composite_pairs(
-        pixel_ids, pair_gaussian_ids, means2d, conics, opacities, depths, colors, width, height, alpha_max
-    )
-    if background is not None:
-        color = color + (1 - alpha)[:, None] * background.to(color)
-    return {
-        "render": color.reshape(height, width, -1),
-        "alpha": alpha.reshape(height, width),
-        "depth_acc": depth_acc.reshape(height, width),
-        "depth_exp": (depth_acc / alpha.clamp(min=1e-10)).reshape(height, width),
-        "radii": projected["radii"],
-        "means2d": means2d,
-        "depths": depths,
-        "conics": conics,
-    }
+    first_pairs = starts_run.nonzero().squeeze(-1)  # host sync: number of runs
+    run_starts = torch.cat([first_pairs, pixel_ids.new_full((1,), pixel_ids.shape[0])])
+    per_run = SparseWeightedSum.apply(weights.to(colors), values, run_starts, pair_gaussian_ids)  # (R, D + 2)
+    blended = values.new_zeros(width * height, values.shape[-1]).index_copy(0, pixel_ids[first_pairs], per_run)
+    return blended[:, :-2], blended[:, -1], blended[:, -2]

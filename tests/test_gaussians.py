@@ -267,3 +267,41 @@ def test_tiny_scene_fit_lowers_rgb_and_feature_losses():
         optimizer.step()
     assert losses[-1][0] < 0.8 * losses[0][0]  # measured 0.50 -> 0.37 with the 3DGS learning rates
     assert losses[-1][1] < 0.6 * losses[0][1]
+
+
+def test_load_scene_never_suggests_weights_only_false(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x80\x04not a pickle" * 20)
+    with pytest.raises(ValueError, match="not a valid checkpoint") as info:
+        load_scene(path)
+    assert "weights_only" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_densification_statistics_and_adam_never_absorb_non_finite_values():
+    model, optimizer = _model_with_adam_state()
+    grad = torch.tensor([[1e-3, 0.0], [float("nan"), 1.0], [float("inf"), 0.0]])
+    accumulate_densification_stats(model, grad, torch.tensor([[2, 2], [3, 3], [0, 0]]), 20, 10)
+    assert torch.isfinite(model.grad_accum).all() and model.grad_count.tolist() == [1.0, 0.0, 0.0]
+    assert model.max_radii.tolist() == [2.0, 3.0, 0.0]  # the radius is still seen
+    before = {name: getattr(model, name).detach().clone() for name in PER_GAUSSIAN}
+    for param in model.parameters():
+        param.grad = torch.full_like(param, float("nan"))
+    optimizer.step()  # non-finite gradients are zeroed before the step
+    for name in PER_GAUSSIAN:
+        param = getattr(model, name)
+        assert torch.isfinite(param).all(), name
+        assert all(torch.isfinite(moment).all() for moment in optimizer.state[param].values()), name
+    assert torch.isfinite(model.means).all() and before["means"].shape == model.means.shape
+
+
+def test_quaternions_share_the_renderers_normalisation():
+    """densify's rotations come from splatting.quaternion_to_rotation (no second copy), robust to tiny q."""
+    from minimal3d import gaussians, splatting
+
+    assert gaussians.quaternion_to_rotation is splatting.quaternion_to_rotation
+    assert gaussians.SH_C0 is splatting.SH_C0 or gaussians.SH_C0 == splatting.SH_C0
+    q = torch.tensor([[0.3, -0.2, 0.5, 0.1]])
+    for factor in (1e-30, 1.0, 1e30):
+        rotation = splatting.quaternion_to_rotation(q * factor)
+        torch.testing.assert_close(rotation, splatting.quaternion_to_rotation(q), atol=1e-6, rtol=0)
+        torch.testing.assert_close(rotation @ rotation.mT, torch.eye(3)[None], atol=1e-6, rtol=0)

@@ -244,7 +244,8 @@ def test_tile_size_does_not_change_result(tile_size):
         torch.testing.assert_close(other_grads[key], reference_grads[key], atol=1e-11, rtol=1e-11, msg=key)
 
 
-def test_gradcheck_rasterizer():
+@pytest.mark.parametrize("fast", [False, True])
+def test_gradcheck_rasterizer(fast):
     width, height = 8, 6
     viewmat, K = camera(width, height)
     scene = random_scene(5, seed=2, opacity_range=(0.3, 0.8), scale_log=-1.5)
@@ -253,7 +254,8 @@ def test_gradcheck_rasterizer():
     projections = torch.randn(6, height * width * 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def render(*params):  # 6 random linear functionals of (render, alpha, depth_acc) keep gradcheck cheap
-        out = rasterize_gaussians(*params, viewmat, K, width, height, background=torch.full((3,), 0.3, dtype=torch.float64))
+        background = torch.full((3,), 0.3, dtype=torch.float64)
+        out = rasterize_gaussians(*params, viewmat, K, width, height, background=background, fast=fast)
         return projections @ torch.cat([out["render"], out["alpha"][..., None], out["depth_acc"][..., None]], -1).reshape(-1)
 
     inputs = tuple(value.requires_grad_() for value in scene.values())
@@ -323,38 +325,39 @@ def test_scan_keeps_float32_precision_over_many_runs():
     assert (values32.grad.double() - exact_grad).abs().max() < 1e-4
 
 
-def test_sparse_and_index_add_blending_agree():
-    """The two forms of the weighted sums (sparse matrix product, index_add) agree, values and gradients."""
-    from minimal3d.splatting import (
-        composite_pairs,
-        find_pixel_pairs,
-        gaussian_covariances,
-        intersect_tiles,
-        project_gaussians,
-    )
-
+@pytest.mark.parametrize("channels", [3, 20])
+def test_fast_path_equals_readable_path(channels):
+    """The fast path (scan with custom backward, sparse CSR product) gives the readable path's numbers."""
     width, height = 24, 20
     viewmat, K = camera(width, height)
-    params = leaves(random_scene(80, channels=5, seed=9))
-    covars = gaussian_covariances(params["quats"], params["scales"])
-    projected = project_gaussians(params["means"], covars, viewmat, K, width, height)
-    means2d, conics, depths = projected["means2d"], projected["conics"], projected["depths"]
-    _, gaussian_ids, tile_starts = intersect_tiles(means2d.detach(), projected["radii"], depths.detach(), width, height, 16)
-    pairs = find_pixel_pairs(
-        means2d.detach(), conics.detach(), params["opacities"], gaussian_ids, tile_starts, width, height, 16
-    )
-    assert pairs[0].shape[0] > 200
-    weights = torch.randn(3, width * height, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    results = {}
-    for sparse in (True, False):
-        outputs = composite_pairs(
-            *pairs, means2d, conics, params["opacities"], depths, params["colors"], width, height, sparse=sparse
-        )
-        color, alpha, depth_acc = outputs
-        loss = (color * weights[0]).sum() + (alpha * weights[1, :, 0]).sum() + (depth_acc * weights[2, :, 0]).sum()
-        results[sparse] = outputs + torch.autograd.grad(loss, [params[k] for k in PARAMS], retain_graph=True)
-    for dense_value, sparse_value in zip(results[False], results[True]):
-        torch.testing.assert_close(sparse_value, dense_value, atol=1e-13, rtol=1e-12)
+    params = leaves(random_scene(80, channels=channels, seed=9))
+    background = torch.linspace(0.1, 0.9, channels, dtype=torch.float64)
+    outputs = {
+        fast: rasterize_gaussians(*params.values(), viewmat, K, width, height, background=background, fast=fast)
+        for fast in (False, True)
+    }
+    for key in ("render", "alpha", "depth_acc", "depth_exp"):
+        torch.testing.assert_close(outputs[True][key], outputs[False][key], atol=1e-14, rtol=1e-13, msg=key)
+    assert outputs[False]["alpha"].gt(0.5).sum() > 100  # a well covered image
+    weights = loss_weights(height, width, channels)
+    grads = {fast: grads_of(outputs[fast], params, weights) for fast in (False, True)}
+    for key in PARAMS:
+        torch.testing.assert_close(grads[True][key], grads[False][key], atol=1e-12, rtol=1e-11, msg=key)
+
+
+def test_fast_path_is_picked_for_wide_features_on_cpu():
+    """``fast=None`` runs the sparse path for >= 16 channels on CPU, the readable one otherwise."""
+    from unittest import mock
+
+    from minimal3d import splatting
+
+    width, height = 16, 12
+    viewmat, K = camera(width, height)
+    for channels, expected in ((3, False), (splatting.FAST_PATH_MIN_CHANNELS, True)):
+        scene = random_scene(10, channels=channels, seed=2)
+        with mock.patch.object(splatting, "composite_pairs_fast", wraps=splatting.composite_pairs_fast) as spy:
+            rasterize_gaussians(*scene.values(), viewmat, K, width, height)
+        assert spy.called == expected, channels
 
 
 def test_detach_geometry_trains_only_features():
@@ -498,19 +501,171 @@ def test_bad_options_raise():
         rasterize_gaussians(*args, alpha_max=1.0)
 
 
+# ----------------------------------------------------------------------------------------------------
+# torch.compile (slow on CPU) and CUDA (skipped without a GPU)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _compile_scene(n, seed, device="cpu", channels=8):
+    scene = {k: v.float().to(device) for k, v in random_scene(n, channels=channels, seed=seed).items()}
+    return scene
+
+
+def _assert_compiled_equals_eager(rasterize, scene, viewmat, K, width, height, **options):
+    eager_params, compiled_params = leaves(scene), leaves(scene)
+    eager = rasterize_gaussians(*eager_params.values(), viewmat, K, width, height, **options)
+    other = rasterize(*compiled_params.values(), viewmat, K, width, height, **options)
+    channels = scene["colors"].shape[-1]
+    weights = {k: v.float().to(scene["means"].device) for k, v in loss_weights(height, width, channels).items()}
+    for key in ("render", "alpha", "depth_acc", "depth_exp"):  # measured <= 2e-7: float32 rounding only
+        torch.testing.assert_close(other[key], eager[key], atol=1e-6, rtol=1e-5, msg=key)
+    for out in (eager, other):  # one backward each (compiled backward graphs free their buffers)
+        sum((out[key] * weights[key]).sum() for key in weights).backward()
+    for key in PARAMS:  # float32 rounding: measured <= 8e-7 of the largest gradient
+        expected, actual = eager_params[key].grad, compiled_params[key].grad
+        error = (actual - expected).abs().max() / expected.abs().max()
+        assert error <= 1e-5, f"{key}: max abs diff {error:.2e} x max abs"
+    # the view-space gradient of densification is kept on the compiled output too
+    error = (other["means2d"].grad - eager["means2d"].grad).abs().max() / eager["means2d"].grad.abs().max()
+    assert error <= 1e-5, f"means2d.grad: max abs diff {error:.2e} x max abs"
+
+
 @pytest.mark.slow
-def test_torch_compile_gives_same_numbers():
+def test_compiled_rasterizer_gives_same_numbers_without_recompiling():
+    """compiled_rasterizer(): eager numbers, and one compilation although N and the numbers of tile
+    intersections and pixel pairs change from call to call (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    from minimal3d.splatting import compiled_rasterizer
+
     width, height = 40, 30
     viewmat, K = camera(width, height, dtype=torch.float32)
-    scene = {k: v.float() for k, v in random_scene(400, channels=8, seed=18).items()}
-    scene["means"] = scene["means"] @ torch.eye(3)
-    eager_params, compiled_params = leaves(scene), leaves(scene)
+    rasterize = compiled_rasterizer()
+    counters.clear()
+    _assert_compiled_equals_eager(rasterize, _compile_scene(400, 18), viewmat, K, width, height)
+    frames_after_first_call = counters["frames"]["total"]
+    assert frames_after_first_call > 0
+    pair_counts = set()
+    for n, seed in ((250, 30), (600, 31), (333, 32)):
+        scene = _compile_scene(n, seed)
+        _assert_compiled_equals_eager(rasterize, scene, viewmat, K, width, height)
+        pair_counts.add(int(rasterize_gaussians(*scene.values(), viewmat, K, width, height)["alpha"].gt(0).sum()))
+    assert len(pair_counts) == 3  # the scenes differ in size
+    assert counters["frames"]["total"] == frames_after_first_call, dict(counters["frames"])  # no recompile
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_whole_function_gives_same_numbers():
+    """``torch.compile(rasterize_gaussians)`` (graph breaks at the data-dependent sizes) also matches."""
+    width, height = 40, 30
+    viewmat, K = camera(width, height, dtype=torch.float32)
     compiled = torch.compile(rasterize_gaussians)
-    eager = rasterize_gaussians(*eager_params.values(), viewmat, K, width, height)
-    other = compiled(*compiled_params.values(), viewmat, K, width, height)
-    weights = {k: v.float() for k, v in loss_weights(height, width, 8).items()}
-    for key in ("render", "alpha", "depth_acc", "depth_exp"):  # measured <= 7e-7: float32 rounding only
-        torch.testing.assert_close(other[key], eager[key], atol=1e-6, rtol=1e-5, msg=key)
-    eager_grads, other_grads = grads_of(eager, eager_params, weights), grads_of(other, compiled_params, weights)
-    for key in PARAMS:  # measured <= 9e-7 of the largest gradient
-        torch.testing.assert_close(other_grads[key], eager_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+    _assert_compiled_equals_eager(compiled, _compile_scene(400, 18), viewmat, K, width, height)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_matches_cpu_float64_and_gradcheck():
+    """On CUDA (readable path, index_add): the CPU float64 numbers and a float64 gradcheck."""
+    width, height = 20, 14
+    viewmat, K = camera(width, height)
+    params = leaves(small_scene())
+    background = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    cpu = rasterize_gaussians(*params.values(), viewmat, K, width, height, background=background)
+    gpu_params = {k: v.detach().cuda().requires_grad_() for k, v in params.items()}
+    gpu = rasterize_gaussians(*gpu_params.values(), viewmat.cuda(), K.cuda(), width, height, background=background.cuda())
+    for key in ("render", "alpha", "depth_acc", "depth_exp"):
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-12, rtol=1e-12, msg=key)
+    weights = loss_weights(height, width, 3)
+    cpu_grads = grads_of(cpu, params, weights)
+    gpu_grads = grads_of(gpu, gpu_params, {k: v.cuda() for k, v in weights.items()})
+    for key in PARAMS:
+        torch.testing.assert_close(gpu_grads[key].cpu(), cpu_grads[key], atol=1e-10, rtol=1e-9, msg=key)
+    scene = random_scene(5, seed=2, opacity_range=(0.3, 0.8), scale_log=-1.5)
+    viewmat, K = camera(8, 6)
+    scene["means"] = scene["means"] * 0.5 + 1.5 * viewmat[:3, :3][2]
+    inputs = tuple(value.cuda().requires_grad_() for value in scene.values())
+    projections = torch.randn(4, 8 * 6 * 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).cuda()
+
+    def render(*values):
+        return projections @ rasterize_gaussians(*values, viewmat.cuda(), K.cuda(), 8, 6)["render"].reshape(-1)
+
+    assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@cuda
+def test_cuda_compiled_equals_eager_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    from minimal3d.splatting import compiled_rasterizer
+
+    width, height = 64, 48
+    viewmat, K = (t.float().cuda() for t in camera(width, height))
+    rasterize = compiled_rasterizer()
+    counters.clear()
+    for index, n in enumerate((2000, 1500, 3000)):
+        for channels in (3, 64):
+            scene = _compile_scene(n, 40 + index, device="cuda", channels=channels)
+            _assert_compiled_equals_eager(rasterize, scene, viewmat, K, width, height)
+        if index == 0:
+            frames_after_first_sizes = counters["frames"]["total"]
+    assert counters["frames"]["total"] == frames_after_first_sizes, dict(counters["frames"])
+
+
+@cuda
+def test_cuda_parity_files():
+    """The golden files on CUDA in float64 (images and gradients), as tests/test_parity_splatting.py on CPU."""
+    from refdata import load_reference, reference_dir
+
+    cases = sorted(path.name for path in reference_dir("splatting").glob("case_*.npz"))
+    assert cases
+    for name in cases:
+        ref = load_reference("splatting", name)
+        colour = next(key for key in ("colors", "sh_coeffs", "features") if key in ref)
+        keys = ("means", "quats", "scales", "opacities", colour)
+        params = {key: torch.tensor(ref[key], dtype=torch.float64, device="cuda", requires_grad=True) for key in keys}
+        background = torch.tensor(ref["background"], dtype=torch.float64, device="cuda") if "background" in ref else None
+        out = rasterize_gaussians(
+            *params.values(), torch.tensor(ref["viewmat"]).cuda(), torch.tensor(ref["K"]).cuda(), int(ref["width"]),
+            int(ref["height"]), sh_degree=int(ref["sh_degree"]) if "sh_degree" in ref else None, background=background,
+            near_plane=float(ref["near_plane"]), far_plane=float(ref["far_plane"]), eps2d=float(ref["eps2d"]),
+            alpha_max=float(ref["alpha_max"]) if "alpha_max" in ref else 0.999, tile_size=int(ref["tile_size"]),
+        )  # fmt: skip
+        for key in ("render", "alpha", "depth_acc"):  # tests/data/splatting/README.md tolerances
+            torch.testing.assert_close(out[key].cpu(), torch.from_numpy(ref[key]), atol=1e-9, rtol=0, msg=f"{name} {key}")
+        loss = (out["render"] * torch.from_numpy(ref["w_render"]).cuda()).sum()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for key, grad in zip(keys, grads):
+            expected = torch.from_numpy(ref[f"grad_render_{key}"])
+            assert (grad.cpu() - expected).abs().max() <= 1e-8 * expected.abs().max(), f"{name} {key}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_scales_and_quaternions_stay_finite(dtype):
+    """Scales of 1e30 / 1e-30 and quaternions of norm 1e-30 / 1e30 give finite images and gradients; a
+    rescaled quaternion renders exactly like the unit one (no silent wrong rotation)."""
+    width, height = 16, 12
+    viewmat, K = (t.to(dtype) for t in camera(width, height))
+    scene = {key: value.to(dtype) for key, value in random_scene(12, seed=21).items()}
+    with torch.no_grad():
+        scene["scales"][0] = 1e30
+        scene["scales"][1] = 1e-30
+        scene["scales"][2, 0] = 1e30
+        scene["quats"][3] *= 1e-30
+        scene["quats"][4] *= 1e30
+    params = leaves(scene)
+    out = rasterize_gaussians(*params.values(), viewmat, K, width, height, background=torch.ones(3, dtype=dtype))
+    for key in ("render", "alpha", "depth_exp", "means2d", "conics"):
+        assert torch.isfinite(out[key]).all(), key
+    assert out["radii"][0].min() > 100 * width  # the huge Gaussian covers the image (a flat haze)
+    (out["render"].sum() + out["depth_acc"].sum()).backward()
+    for key in PARAMS:
+        assert torch.isfinite(params[key].grad).all(), key
+    quats64 = scene["quats"].double()
+    unit = dict(scene, quats=(quats64 / (quats64 / quats64.abs().amax(-1, keepdim=True)).norm(dim=-1, keepdim=True)
+                              / quats64.abs().amax(-1, keepdim=True)).to(dtype))
+    reference = rasterize_gaussians(*unit.values(), viewmat, K, width, height, background=torch.ones(3, dtype=dtype))
+    torch.testing.assert_close(out["render"].detach(), reference["render"], atol=1e-5, rtol=0)
