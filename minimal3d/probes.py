@@ -183,9 +183,12 @@ def _fit_patch_head(features: Tensor, image_size: tuple[int, int], pixels: Tenso
     standardised = (flat - mean) / std
     indices, weights = bilinear_taps((h, w), image_size, pixels.reshape(-1))
     indices = indices + (torch.arange(batch).repeat_interleave(pixels.shape[1]) * h * w)[:, None]
-    weights, classes = weights.to(dtype), classes.reshape(-1)
+    classes = classes.reshape(-1)
     keep = classes >= 0
     indices, weights, classes = indices[keep], weights[keep], classes[keep]
+    rows = torch.arange(len(classes)).repeat_interleave(4)
+    upsampling = torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1).to(dtype),
+                                         (len(classes), batch * h * w), check_invariants=True).coalesce()  # (P, B*h*w), 4 taps a row
     weight = torch.zeros(channels, num_classes, dtype=dtype, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -193,7 +196,7 @@ def _fit_patch_head(features: Tensor, image_size: tuple[int, int], pixels: Tenso
     def closure():
         optimizer.zero_grad()
         patch_logits = standardised @ weight + bias  # (B*h*w, K): the 1x1 convolution on the patch grid
-        pixel_logits = (patch_logits[indices] * weights[..., None]).sum(1)  # upsampled logits at the pixels
+        pixel_logits = torch.sparse.mm(upsampling, patch_logits)  # bilinearly upsampled logits at the pixels
         loss = F.cross_entropy(pixel_logits, classes) + weight_decay * weight.square().sum()
         loss.backward()
         return loss
