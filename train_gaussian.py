@@ -68,7 +68,7 @@ PROFILES = {
     "num_scenes": (2, 1), "frames": (24, 6), "height": (84, 28), "width": (112, 42), "steps": (120, 12),
     "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (5, 1),
     "probe_train_scenes": (6, 1), "probe_test_scenes": (6, 1), "probe_frames": (12, 3),
-    "probe_pixels": (1500, 200),
+    "probe_pixels": (300, 100),
 }
 
 
@@ -104,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on densification (6000; 0 = unlimited as in the paper)")
     parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
     parser.add_argument("--feature-init", choices=["random", "zero"], default="random",
-                        help="Gaussian features start as N(0, 1) samples (paper 4.2, default) or zeros (official code)")
+                        help="Gaussian features start as N(0, std^2) samples (paper 4.2, default) or zeros (official code)")
+    parser.add_argument("--feature-init-std", type=float, default=0.1,
+                        help="std of the random feature init (not given in the paper)")
     parser.add_argument("--sh-degree", type=int, default=3)
     parser.add_argument("--feature-lr", type=float, default=None,
                         help="lr of Gaussian features and conv; default min(FiT3D 6.25e-5 x 30000 / --steps, 0.02)")
@@ -153,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.feature_lr is not None and not args.feature_lr > 0:
         parser.error(f"--feature-lr must be > 0, got {args.feature_lr}")
-    for name in ("weight_decay", "grad_clip"):
+    for name in ("weight_decay", "grad_clip", "feature_init_std"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("data", "weights", "label_map"):
@@ -411,7 +413,7 @@ def check_finite(loss: Tensor, where: str) -> None:
 def initial_gaussians(scene: dict, train: list[int], vit_width: int, cfg: argparse.Namespace,
                       generator: torch.Generator, device: torch.device) -> FeatureGaussians:
     """Back-projected RGB-D pixels of the training views (or a box around the cameras without depth);
-    features N(0, 1) (paper 4.2: "initialized with a random feature vector") or zeros (official code)."""
+    features N(0, std^2) (paper 4.2: "initialized with a random feature vector") or zeros (official code)."""
     if scene["depths"] is not None:
         depths = scene["depths"][train]
         points = unproject_depth(depths, scene["viewmats"][train], scene["Ks"][train])
@@ -428,7 +430,7 @@ def initial_gaussians(scene: dict, train: list[int], vit_width: int, cfg: argpar
                                           feature_dim=cfg.feature_dim, sh_degree=cfg.sh_degree, generator=generator)
     if cfg.feature_init == "random":
         with torch.no_grad():
-            model.features.copy_(torch.randn(model.features.shape, generator=generator))
+            model.features.copy_(cfg.feature_init_std * torch.randn(model.features.shape, generator=generator))
     return model
 
 
