@@ -739,6 +739,9 @@ def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_clas
         sets[symbol.format(other)] = (assemble(train["original"], train[other], cfg.assembly, fusion),
                                       assemble(test["original"], test[other], cfg.assembly, fusion))
     rows, maps = [], {}
+    change = (test["fine-tuned"][0] - test["original"][0]).abs().mean() / test["original"][0].abs().mean()
+    print(f"fine-tuning changed the test frames' patch features by {float(change):.1%} (mean |after - before| / "
+          "mean |before|)")
     for name, (train_set, test_set) in sets.items():
         predictors = fit_probes(train_set, labels, depths, num_classes, cfg)
         metrics, maps[name] = evaluate_probes(predictors, test_set, test_labels, test_depths, num_classes)
@@ -813,6 +816,10 @@ def main(argv: list[str] | None = None) -> dict:
     class_names = list(ROOM_CLASS_NAMES)
     if args.data:
         scenes, class_names = load_real_scenes(Path(args.data), args)
+        short = [name for name, scene in scenes.items() if len(scene["images"]) < args.test_every]
+        if run_probe and short:
+            raise ValueError(f"--data: scenes {short} have fewer than --test-every={args.test_every} views, so "
+                             "none is held out for the probes; lower --test-every or raise --frames")
     else:  # lifted rooms and probe rooms never overlap: seeds seed*1000 + [0, n) and + [500, 500 + m)
         scenes = synthetic_scenes(range(args.seed * 1000, args.seed * 1000 + args.num_scenes), args.frames,
                                   args.height, args.width)

@@ -190,3 +190,19 @@ def test_index_labels_with_classes_txt(tmp_path):
     lookup = script.index_label_lookup(3)
     labels = script.read_label_png(tmp_path / "0.png", lookup, (2, 2))
     assert labels.tolist() == [[0, 1], [2, script.IGNORE]]
+
+
+def test_quick_run_on_a_scannet_layout_uses_label_filt(tmp_path):
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    write_scannet_scene(data)
+    metrics = script.main(["--quick", "--data", str(data), "--out", str(tmp_path / "run"), "--height", "24",
+                           "--width", "32", "--frames", "2", "--test-every", "2", "--no-control"])
+    assert {row["metric"] for row in metrics["claims"]} == {"miou", "depth_rmse"}
+    assert all(0.0 <= row["mIoU"] <= 1.0 and math.isfinite(row["RMSE"]) for row in metrics["probe"])
+
+
+def test_real_data_without_held_out_views_is_refused(tmp_path):
+    write_scannet_scene(tmp_path / "data")
+    with pytest.raises(ValueError, match="--test-every"):
+        script.main(["--quick", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--frames", "2"])
