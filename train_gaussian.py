@@ -791,8 +791,9 @@ def save_probe_preview(path: Path, frame: tuple[dict, int], index: int, maps: di
         panels += [(f"{name} seg.", label_colours(maps[name]["segmentation"][index], num_classes))
                    for name in ("original", method)]
     if scene["depths"] is not None and "depth" in maps["original"]:
-        panels += [("depth", runtime.colorize_depth(scene["depths"][view]))]
-        panels += [(f"{name} depth", runtime.colorize_depth(maps[name]["depth"][index])) for name in ("original", method)]
+        depths = [scene["depths"][view]] + [maps[name]["depth"][index] for name in ("original", method)]
+        coloured = runtime.colorize_depth(torch.cat(depths, 1)).split(depths[0].shape[1], dim=2)  # one colour scale
+        panels += list(zip(["depth", "original depth", f"{method} depth"], coloured))
     runtime.save_panels(path, panels, columns=4)
 
 
