@@ -68,7 +68,7 @@ PROFILES = {
     "num_scenes": (2, 1), "frames": (24, 6), "height": (84, 28), "width": (112, 42), "steps": (120, 12),
     "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (5, 1),
     "probe_train_scenes": (6, 1), "probe_test_scenes": (6, 1), "probe_frames": (12, 3),
-    "probe_pixels": (300, 100),
+    "probe_pixels": (300, 100), "control": (True, False),
 }
 
 
@@ -125,8 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--assembly", choices=["concat", "add", "linear"], default="concat",
                         help="how original and fine-tuned features are combined (paper: concat)")
     parser.add_argument("--depth-bins", type=int, default=256, help="bins of the depth probe (DINOv2: 256)")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
-                        help="also probe [original, untrained random ViT]: what the doubled width alone gives")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also probe [original, untrained random ViT]: what the doubled width alone gives "
+                             "(default on; off with --quick)")
     parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (6)")
     parser.add_argument("--probe-test-scenes", type=int, default=None, help="other synthetic rooms they are tested on (6)")
     parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe room (12)")

@@ -39,8 +39,7 @@ def test_quick_run_writes_claims_and_files(tmp_path):
         assert row["baseline"]["name"] == "original" and row["method"]["name"] == "[original, fine-tuned]"
         assert math.isfinite(row["baseline"]["value"]) and math.isfinite(row["method"]["value"])
         assert row["holds"] == ((row["method"]["value"] > row["baseline"]["value"]) == row["higher_is_better"])
-    assert [row["features"] for row in metrics["probe"]] == ["original", "fine-tuned", "[original, fine-tuned]",
-                                                              "[original, random]"]
+    assert [row["features"] for row in metrics["probe"]] == ["original", "fine-tuned", "[original, fine-tuned]"]
     for row in metrics["probe"]:
         assert 0.0 <= row["mIoU"] <= 1.0 and row["RMSE"] > 0 and math.isfinite(row["AbsRel"])
     assert metrics["probe"][2]["dim"] == 2 * metrics["probe"][0]["dim"]
@@ -71,6 +70,8 @@ def test_quick_never_overrides_explicit_flags():
     assert (args.steps, args.epochs) == (7, 3)
     assert args.frames == script.PROFILES["frames"][1]  # unset flags take the quick profile
     assert script.parse_args([]).steps == script.PROFILES["steps"][0]
+    assert script.parse_args([]).control and not script.parse_args(["--quick"]).control
+    assert script.parse_args(["--quick", "--control"]).control
 
 
 # ---------------------------------------------------------------------------------------------------
