@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (6)")
     parser.add_argument("--probe-test-scenes", type=int, default=None, help="other synthetic rooms they are tested on (6)")
     parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe room (12)")
-    parser.add_argument("--probe-pixels", type=int, default=None, help="training pixels per frame for the probes (1500)")
+    parser.add_argument("--probe-pixels", type=int, default=None, help="training pixels per frame in the probes' loss (300)")
     args = parser.parse_args(argv)
 
     for name, (normal, quick) in PROFILES.items():
