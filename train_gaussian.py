@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on densification (6000; 0 = unlimited as in the paper)")
     parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
     parser.add_argument("--feature-init", choices=["random", "zero"], default="random",
-                        help="Gaussian features start as N(0, std^2) samples (paper 4.2, default) or zeros (official code)")
+                        help="Gaussian features start as N(0, std^2) samples (paper 4.2, default) or zeros "
+                             "(official code)")
     parser.add_argument("--feature-init-std", type=float, default=0.1,
                         help="std of the random feature init (not given in the paper)")
     parser.add_argument("--sh-degree", type=int, default=3)
@@ -129,9 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also probe [original, untrained random ViT]: what the doubled width alone gives "
                              "(default on; off with --quick)")
     parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (6)")
-    parser.add_argument("--probe-test-scenes", type=int, default=None, help="other synthetic rooms they are tested on (6)")
+    parser.add_argument("--probe-test-scenes", type=int, default=None,
+                        help="other synthetic rooms they are tested on (6)")
     parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe room (12)")
-    parser.add_argument("--probe-pixels", type=int, default=None, help="training pixels per frame in the probes' loss (300)")
+    parser.add_argument("--probe-pixels", type=int, default=None,
+                        help="training pixels per frame in the probes' loss (300)")
     args = parser.parse_args(argv)
 
     for name, (normal, quick) in PROFILES.items():
@@ -774,7 +777,8 @@ def save_lift_preview(path: Path, scene: dict, view: int, model: FeatureGaussian
         before = upsample(vit_features(original, image), height, width)[0]
         after = upsample(vit_features(finetuned, image), height, width)[0]
     basis = runtime.pca_basis(before)
-    runtime.save_panels(path, [("input", image[0].cpu()), ("RGB render", out["render"].permute(2, 0, 1).clamp(0, 1).cpu()),
+    rgb = out["render"].permute(2, 0, 1).clamp(0, 1).cpu()
+    runtime.save_panels(path, [("input", image[0].cpu()), ("RGB render", rgb),
                                ("rendered features", runtime.pca_rgb(rendered, basis)),
                                ("original features", runtime.pca_rgb(before, basis)),
                                ("fine-tuned features", runtime.pca_rgb(after, basis)),

@@ -188,7 +188,8 @@ def _fit_patch_head(features: Tensor, image_size: tuple[int, int], pixels: Tenso
     indices, weights, classes = indices[keep], weights[keep], classes[keep]
     rows = torch.arange(len(classes)).repeat_interleave(4)
     upsampling = torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1).to(dtype),
-                                         (len(classes), batch * h * w), check_invariants=True).coalesce()  # (P, B*h*w), 4 taps a row
+                                         (len(classes), batch * h * w), check_invariants=True)
+    upsampling = upsampling.coalesce()  # (P, B*h*w) with the 4 bilinear taps of each pixel in its row
     weight = torch.zeros(channels, num_classes, dtype=dtype, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")

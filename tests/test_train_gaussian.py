@@ -57,7 +57,8 @@ def test_quick_run_writes_claims_and_files(tmp_path):
                                          (["--height", "8"], "--height"), (["--finetune-lr", "0"], "--finetune-lr"),
                                          (["--weights", "missing.pth"], "--weights"),
                                          (["--probe-pixels", "0"], "--probe-pixels"),
-                                         (["--grad-clip", "-1"], "--grad-clip"), (["--assembly", "mean"], "--assembly")])
+                                         (["--grad-clip", "-1"], "--grad-clip"),
+                                         (["--assembly", "mean"], "--assembly")])
 def test_nonsense_flags_are_rejected_before_work(flags, name, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         script.main(flags + ["--out", str(tmp_path / "never")])
