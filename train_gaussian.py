@@ -1,131 +1,252 @@
-"""FiT3D: improve 2D ViT features by 3D-aware fine-tuning (Yue et al., ECCV 2024, arXiv:2407.20229).
+"""FiT3D: improve 2D ViT features by 3D-aware fine-tuning.
 
-Stage I  (--stage lift):     lift the ViT's features of many views of each scene into feature Gaussians.
-Stage II (--stage finetune): fine-tune the ViT so its patch features match rendered 3D-aware features.
-Probe    (--stage probe):    linear semantic segmentation and depth probes, original features vs the
-                             concatenation [original, fine-tuned]. Default: --stage all.
+Paper: Yuanwen Yue, Anurag Das, Francis Engelmann, Siyu Tang, Jan Eric Lenssen, "Improving 2D Feature
+Representations by 3D-Aware Fine-Tuning", ECCV 2024, arXiv:2407.20229. Official code: ywyue/FiT3D.
 
-Data: synthetic multi-view RGB-D rooms (minimal3d.synthetic) by default, or --data DIR with one sub-folder
-per scene, either
-  * nerfstudio / instant-ngp: DIR/<scene>/transforms.json with `frames[i].file_path`,
-    `frames[i].transform_matrix` (camera-to-world, OpenGL axes: x right, y up, z backwards; converted here to
-    our OpenCV world-to-camera viewmat), intrinsics `fl_x, fl_y, cx, cy` (or `camera_angle_x`), `w, h`
-    (top level or per frame), optional `frames[i].depth_file_path` (16-bit PNG, `depth_scale` metres per unit,
-    default 0.001), or
-  * ScanNet / ScanNet++ export: DIR/<scene>/{color/*.jpg, depth/*.png (mm), pose/*.txt (camera-to-world,
-    OpenCV axes), intrinsic/intrinsic_color.txt}.
-Images are resized to --height x --width (intrinsics scaled). Without depth, Gaussians start uniformly in the
-box around the cameras.
+Stage I  (--stage lift):     lift the ViT's features of many views of each scene into feature Gaussians
+                             (3DGS with a 64-channel feature per Gaussian and a 3x3 up-projection conv).
+Stage II (--stage finetune): fine-tune the ViT so its patch features match the rendered 3D-aware features.
+Probes   (--stage probe):    the paper's linear probes on frozen features, original vs [original, fine-tuned]:
+                             semantic segmentation (linear head on patch features, logits upsampled) and
+                             depth (DINOv2 protocol: [CLS] concatenated, 256 bins, classification loss).
+The default run (synthetic rooms, a random ViT, a few minutes on 2 CPU cores) writes the claims table of
+metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on held-out rooms.
+Details, every choice the paper leaves open and every deviation (with its flag): docs/gaussian.md.
 
-Defaults are a miniature that runs in a few minutes on CPU; the paper's values are in the help texts.
-Example: python train_gaussian.py --out runs/fit3d        (synthetic, a few minutes on CPU)
-         python train_gaussian.py --data scannetpp_scenes --weights dinov2_vits14_pretrain.pth --steps 30000 \
-             --max-gaussians 0 --finetune-lr 1e-5 --epochs 1
+--data DIR: one sub-folder per scene, either nerfstudio / instant-ngp (<scene>/transforms.json, OpenGL
+camera-to-world, optional depth_file_path) or a ScanNet / ScanNet++ export (<scene>/color/*.jpg,
+depth/*.png (mm), pose/*.txt (camera-to-world, OpenCV), intrinsic/intrinsic_color.txt). Segmentation
+labels: ScanNet <scene>/label-filt/<frame>.png (ScanNet label ids, mapped to the 20 ScanNet benchmark
+classes through scannetv2-labels.combined.tsv in DIR or --label-map), or for any other labelled set
+<scene>/label/<frame>.png holding class indices (255 = ignore) with DIR/classes.txt (one name per line).
+--weights loads an official DINOv2 .pth (e.g. dinov2_vits14_pretrain.pth, vit.load_dinov2) as the
+original backbone; without it the original backbone is a seeded random ViT (--arch).
+
+Compiling the rasterizer (on by default on CUDA, --compile): in your own code,
+    rasterize = torch.compile(splatting.rasterize_gaussians, dynamic=True)
+and call `rasterize` in place of `rasterize_gaussians`; `dynamic=True` marks sizes symbolic, so the
+changing number of Gaussians and (tile, Gaussian) pairs does not trigger a recompilation every step.
 """
 
 import argparse
 import copy
+import csv
 import json
 import math
 import random
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 from tqdm import tqdm
 
 from minimal3d import runtime
 from minimal3d.cameras import camera_center, intrinsics, opengl_to_opencv_c2w, unproject_depth
 from minimal3d.gaussians import (FeatureGaussians, GaussianSchedule, accumulate_densification_stats,
-                                 build_optimizer, densification_step, feature_loss, load_scene, psnr,
-                                 render_features, render_rgb, rgb_loss, save_scene, scene_extent,
-                                 update_position_lr)
-from minimal3d.probes import (depth_metrics, fit_linear_classifier, fit_linear_regressor,
-                              segmentation_metrics)
+                                 build_optimizer, densification_step, feature_loss, load_scene, psnr, rgb_loss,
+                                 save_scene, scene_extent, update_position_lr)
+from minimal3d.probes import (bilinear_taps, depth_metrics, fit_depth_head, fit_linear_classifier,
+                              fit_linear_regressor, fit_segmentation_head, segmentation_metrics, with_class_token)
+from minimal3d.splatting import rasterize_gaussians
+from minimal3d.synthetic import NUM_ROOM_CLASSES, ROOM_CLASS_NAMES, room_sequence
 from minimal3d.vit import build_backbone, load_dinov2, normalize_image, save_dinov2
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--stage", choices=["lift", "finetune", "probe", "all"], default="all")
-parser.add_argument("--data", type=str, default=None, help="folder of scenes (see above); default synthetic")
-parser.add_argument("--weights", type=str, default=None, help="official DINOv2 .pth; default a random ViT")
-parser.add_argument("--arch", type=str, default="vit_tiny", help="architecture of the random ViT")
-parser.add_argument("--device", type=str, default="auto")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", type=str, default="runs/fit3d")
-parser.add_argument("--quick", action="store_true", help="a run of seconds with tiny sizes (smoke test)")
-parser.add_argument("--resume", action="store_true", help="reuse scenes and backbones already in --out")
-# data
-parser.add_argument("--num-scenes", type=int, default=2, help="synthetic scenes lifted and used to fine-tune")
-parser.add_argument("--probe-scenes", type=int, default=5, help="unseen synthetic rooms for the probes")
-parser.add_argument("--frames", type=int, default=24, help="views per scene")
-parser.add_argument("--height", type=int, default=84)
-parser.add_argument("--width", type=int, default=112)
-parser.add_argument("--test-every", type=int, default=8, help="every n-th view is held out (3DGS llffhold)")
-parser.add_argument("--depth-scale", type=float, default=0.001, help="metres per depth-PNG unit (real data)")
-# Stage I (3DGS / FiT3D schedule, compressed to --steps)
-parser.add_argument("--steps", type=int, default=120, help="Stage I iterations per scene (paper: 30000)")
-parser.add_argument("--max-points", type=int, default=3000, help="initial Gaussians per scene")
-parser.add_argument("--max-gaussians", type=int, default=6000,
-                    help="cap on densification (not in 3DGS; 0 = unlimited as in the paper)")
-parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
-parser.add_argument("--sh-degree", type=int, default=3)
-parser.add_argument("--feature-lr", type=float, default=None,
-                    help="lr of Gaussian features and conv; default min(FiT3D 6.25e-5 x 30000 / --steps, 0.02)")
-# Stage II (FiT3D engine.py / finetune.py; defaults compress its thousands of steps into ~100)
-parser.add_argument("--finetune-lr", type=float, default=1e-4, help="paper: 1e-5 (thousands of steps)")
-parser.add_argument("--weight-decay", type=float, default=1e-4)
-parser.add_argument("--batch-size", type=int, default=2)
-parser.add_argument("--epochs", type=int, default=5, help="paper: 1 epoch over ScanNet++")
-parser.add_argument("--grad-clip", type=float, default=0.1)
-# probes
-parser.add_argument("--probe-pixels", type=int, default=20000, help="training pixels for the linear probes")
-args = parser.parse_args()
+# The 20 classes of the ScanNet benchmark as NYU40 ids (label index = position in this list).
+SCANNET20_NYU40_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
+SCANNET20_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+                   "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
+                   "bathtub", "otherfurniture")
+IGNORE = -1  # label of pixels left out of the segmentation probe
 
-if args.quick:
-    args.num_scenes, args.probe_scenes, args.frames = 1, 2, 6
-    args.height, args.width, args.steps, args.max_points, args.max_gaussians = 28, 42, 12, 400, 800
-    args.probe_pixels = 2000
+# Flags whose default depends on --quick: (normal, quick). Explicit flags are never overridden.
+PROFILES = {
+    "num_scenes": (2, 1), "frames": (24, 6), "height": (84, 28), "width": (112, 42), "steps": (120, 12),
+    "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (5, 1),
+    "probe_train_scenes": (6, 1), "probe_test_scenes": (6, 1), "probe_frames": (12, 3),
+    "probe_pixels": (300, 100), "control": (True, False),
+}
 
-device = runtime.pick_device(args.device)
-dist = runtime.init_distributed(device)
-device = dist.device
-runtime.seed_everything(args.seed, dist.rank)
-out_dir = Path(args.out)
-out_dir.mkdir(parents=True, exist_ok=True)
-run_lift = args.stage in ("lift", "all")
-run_finetune = args.stage in ("finetune", "all")
-run_probe = args.stage in ("probe", "all")
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["lift", "finetune", "probe", "all"], default="all")
+    parser.add_argument("--data", default=None, help="folder of scenes (layout above); default synthetic rooms")
+    parser.add_argument("--weights", default=None,
+                        help="an official DINOv2 .pth (vit.load_dinov2, e.g. dinov2_vits14_pretrain.pth) used as "
+                             "the original backbone; default: a random ViT of --arch, seeded by --seed")
+    parser.add_argument("--arch", default="vit_tiny", choices=["vit_tiny", "vit_small", "vit_base"],
+                        help="architecture of the random original ViT (ignored with --weights); paper: DINOv2 ViT-S")
+    parser.add_argument("--out", default="runs/gaussian")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a run of seconds with tiny sizes (smoke test)")
+    parser.add_argument("--resume", action="store_true", help="reuse lifted scenes and backbones found in --out")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="torch.compile the rasterizer (dynamic shapes); auto = on for CUDA, off on CPU")
+    # data
+    parser.add_argument("--num-scenes", type=int, default=None, help="synthetic rooms lifted for fine-tuning (2)")
+    parser.add_argument("--frames", type=int, default=None, help="views per lifted scene (24)")
+    parser.add_argument("--height", type=int, default=None, help="image height (84; multiples of 14 avoid resizing)")
+    parser.add_argument("--width", type=int, default=None, help="image width (112)")
+    parser.add_argument("--test-every", type=int, default=8, help="every n-th view is held out (3DGS llffhold)")
+    parser.add_argument("--depth-scale", type=float, default=0.001, help="metres per depth-PNG unit (real data)")
+    parser.add_argument("--label-map", default=None,
+                        help="scannetv2-labels.combined.tsv for ScanNet label-filt/ (default: DIR/<that name>)")
+    # Stage I (3DGS / FiT3D schedule, compressed to --steps)
+    parser.add_argument("--steps", type=int, default=None, help="Stage I iterations per scene (120; paper 30000)")
+    parser.add_argument("--max-points", type=int, default=None, help="initial Gaussians per scene (3000)")
+    parser.add_argument("--max-gaussians", type=int, default=None,
+                        help="cap on densification (6000; 0 = unlimited as in the paper)")
+    parser.add_argument("--feature-dim", type=int, default=64, help="per-Gaussian feature channels (FiT3D: 64)")
+    parser.add_argument("--feature-init", choices=["random", "zero"], default="random",
+                        help="Gaussian features start as N(0, std^2) samples (paper 4.2, default) or zeros "
+                             "(official code)")
+    parser.add_argument("--feature-init-std", type=float, default=0.1,
+                        help="std of the random feature init (not given in the paper)")
+    parser.add_argument("--sh-degree", type=int, default=3)
+    parser.add_argument("--feature-lr", type=float, default=None,
+                        help="lr of Gaussian features and conv; default min(FiT3D 6.25e-5 x 30000 / --steps, 0.02)")
+    # Stage II (FiT3D engine.py / finetune.py)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4,
+                        help="AdamW lr (1e-4 for a short CPU run, default; paper 1e-5 over all of ScanNet++)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None, help="Stage II epochs (5 for a short CPU run; paper 1)")
+    parser.add_argument("--grad-clip", type=float, default=0.1,
+                        help="gradient-norm clip of Stage II (official code 0.1, not in the paper; 0 = off)")
+    # probes
+    parser.add_argument("--probe", choices=["paper", "fast"], default="paper",
+                        help="paper: linear heads on patch features with upsampled logits, depth as 256-bin "
+                             "classification with [CLS]; fast: L-BFGS pixel classifier and ridge depth")
+    parser.add_argument("--assembly", choices=["concat", "add", "linear"], default="concat",
+                        help="how original and fine-tuned features are combined (paper: concat)")
+    parser.add_argument("--depth-bins", type=int, default=256, help="bins of the depth probe (DINOv2: 256)")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also probe [original, untrained random ViT]: what the doubled width alone gives "
+                             "(default on; off with --quick)")
+    parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (6)")
+    parser.add_argument("--probe-test-scenes", type=int, default=None,
+                        help="other synthetic rooms they are tested on (6)")
+    parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe room (12)")
+    parser.add_argument("--probe-pixels", type=int, default=None,
+                        help="training pixels per frame in the probes' loss (300)")
+    args = parser.parse_args(argv)
+
+    for name, (normal, quick) in PROFILES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else normal)
+    positive = ["num_scenes", "frames", "steps", "max_points", "feature_dim", "batch_size", "epochs", "test_every",
+                "probe_train_scenes", "probe_test_scenes", "probe_frames", "probe_pixels"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("height", "width"):
+        if not getattr(args, name) >= 14:
+            parser.error(f"--{name} must be at least 14 pixels (one ViT patch), got {getattr(args, name)}")
+    if args.max_gaussians < 0:
+        parser.error(f"--max-gaussians must be >= 0 (0 = unlimited), got {args.max_gaussians}")
+    if not 0 <= args.sh_degree <= 3:
+        parser.error(f"--sh-degree must be in 0..3, got {args.sh_degree}")
+    if args.depth_bins < 2:
+        parser.error(f"--depth-bins must be >= 2, got {args.depth_bins}")
+    for name in ("finetune_lr", "depth_scale"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.feature_lr is not None and not args.feature_lr > 0:
+        parser.error(f"--feature-lr must be > 0, got {args.feature_lr}")
+    for name in ("weight_decay", "grad_clip", "feature_init_std"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("data", "weights", "label_map"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).exists():
+            parser.error(f"--{name.replace('_', '-')} {path}: no such file or folder")
+    if args.data is not None and not Path(args.data).is_dir():
+        parser.error(f"--data {args.data} must be a folder of scenes")
+    if args.weights is not None and Path(args.weights).suffix not in (".pth", ".pt"):
+        parser.error(f"--weights must be an official DINOv2 .pth state dict, got {args.weights}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: every scene becomes a dict of images (V,3,H,W) in [0,1], depths (V,H,W) or None, viewmats
-# (V,4,4) world-to-camera (OpenCV), Ks (V,3,3), labels (V,H,W) or None, num_classes
+# Data: a scene is a dict of images (V, 3, H, W) in [0, 1], depths (V, H, W) or None, viewmats (V, 4, 4)
+# world-to-camera (OpenCV), Ks (V, 3, 3), labels (V, H, W) int64 (IGNORE = unlabelled) or None
 # ---------------------------------------------------------------------------------------------------
 
 
-def resize_views(images, depths, Ks, height, width):
-    """Resize (V,3,h,w) images (bilinear) and depths (nearest) and scale the intrinsics to match."""
+def resize_views(images: Tensor, depths: Tensor | None, labels: Tensor | None, Ks: Tensor, height: int,
+                 width: int) -> tuple:
+    """Resize (V, 3, h, w) images (bilinear), depths and labels (nearest) and scale the intrinsics to match."""
     sx, sy = width / images.shape[-1], height / images.shape[-2]
     images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     if depths is not None:
         depths = F.interpolate(depths[:, None], size=(height, width), mode="nearest")[:, 0]
+    if labels is not None:
+        labels = F.interpolate(labels[:, None].double(), size=(height, width), mode="nearest")[:, 0].long()
     scale = torch.tensor([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], dtype=Ks.dtype)
-    return images.clamp(0, 1), depths, scale @ Ks  # pixel-edge convention: u' = sx u for edges and centres
+    return images.clamp(0, 1), depths, labels, scale @ Ks  # pixel edges scale with the image: u' = sx u
 
 
-def read_image(path) -> torch.Tensor:
+def read_image(path: Path) -> Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
-def read_depth(path, depth_scale: float, size) -> torch.Tensor:
-    depth = np.asarray(Image.open(path), dtype=np.float32) * depth_scale
-    depth = torch.from_numpy(depth)[None, None]
+def read_depth(path: Path, depth_scale: float, size: tuple[int, int]) -> Tensor:
+    depth = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) * depth_scale)[None, None]
     return F.interpolate(depth, size=size, mode="nearest")[0, 0]  # depth maps may be smaller than colour
 
 
-def load_transforms_scene(folder: Path) -> dict:
+def read_label_png(path: Path, lookup: Tensor, size: tuple[int, int]) -> Tensor:
+    """A label PNG (8 or 16 bit ids) -> (H, W) int64 class indices through ``lookup`` (id -> index or IGNORE)."""
+    ids = torch.from_numpy(np.asarray(Image.open(path), dtype=np.int64))
+    ids = F.interpolate(ids[None, None].double(), size=size, mode="nearest")[0, 0].long()
+    return torch.where(ids < len(lookup), lookup[ids.clamp(max=len(lookup) - 1)], IGNORE)
+
+
+def scannet_label_lookup(tsv_path: Path) -> Tensor:
+    """ScanNet label id -> ScanNet-20 class index (IGNORE for the other classes), from the official
+    scannetv2-labels.combined.tsv (columns `id` and `nyu40id`)."""
+    with open(tsv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if not rows or "id" not in rows[0] or "nyu40id" not in rows[0]:
+        raise ValueError(f"{tsv_path}: expected a tab-separated file with columns 'id' and 'nyu40id'")
+    lookup = torch.full((max(int(row["id"]) for row in rows) + 1,), IGNORE, dtype=torch.long)
+    for row in rows:
+        nyu40 = int(row["nyu40id"]) if row["nyu40id"].strip() else 0
+        if nyu40 in SCANNET20_NYU40_IDS:
+            lookup[int(row["id"])] = SCANNET20_NYU40_IDS.index(nyu40)
+    return lookup
+
+
+def index_label_lookup(num_classes: int) -> Tensor:
+    """Identity map for PNGs that already hold class indices; 255 and any id >= num_classes are ignored."""
+    lookup = torch.full((65536,), IGNORE, dtype=torch.long)
+    lookup[:num_classes] = torch.arange(num_classes)
+    return lookup
+
+
+def label_source(root: Path, label_map: str | None) -> tuple[str | None, Tensor | None, list[str]]:
+    """Which label folder a dataset uses, its id -> class lookup and the class names."""
+    scannet_tsv = Path(label_map) if label_map else root / "scannetv2-labels.combined.tsv"
+    if any(root.glob("*/label-filt")):
+        if not scannet_tsv.exists():
+            raise ValueError(f"--data {root} has label-filt/ folders (ScanNet label ids): pass --label-map "
+                             "scannetv2-labels.combined.tsv or place that file in the data folder")
+        return "label-filt", scannet_label_lookup(scannet_tsv), list(SCANNET20_NAMES)
+    if any(root.glob("*/label")):
+        if not (root / "classes.txt").exists():
+            raise ValueError(f"--data {root} has label/ folders: add {root / 'classes.txt'} (one class per line)")
+        names = [line.strip() for line in (root / "classes.txt").read_text().splitlines() if line.strip()]
+        return "label", index_label_lookup(len(names)), names
+    return None, None, []
+
+
+def load_transforms_scene(folder: Path, depth_scale: float) -> dict:
     """nerfstudio / instant-ngp transforms.json; OpenGL camera-to-world -> OpenCV world-to-camera."""
     meta = json.loads((folder / "transforms.json").read_text())
     images, depths, viewmats, Ks = [], [], [], []
@@ -144,20 +265,20 @@ def load_transforms_scene(folder: Path) -> dict:
             raise ValueError(f"{folder / 'transforms.json'}: need fl_x/fl_y or camera_angle_x")
         sx, sy = width / cam.get("w", width), height / cam.get("h", height)  # if images were downscaled
         Ks.append(intrinsics(fx * sx, fy * sy, cam.get("cx", width / 2) * sx, cam.get("cy", height / 2) * sy))
-        c2w = torch.tensor(frame["transform_matrix"], dtype=torch.float32)
-        viewmats.append(torch.linalg.inv(opengl_to_opencv_c2w(c2w)))
+        viewmats.append(torch.linalg.inv(opengl_to_opencv_c2w(torch.tensor(frame["transform_matrix"]).float())))
         images.append(image)
         if "depth_file_path" in frame:
-            depths.append(read_depth(folder / frame["depth_file_path"], args.depth_scale, (height, width)))
+            depths.append(read_depth(folder / frame["depth_file_path"], depth_scale, (height, width)))
     return {"images": torch.stack(images), "depths": torch.stack(depths) if len(depths) == len(images) else None,
-            "viewmats": torch.stack(viewmats), "Ks": torch.stack(Ks).float()}
+            "viewmats": torch.stack(viewmats), "Ks": torch.stack(Ks).float(), "labels": None}
 
 
-def load_scannet_scene(folder: Path) -> dict:
-    """ScanNet / ScanNet++ export: color/, depth/ (mm), pose/ (camera-to-world, OpenCV), intrinsic/."""
+def load_scannet_scene(folder: Path, depth_scale: float, label_folder: str | None, lookup: Tensor | None) -> dict:
+    """ScanNet / ScanNet++ export: color/, depth/ (mm), pose/ (camera-to-world, OpenCV), intrinsic/,
+    optional label-filt/ or label/ PNGs with the colour frame's name."""
     K = torch.from_numpy(np.loadtxt(folder / "intrinsic" / "intrinsic_color.txt", dtype=np.float32))[:3, :3]
     names = sorted((p.stem for p in (folder / "color").glob("*.jpg")), key=lambda s: (len(s), s))
-    images, depths, viewmats = [], [], []
+    images, depths, viewmats, labels = [], [], [], []
     for name in names:
         c2w = torch.from_numpy(np.loadtxt(folder / "pose" / f"{name}.txt", dtype=np.float32))
         if not bool(torch.isfinite(c2w).all()):
@@ -165,46 +286,52 @@ def load_scannet_scene(folder: Path) -> dict:
         image = read_image(folder / "color" / f"{name}.jpg")
         images.append(image)
         viewmats.append(torch.linalg.inv(c2w))
-        depth_path = folder / "depth" / f"{name}.png"
-        if depth_path.exists():
-            depths.append(read_depth(depth_path, args.depth_scale, image.shape[-2:]))
+        if (folder / "depth" / f"{name}.png").exists():
+            depths.append(read_depth(folder / "depth" / f"{name}.png", depth_scale, image.shape[-2:]))
+        if label_folder and (folder / label_folder / f"{name}.png").exists():
+            labels.append(read_label_png(folder / label_folder / f"{name}.png", lookup, image.shape[-2:]))
+    if not images:
+        raise ValueError(f"{folder}: no colour frame with a finite pose")
     return {"images": torch.stack(images), "depths": torch.stack(depths) if len(depths) == len(images) else None,
-            "viewmats": torch.stack(viewmats), "Ks": K.expand(len(images), 3, 3).clone()}
+            "viewmats": torch.stack(viewmats), "Ks": K.expand(len(images), 3, 3).clone(),
+            "labels": torch.stack(labels) if labels and len(labels) == len(images) else None}
 
 
-def load_real_scenes(root: Path) -> dict:
+def load_real_scenes(root: Path, cfg: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Every scene folder under ``root``, ``cfg.frames`` views spread over each sequence, resized."""
+    label_folder, lookup, class_names = label_source(root, cfg.label_map)
     scenes = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         if (folder / "transforms.json").exists():
-            scene = load_transforms_scene(folder)
+            scene = load_transforms_scene(folder, cfg.depth_scale)
         elif (folder / "color").is_dir() and (folder / "pose").is_dir():
-            scene = load_scannet_scene(folder)
+            scene = load_scannet_scene(folder, cfg.depth_scale, label_folder, lookup)
         else:
             continue
-        keep = torch.linspace(0, len(scene["images"]) - 1, min(args.frames, len(scene["images"]))).round().long()
-        images, depths, Ks = resize_views(scene["images"][keep], None if scene["depths"] is None
-                                          else scene["depths"][keep], scene["Ks"][keep], args.height, args.width)
-        scenes[folder.name] = {"images": images, "depths": depths, "viewmats": scene["viewmats"][keep],
-                               "Ks": Ks, "labels": None, "num_classes": 0}
+        keep = torch.linspace(0, len(scene["images"]) - 1, min(cfg.frames, len(scene["images"]))).round().long()
+        pick = lambda x: None if x is None else x[keep]  # noqa: E731
+        images, depths, labels, Ks = resize_views(scene["images"][keep], pick(scene["depths"]), pick(scene["labels"]),
+                                                  scene["Ks"][keep], cfg.height, cfg.width)
+        scenes[folder.name] = {"images": images, "depths": depths, "labels": labels, "Ks": Ks,
+                               "viewmats": scene["viewmats"][keep]}
     if not scenes:
         raise ValueError(f"--data {root}: no sub-folder with transforms.json or color/ + pose/")
-    return scenes
+    return scenes, class_names
 
 
-def synthetic_scenes(first_seed: int, count: int) -> dict:
-    from minimal3d.synthetic import NUM_ROOM_CLASSES, room_sequence
-
+def synthetic_scenes(seeds: range, frames: int, height: int, width: int, step_degrees: float = 6.0) -> dict:
+    """Synthetic RGB-D rooms with labels (minimal3d.synthetic.room_sequence), one per seed."""
     scenes = {}
-    for seed in range(first_seed, first_seed + count):
-        room = room_sequence(seed, args.frames, args.height, args.width)
-        scenes[f"room{seed:03d}"] = {"images": room["images"], "depths": room["depth"], "viewmats": room["viewmats"],
-                                     "Ks": room["K"].expand(args.frames, 3, 3).clone(), "labels": room["labels"],
-                                     "num_classes": NUM_ROOM_CLASSES}
+    for seed in seeds:
+        room = room_sequence(seed, frames, height, width, step_degrees=step_degrees)
+        scenes[f"room{seed:05d}"] = {"images": room["images"], "depths": room["depth"], "labels": room["labels"],
+                                     "viewmats": room["viewmats"], "Ks": room["K"].expand(frames, 3, 3).clone()}
     return scenes
 
 
-def split_views(num_views: int) -> tuple[list[int], list[int]]:
-    test = [i for i in range(num_views) if i % args.test_every == args.test_every - 1]
+def split_views(num_views: int, test_every: int) -> tuple[list[int], list[int]]:
+    """(training views, held-out views): every test_every-th view is held out (3DGS llffhold)."""
+    test = [i for i in range(num_views) if i % test_every == test_every - 1]
     return [i for i in range(num_views) if i not in test], test
 
 
@@ -213,36 +340,71 @@ def split_views(num_views: int) -> tuple[list[int], list[int]]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def vit_features(backbone, images: torch.Tensor) -> torch.Tensor:
-    """images (B,3,H,W) in [0,1] -> patch features (B, D, H//p, W//p)."""
+def vit_features(backbone, images: Tensor, class_token: bool = False):
+    """images (B, 3, H, W) in [0, 1] -> patch features (B, D, H // p, W // p) [and the class token (B, D)]."""
     p = backbone.patch_size
     height, width = images.shape[-2] // p * p, images.shape[-1] // p * p
     x = normalize_image(images)
     if (height, width) != tuple(images.shape[-2:]):
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-    return backbone.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+    patches, cls = backbone.get_intermediate_layers(x, n=1, reshape=True, return_class_token=True, norm=True)[0]
+    return (patches, cls) if class_token else patches
 
 
-def upsample(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B,D,h,w) -> (B,D,H,W) bilinear, as FiT3D upsamples the ViT target to image resolution."""
+def upsample(features: Tensor, height: int, width: int) -> Tensor:
+    """(B, D, h, w) -> (B, D, H, W) bilinear, as FiT3D upsamples the ViT target to image resolution."""
     return F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
 
 
-def original_backbone():
+def original_backbone(cfg: argparse.Namespace, out_dir: Path, dist, device: torch.device):
     """--weights, else the seeded random ViT (saved once, so every stage and rank uses the same one)."""
-    if args.weights:
-        return build_backbone(args.weights).to(device).eval()
+    if cfg.weights:
+        return build_backbone(cfg.weights).to(device).eval()
     path = out_dir / "backbone_original.pth"
-    if path.exists():
+    if cfg.resume and path.exists():
         return load_dinov2(path).to(device).eval()
-    torch.manual_seed(args.seed)
-    backbone = build_backbone(arch=args.arch)
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(arch=cfg.arch)
     if dist.is_main:
         save_dinov2(backbone, path)
     return backbone.to(device).eval()
 
 
-def check_finite(loss: torch.Tensor, where: str) -> None:
+def control_backbone(original, seed: int, device: torch.device):
+    """An untrained ViT of the original's architecture (another seed): the doubled-width control."""
+    torch.manual_seed(seed + 7919)
+    return type(original)(original.config).to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rasterizer, eager or compiled, and rendering through it (gaussians.render_rgb / render_features)
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_rasterizer(mode: str, device: torch.device) -> Callable:
+    """splatting.rasterize_gaussians, compiled with dynamic shapes when mode is on (or auto on CUDA)."""
+    if mode == "on" or (mode == "auto" and device.type == "cuda"):
+        return torch.compile(rasterize_gaussians, dynamic=True)
+    return rasterize_gaussians
+
+
+def render_rgb(rasterize: Callable, model: FeatureGaussians, viewmat: Tensor, K: Tensor, width: int,
+               height: int) -> dict:
+    """Colour through the SH of the active degree (gaussians.render_rgb with the rasterizer passed in)."""
+    num_coeffs = (model.active_sh_degree + 1) ** 2
+    return rasterize(model.means, model.quats, model.scales, model.opacities, model.sh_coeffs[:, :num_coeffs],
+                     viewmat, K, width, height, sh_degree=model.active_sh_degree)
+
+
+def render_features(rasterize: Callable, model: FeatureGaussians, viewmat: Tensor, K: Tensor, width: int,
+                    height: int) -> Tensor:
+    """Features composited with detached geometry (FiT3D), up-projected by the scene's conv: (D, H, W)."""
+    out = rasterize(model.means, model.quats, model.scales, model.opacities, model.features, viewmat, K, width,
+                    height, detach_geometry=True)
+    return model.up_projection(out["render"].permute(2, 0, 1)[None])[0]
+
+
+def check_finite(loss: Tensor, where: str) -> None:
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError(f"non-finite loss in {where}: {float(loss)}")
 
@@ -252,43 +414,52 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def initial_gaussians(scene: dict, train: list[int], vit_width: int, generator) -> FeatureGaussians:
-    if scene["depths"] is not None:  # back-projected RGB-D pixels of the training views
-        points = unproject_depth(scene["depths"][train], scene["viewmats"][train], scene["Ks"][train])
-        colours = scene["images"][train].permute(0, 2, 3, 1)
-        valid = torch.isfinite(scene["depths"][train]) & (scene["depths"][train] > 0)
-        points, colours = points[valid], colours[valid]
-        pick = torch.randperm(len(points), generator=generator)[: args.max_points]
-        return FeatureGaussians.from_points(points[pick].to(device), colours[pick].to(device), vit_width=vit_width,
-                                            feature_dim=args.feature_dim, sh_degree=args.sh_degree)
-    centres = camera_center(scene["viewmats"][train])
-    extent = scene_extent(centres)
-    return FeatureGaussians.from_box(args.max_points, (centres.amin(0) - extent).to(device),
-                                     (centres.amax(0) + extent).to(device), vit_width=vit_width,
-                                     feature_dim=args.feature_dim, sh_degree=args.sh_degree, generator=generator)
+def initial_gaussians(scene: dict, train: list[int], vit_width: int, cfg: argparse.Namespace,
+                      generator: torch.Generator, device: torch.device) -> FeatureGaussians:
+    """Back-projected RGB-D pixels of the training views (or a box around the cameras without depth);
+    features N(0, std^2) (paper 4.2: "initialized with a random feature vector") or zeros (official code)."""
+    if scene["depths"] is not None:
+        depths = scene["depths"][train]
+        points = unproject_depth(depths, scene["viewmats"][train], scene["Ks"][train])
+        valid = torch.isfinite(depths) & (depths > 0)
+        points, colours = points[valid], scene["images"][train].permute(0, 2, 3, 1)[valid]
+        pick = torch.randperm(len(points), generator=generator)[: cfg.max_points]
+        model = FeatureGaussians.from_points(points[pick].to(device), colours[pick].to(device), vit_width=vit_width,
+                                             feature_dim=cfg.feature_dim, sh_degree=cfg.sh_degree)
+    else:
+        centres = camera_center(scene["viewmats"][train])
+        extent = scene_extent(centres)
+        model = FeatureGaussians.from_box(cfg.max_points, (centres.amin(0) - extent).to(device),
+                                          (centres.amax(0) + extent).to(device), vit_width=vit_width,
+                                          feature_dim=cfg.feature_dim, sh_degree=cfg.sh_degree, generator=generator)
+    if cfg.feature_init == "random":
+        with torch.no_grad():
+            model.features.copy_(cfg.feature_init_std * torch.randn(model.features.shape, generator=generator))
+    return model
 
 
-def lift_scene(name: str, scene: dict, targets: torch.Tensor) -> FeatureGaussians:
-    """Optimise one scene's feature Gaussians on its training views (the 3DGS schedule, FiT3D losses).
+def lift_scene(name: str, scene: dict, targets: Tensor, cfg: argparse.Namespace, rasterize: Callable,
+               device: torch.device, show_progress: bool) -> FeatureGaussians:
+    """Optimise one scene's feature Gaussians on its training views (3DGS schedule, FiT3D losses).
 
     targets: (V, D, h, w) ViT patch features of every view, upsampled to pixels inside the loss (FiT3D
     compares at image resolution).
     """
-    train, _ = split_views(len(scene["images"]))
+    train, _ = split_views(len(scene["images"]), cfg.test_every)
     images = scene["images"].to(device)
     viewmats, Ks = scene["viewmats"].to(device), scene["Ks"].to(device)
     height, width = images.shape[-2:]
-    generator = torch.Generator().manual_seed(args.seed)
-    model = initial_gaussians(scene, train, targets.shape[1], generator)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = initial_gaussians(scene, train, targets.shape[1], cfg, generator, device)
     extent = scene_extent(camera_center(scene["viewmats"][train]))
-    schedule = GaussianSchedule().scaled(args.steps)
-    # compressed runs keep the paper's total feature-lr budget (lr x steps), at most 0.02; geometry lrs stay 3DGS's
-    budget_lr = min(schedule.feature_lr * GaussianSchedule().iterations / args.steps, 0.02)
-    schedule.feature_lr = args.feature_lr or budget_lr
-    schedule.max_gaussians = args.max_gaussians or None
+    schedule = GaussianSchedule().scaled(cfg.steps)
+    # a compressed run keeps the paper's feature-lr budget (lr x steps), at most 0.02; geometry lrs stay 3DGS's
+    budget_lr = min(schedule.feature_lr * GaussianSchedule().iterations / cfg.steps, 0.02)
+    schedule.feature_lr = cfg.feature_lr or budget_lr
+    schedule.max_gaussians = cfg.max_gaussians or None
     optimizer = build_optimizer(model, schedule, extent)
     order = []
-    progress = tqdm(range(1, args.steps + 1), desc=f"lift {name}", disable=not dist.is_main, leave=False)
+    progress = tqdm(range(1, cfg.steps + 1), desc=f"lift {name}", disable=not show_progress, leave=False)
     for step in progress:
         update_position_lr(optimizer, step, schedule, extent)
         if step % schedule.sh_increase_interval == 0:
@@ -296,71 +467,60 @@ def lift_scene(name: str, scene: dict, targets: torch.Tensor) -> FeatureGaussian
         if not order:  # every training view once per pass, in random order (3DGS viewpoint stack)
             order = [train[i] for i in torch.randperm(len(train), generator=generator)]
         view = order.pop()
-        out = render_rgb(model, viewmats[view], Ks[view], width, height)
+        out = render_rgb(rasterize, model, viewmats[view], Ks[view], width, height)
         out["means2d"].retain_grad()  # its gradient drives densification
-        features = render_features(model, viewmats[view], Ks[view], width, height)
+        features = render_features(rasterize, model, viewmats[view], Ks[view], width, height)
         loss_rgb = rgb_loss(out["render"].permute(2, 0, 1), images[view], schedule.lambda_dssim)
         loss_features = feature_loss(features, upsample(targets[view : view + 1], height, width)[0])
         loss = loss_rgb + loss_features
-        check_finite(loss, f"Stage I, scene {name}, step {step}")
         loss.backward()
         accumulate_densification_stats(model, out["means2d"].grad, out["radii"], width, height)
         densification_step(model, optimizer, step, schedule, extent, generator=generator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == args.steps:
+        if step % 20 == 0 or step == cfg.steps:  # the only host syncs of the loop
+            check_finite(loss.detach(), f"Stage I, scene {name}, step {step}")
             progress.set_postfix(rgb=f"{float(loss_rgb.detach()):.4f}", feat=f"{float(loss_features.detach()):.4f}",
                                  n=model.num_gaussians)
     return model
 
 
-def evaluate_scene(model: FeatureGaussians, scene: dict, targets: torch.Tensor, views: list[int]) -> tuple:
-    """Mean PSNR of rendered RGB and mean feature L1 (vs the upsampled ViT features) over `views`."""
+def evaluate_scene(model: FeatureGaussians, scene: dict, targets: Tensor, views: list[int], rasterize: Callable,
+                   device: torch.device) -> tuple[float, float]:
+    """Mean PSNR of rendered RGB and mean feature L1 (vs the upsampled ViT features) over ``views``."""
     height, width = scene["images"].shape[-2:]
     psnrs, l1s = [], []
     with torch.no_grad():
         for v in views:
             viewmat, K = scene["viewmats"][v].to(device), scene["Ks"][v].to(device)
-            rgb = render_rgb(model, viewmat, K, width, height)["render"].permute(2, 0, 1).clamp(0, 1)
+            rgb = render_rgb(rasterize, model, viewmat, K, width, height)["render"].permute(2, 0, 1).clamp(0, 1)
             psnrs.append(float(psnr(rgb, scene["images"][v].to(device))))
-            rendered = render_features(model, viewmat, K, width, height)
+            rendered = render_features(rasterize, model, viewmat, K, width, height)
             l1s.append(float(feature_loss(rendered, upsample(targets[v : v + 1], height, width)[0])))
     return sum(psnrs) / len(psnrs), sum(l1s) / len(l1s)
 
 
-def lift_preview(name: str, model: FeatureGaussians, scene: dict, targets: torch.Tensor, view: int) -> None:
-    """PNG: ground truth | rendered RGB | PCA of ViT features | PCA of rendered features (same basis)."""
-    height, width = scene["images"].shape[-2:]
-    viewmat, K = scene["viewmats"][view].to(device), scene["Ks"][view].to(device)
-    with torch.no_grad():
-        rgb = render_rgb(model, viewmat, K, width, height)["render"].permute(2, 0, 1)
-        rendered = render_features(model, viewmat, K, width, height)
-    vit = upsample(targets[view : view + 1], height, width)[0]
-    basis = runtime.pca_basis(vit)
-    runtime.save_png(out_dir / f"lift_{name}.png", [scene["images"][view], rgb.cpu(), runtime.pca_rgb(vit, basis),
-                                                    runtime.pca_rgb(rendered, basis)])
-
-
-def stage_lift(scenes: dict, backbone) -> list[dict]:
+def stage_lift(scenes: dict, backbone, cfg: argparse.Namespace, out_dir: Path, rasterize: Callable, dist,
+               device: torch.device) -> list[dict]:
+    """Lift every scene (shared out over torchrun ranks), save it, report held-out PSNR and feature L1."""
     rows = []
-    for name in list(scenes)[dist.rank :: dist.world_size]:  # scenes are shared out over torchrun ranks
+    for name in list(scenes)[dist.rank :: dist.world_size]:
         scene = scenes[name]
-        train, test = split_views(len(scene["images"]))
+        train, test = split_views(len(scene["images"]), cfg.test_every)
         with torch.no_grad():
             targets = torch.cat([vit_features(backbone, scene["images"][i : i + 8].to(device))
                                  for i in range(0, len(scene["images"]), 8)])
         path = out_dir / "scenes" / f"{name}.pt"
-        if args.resume and path.exists():
-            model = load_scene(path).to(device)
+        if cfg.resume and path.exists():
+            model = load_scene(path, map_location=device).to(device)
         else:
-            model = lift_scene(name, scene, targets)
+            model = lift_scene(name, scene, targets, cfg, rasterize, device, dist.is_main)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_scene(model, path)
         views = test or train  # fewer than --test-every views: no held-out view, report training views
-        held_out_psnr, held_out_l1 = evaluate_scene(model, scene, targets, views)
+        held_out_psnr, held_out_l1 = evaluate_scene(model, scene, targets, views, rasterize, device)
         rows.append({"scene": name, "gaussians": model.num_gaussians, "views": "held-out" if test else "train",
                      "PSNR": held_out_psnr, "feature_L1": held_out_l1})
-        lift_preview(name, model, scene, targets, views[0])
     if dist.enabled:
         gathered = [None] * dist.world_size
         torch.distributed.all_gather_object(gathered, rows)
@@ -380,163 +540,369 @@ class PatchFeatures(torch.nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: Tensor) -> Tensor:
         return vit_features(self.backbone, images)
 
 
-def stage_finetune(scenes: dict, original) -> tuple:
+def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int, int], rasterize: Callable,
+                     device: torch.device) -> Tensor:
+    """Rendered 3D-aware features of every training view, bilinearly resized to the patch grid (S, D, h, w).
+
+    The Gaussians are frozen in Stage II, so rendering each view once equals FiT3D's rendering under
+    no_grad in every step; a horizontal flip commutes with the resize (both are symmetric).
+    """
+    targets = []
+    with torch.no_grad():
+        for name, view in samples:
+            scene = scenes[name]
+            height, width = scene["images"].shape[-2:]
+            rendered = render_features(rasterize, models[name], scene["viewmats"][view].to(device),
+                                       scene["Ks"][view].to(device), width, height)
+            targets.append(F.interpolate(rendered[None], size=grid, mode="bilinear", align_corners=False)[0])
+    return torch.stack(targets)
+
+
+def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Path, rasterize: Callable, dist,
+                   device: torch.device) -> tuple:
+    """AdamW on the L1 between the ViT's patch features and the rendered features (random hflip)."""
     models = {name: load_scene(out_dir / "scenes" / f"{name}.pt", map_location=device).to(device).eval()
-              for name in scenes}  # all scenes pre-loaded; targets are rendered on the fly
-    samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]))[0]]
+              for name in scenes}
+    samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]), cfg.test_every)[0]]
+    first = scenes[samples[0][0]]["images"]
+    grid = (first.shape[-2] // original.patch_size, first.shape[-1] // original.patch_size)
+    targets = rendered_targets(scenes, models, samples, grid, rasterize, device)
     finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
-    optimizer = torch.optim.AdamW(finetuned.parameters(), lr=args.finetune_lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(finetuned.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
     losses = []
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + epoch))
+    flip_rng = random.Random(cfg.seed)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         order = order[dist.rank :: dist.world_size].tolist()  # the same permutation on every rank, sharded
-        batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         for batch in tqdm(batches, desc=f"fine-tune epoch {epoch}", disable=not dist.is_main, leave=False):
-            images, targets = [], []
-            with torch.no_grad():
-                for index in batch:
-                    name, view = samples[index]
-                    scene, model = scenes[name], models[name]
-                    height, width = scene["images"].shape[-2:]
-                    target = render_features(model, scene["viewmats"][view].to(device),
-                                             scene["Ks"][view].to(device), width, height)
-                    image = scene["images"][view].to(device)
-                    if random.random() < 0.5:  # random horizontal flip of image and target together
-                        image, target = image.flip(-1), target.flip(-1)
-                    images.append(image)
-                    targets.append(target)
-            outputs = student(torch.stack(images))  # (B, D, h, w)
-            targets = F.interpolate(torch.stack(targets), size=outputs.shape[-2:], mode="bilinear",
-                                    align_corners=False)  # rendered targets down to the patch grid
-            loss = (outputs - targets).abs().mean()
-            check_finite(loss, "Stage II")
+            images, batch_targets = [], []
+            for index in batch:
+                name, view = samples[index]
+                image, target = scenes[name]["images"][view].to(device), targets[index]
+                if flip_rng.random() < 0.5:  # random horizontal flip of image and target together
+                    image, target = image.flip(-1), target.flip(-1)
+                images.append(image)
+                batch_targets.append(target)
+            loss = (student(torch.stack(images)) - torch.stack(batch_targets)).abs().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(finetuned.parameters(), args.grad_clip)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(finetuned.parameters(), cfg.grad_clip)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
+    losses = torch.stack(losses).tolist()  # one host sync
+    if not all(math.isfinite(value) for value in losses):
+        raise FloatingPointError("non-finite loss in Stage II")
     finetuned.eval()
-    if dist.is_main:
-        save_dinov2(finetuned, out_dir / "backbone_finetuned.pth")
-    return finetuned, {"steps": len(losses), "loss_first": losses[0] if losses else float("nan"),
-                       "loss_last": losses[-1] if losses else float("nan")}
+    return finetuned, {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Probes: linear segmentation and depth on [original] vs [original, fine-tuned] features
+# Probes: linear segmentation and depth on frozen features of held-out frames
 # ---------------------------------------------------------------------------------------------------
 
 
-def dense_features(backbones, images: torch.Tensor) -> torch.Tensor:
-    """Concatenated patch features of several backbones, bilinearly upsampled to pixels: (B, sum D, H, W)."""
+def frame_features(backbone, frames: list[tuple[dict, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Patch features (F, D, h, w) and class tokens (F, D) of the frames, in batches of 16."""
+    patches, tokens = [], []
     with torch.no_grad():
-        feats = [vit_features(b, images.to(device)) for b in backbones]
-    return upsample(torch.cat(feats, dim=1), *images.shape[-2:]).cpu()
+        for start in range(0, len(frames), 16):
+            images = torch.stack([scene["images"][view] for scene, view in frames[start : start + 16]])
+            p, c = vit_features(backbone, images.to(device), class_token=True)
+            patches.append(p.cpu())
+            tokens.append(c.cpu())
+    return torch.cat(patches), torch.cat(tokens)
 
 
-def probe_split(probe_scenes: dict) -> tuple[list, list]:
-    """(train frames, test frames) as lists of (scene, view). Synthetic: whole scenes; real: views."""
-    names = list(probe_scenes)
-    if args.data is None:
-        return ([(n, v) for n in names[:-1] for v in range(len(probe_scenes[n]["images"]))],
-                [(names[-1], v) for v in range(len(probe_scenes[names[-1]]["images"]))])
-    train = [(n, v) for n in names for v in split_views(len(probe_scenes[n]["images"]))[0]]
-    test = [(n, v) for n in names for v in split_views(len(probe_scenes[n]["images"]))[1]]
-    return train, test or train
+def assemble(original: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], assembly: str,
+             fusion: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Combine two backbones' (patch features, class tokens): concat (paper), add, or linear (a fixed
+    2D -> D map ``fusion``, see ``fit_linear_fusion``)."""
+    if assembly == "add":
+        return original[0] + other[0], original[1] + other[1]
+    patches, tokens = torch.cat([original[0], other[0]], 1), torch.cat([original[1], other[1]], 1)
+    if assembly == "linear":
+        return torch.einsum("bchw,cd->bdhw", patches, fusion), tokens @ fusion
+    return patches, tokens
 
 
-def stage_probe(probe_scenes: dict, original, finetuned) -> list[dict]:
-    train, test = probe_split(probe_scenes)
-    generator = torch.Generator().manual_seed(args.seed)
+def fit_linear_fusion(original: Tensor, other: Tensor) -> Tensor:
+    """The linear fusion of --assembly linear: the projection of standardised [original, other] patch
+    features (B, 2D, h, w) onto their first D principal directions, fitted on the probe's training frames.
+    Returns (2D, D). (A fusion layer trained jointly with a linear head would span the same functions as
+    concatenation, so the fusion is fixed here and keeps the original width.)"""
+    patches = torch.cat([original, other], 1)
+    flat = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).double()
+    flat = flat - flat.mean(0)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    return vh[: original.shape[1]].T.float()
 
-    def frame_data(frame, backbones):
-        """Per-pixel features (H*W, C), labels (H*W,) or None, depths (H*W,) or None of one frame."""
-        scene, view = probe_scenes[frame[0]], frame[1]
-        feats = dense_features(backbones, scene["images"][view : view + 1])[0].flatten(1).T
-        labels = scene["labels"][view].flatten() if scene["labels"] is not None else None
-        depths = scene["depths"][view].flatten() if scene["depths"] is not None else None
-        return feats, labels, depths
 
-    def training_pixels(backbones, per_frame):
-        parts = []
-        for frame in train:
-            feats, labels, depths = frame_data(frame, backbones)
-            pick = torch.randperm(len(feats), generator=generator)[:per_frame]
-            parts.append((feats[pick], None if labels is None else labels[pick],
-                          None if depths is None else depths[pick]))
-        cat = lambda items: None if any(i is None for i in items) else torch.cat(items)  # noqa: E731
-        return tuple(cat([part[k] for part in parts]) for k in range(3))
+def pixel_features(features: Tensor, image_size: tuple[int, int], pixels: Tensor) -> Tensor:
+    """Bilinearly upsampled features (B, C, h, w) read at pixels (B, P): (B * P, C)."""
+    batch, channels, h, w = features.shape
+    indices, weights = bilinear_taps((h, w), image_size, pixels.reshape(-1))
+    flat = features.permute(0, 2, 3, 1).reshape(-1, channels)
+    indices = indices + (torch.arange(batch).repeat_interleave(pixels.shape[1]) * h * w)[:, None]
+    return (flat[indices] * weights.to(flat)[..., None]).sum(1)
 
-    per_frame = max(1, args.probe_pixels // len(train))
-    num_classes = max(scene["num_classes"] for scene in probe_scenes.values())
-    rows = []
-    for label, backbones in [("original", [original]), ("fine-tuned", [finetuned]),
-                             ("[original, fine-tuned]", [original, finetuned])]:
-        generator.manual_seed(args.seed)  # the same training pixels for every feature set
-        feats, labels, depths = training_pixels(backbones, per_frame)
-        classifier = fit_linear_classifier(feats, labels, num_classes) if labels is not None else None
-        valid = None if depths is None else torch.isfinite(depths) & (depths > 0)
-        regressor = fit_linear_regressor(feats[valid], depths[valid]) if depths is not None else None
-        predictions, targets = [], []  # test frames one at a time (features of all pixels never stored)
-        for frame in test:
-            test_feats, test_labels, test_depths = frame_data(frame, backbones)
-            predictions.append((None if classifier is None else classifier(test_feats).argmax(1),
-                                None if regressor is None else regressor(test_feats)[:, 0].float()))
-            targets.append((test_labels, test_depths))
-        row = {"features": label, "dim": feats.shape[1]}
-        if classifier is not None:
-            row.update(segmentation_metrics(torch.cat([p[0] for p in predictions]),
-                                            torch.cat([t[0] for t in targets]), num_classes))
-        if regressor is not None:
-            pred, target = torch.cat([p[1] for p in predictions]), torch.cat([t[1] for t in targets])
-            test_valid = torch.isfinite(target) & (target > 0)
-            row.update(depth_metrics(pred.clamp_min(1e-3), target, mask=test_valid))
-        rows.append(row)
-    # PCA before / after fine-tuning with one basis (fitted on the original features)
-    name, view = test[0]
-    image = probe_scenes[name]["images"][view : view + 1]
-    before, after = dense_features([original], image)[0], dense_features([finetuned], image)[0]
+
+def fit_probes(train_features: tuple[Tensor, Tensor], labels: Tensor | None, depths: Tensor | None,
+               num_classes: int, cfg: argparse.Namespace) -> dict:
+    """Segmentation and depth heads on one feature set. Returns predictors: (patches, cls, size) -> maps."""
+    patches, tokens = train_features
+    generator = torch.Generator().manual_seed(cfg.seed)
+    predictors = {}
+    if cfg.probe == "paper":
+        if labels is not None:
+            head = fit_segmentation_head(patches, labels, num_classes, ignore_index=IGNORE,
+                                         pixels_per_image=cfg.probe_pixels, generator=generator)
+            predictors["segmentation"] = lambda p, c, size: head.predict(p, size)
+        if depths is not None:
+            depth_head, _ = fit_depth_head(patches, depths, tokens, num_bins=cfg.depth_bins,
+                                           pixels_per_image=cfg.probe_pixels, generator=generator)
+            predictors["depth"] = lambda p, c, size: depth_head.predict(with_class_token(p, c), size)
+        return predictors
+    # fast probes: L-BFGS pixel classifier and closed-form ridge on upsampled patch features (no [CLS])
+    size = tuple((labels if labels is not None else depths).shape[-2:])
+    pixels = torch.stack([torch.randperm(size[0] * size[1], generator=generator)[: cfg.probe_pixels]
+                          for _ in range(len(patches))])
+    features = pixel_features(patches, size, pixels)
+
+    def dense(probe, p, s):
+        flat = upsample(p, *s).permute(0, 2, 3, 1).reshape(-1, p.shape[1])
+        return probe(flat).reshape(p.shape[0], *s, -1)
+    if labels is not None:
+        target = labels.flatten(1).gather(1, pixels).reshape(-1)
+        classifier = fit_linear_classifier(features, target, num_classes, ignore_index=IGNORE)
+        predictors["segmentation"] = lambda p, c, s: dense(classifier, p, s).argmax(-1)
+    if depths is not None:
+        target = depths.flatten(1).gather(1, pixels).reshape(-1)
+        valid = torch.isfinite(target) & (target > 0)
+        regressor = fit_linear_regressor(features[valid], target[valid])
+        predictors["depth"] = lambda p, c, s: dense(regressor, p, s)[..., 0].float().clamp_min(1e-3)
+    return predictors
+
+
+def evaluate_probes(predictors: dict, features: tuple[Tensor, Tensor], labels: Tensor | None,
+                    depths: Tensor | None, num_classes: int) -> tuple[dict, dict]:
+    """mIoU / mAcc / aAcc and RMSE / AbsRel over all test pixels; also the predicted maps."""
+    patches, tokens = features
+    size = tuple((labels if labels is not None else depths).shape[-2:])
+    metrics, maps = {}, {}
+    with torch.no_grad():
+        if "segmentation" in predictors:
+            maps["segmentation"] = torch.cat([predictors["segmentation"](patches[i : i + 16], tokens[i : i + 16], size)
+                                              for i in range(0, len(patches), 16)])
+            metrics.update(segmentation_metrics(maps["segmentation"], labels, num_classes, ignore_index=IGNORE))
+        if "depth" in predictors:
+            maps["depth"] = torch.cat([predictors["depth"](patches[i : i + 16], tokens[i : i + 16], size)
+                                       for i in range(0, len(patches), 16)])
+            metrics.update(depth_metrics(maps["depth"], depths))
+    return metrics, maps
+
+
+def probe_frames(scenes: dict, names: list[str], views: Callable) -> list[tuple[dict, int]]:
+    return [(scenes[name], v) for name in names for v in views(name)]
+
+
+def stacked(frames: list[tuple[dict, int]], key: str) -> Tensor | None:
+    if any(scene[key] is None for scene, _ in frames):
+        return None
+    return torch.stack([scene[key][view] for scene, view in frames])
+
+
+def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_classes: int,
+                cfg: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+    """Fit the probes on the training frames of each feature set, evaluate them on the test frames.
+
+    backbones: {"original": ViT, "fine-tuned": ViT, optional "random": ViT}. Rows: original, fine-tuned,
+    [original, fine-tuned] (as --assembly says) and the control [original, random].
+    """
+    labels, depths = stacked(train_frames, "labels"), stacked(train_frames, "depths")
+    test_labels, test_depths = stacked(test_frames, "labels"), stacked(test_frames, "depths")
+    if labels is None or test_labels is None:
+        labels = test_labels = None
+    if depths is None or test_depths is None:
+        depths = test_depths = None
+    if labels is None and depths is None:
+        raise ValueError("the probe frames have neither labels nor depth: nothing to probe")
+    train = {name: frame_features(b, train_frames, device) for name, b in backbones.items()}
+    test = {name: frame_features(b, test_frames, device) for name, b in backbones.items()}
+    symbol = {"concat": "[original, {}]", "add": "original + {}", "linear": "linear[original, {}]"}[cfg.assembly]
+    sets = {"original": (train["original"], test["original"]), "fine-tuned": (train["fine-tuned"], test["fine-tuned"])}
+    for other in [name for name in ("fine-tuned", "random") if name in backbones]:
+        fusion = fit_linear_fusion(train["original"][0], train[other][0]) if cfg.assembly == "linear" else None
+        sets[symbol.format(other)] = (assemble(train["original"], train[other], cfg.assembly, fusion),
+                                      assemble(test["original"], test[other], cfg.assembly, fusion))
+    rows, maps = [], {}
+    change = (test["fine-tuned"][0] - test["original"][0]).abs().mean() / test["original"][0].abs().mean()
+    print(f"fine-tuning changed the test frames' patch features by {float(change):.1%} (mean |after - before| / "
+          "mean |before|)")
+    for name, (train_set, test_set) in sets.items():
+        predictors = fit_probes(train_set, labels, depths, num_classes, cfg)
+        metrics, maps[name] = evaluate_probes(predictors, test_set, test_labels, test_depths, num_classes)
+        rows.append({"features": name, "dim": train_set[0].shape[1], **metrics})
+    return rows, maps
+
+
+# ---------------------------------------------------------------------------------------------------
+# Previews
+# ---------------------------------------------------------------------------------------------------
+
+
+def label_colours(labels: Tensor, num_classes: int) -> Tensor:
+    """(H, W) class indices -> (3, H, W) colours of a fixed palette; ignored pixels black."""
+    palette = torch.rand(max(num_classes, 1), 3, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.2
+    colours = palette[labels.clamp(0, num_classes - 1)]
+    return (colours * (labels >= 0)[..., None]).permute(2, 0, 1)
+
+
+def save_lift_preview(path: Path, scene: dict, view: int, model: FeatureGaussians, original, finetuned,
+                      rasterize: Callable, device: torch.device) -> None:
+    """Input, RGB render, rendered features, original and fine-tuned ViT features (one PCA basis), depth."""
+    height, width = scene["images"].shape[-2:]
+    viewmat, K = scene["viewmats"][view].to(device), scene["Ks"][view].to(device)
+    image = scene["images"][view : view + 1].to(device)
+    with torch.no_grad():
+        out = render_rgb(rasterize, model, viewmat, K, width, height)
+        rendered = render_features(rasterize, model, viewmat, K, width, height)
+        before = upsample(vit_features(original, image), height, width)[0]
+        after = upsample(vit_features(finetuned, image), height, width)[0]
     basis = runtime.pca_basis(before)
-    runtime.save_png(out_dir / "finetune_pca.png", [image[0], runtime.pca_rgb(before, basis),
-                                                    runtime.pca_rgb(after, basis)])
-    return rows
+    rgb = out["render"].permute(2, 0, 1).clamp(0, 1).cpu()
+    runtime.save_panels(path, [("input", image[0].cpu()), ("RGB render", rgb),
+                               ("rendered features", runtime.pca_rgb(rendered, basis)),
+                               ("original features", runtime.pca_rgb(before, basis)),
+                               ("fine-tuned features", runtime.pca_rgb(after, basis)),
+                               ("rendered depth", runtime.colorize_depth(out["depth_exp"], out["alpha"] > 0.5))],
+                        columns=3)
+
+
+def save_probe_preview(path: Path, frame: tuple[dict, int], index: int, maps: dict, num_classes: int,
+                       method: str) -> None:
+    """One test frame: input, labels and depth, and the probes' predictions from original and method features."""
+    scene, view = frame
+    panels = [("input", scene["images"][view])]
+    if scene["labels"] is not None and "segmentation" in maps["original"]:
+        panels += [("labels", label_colours(scene["labels"][view], num_classes))]
+        panels += [(f"{name} seg.", label_colours(maps[name]["segmentation"][index], num_classes))
+                   for name in ("original", method)]
+    if scene["depths"] is not None and "depth" in maps["original"]:
+        depths = [scene["depths"][view]] + [maps[name]["depth"][index] for name in ("original", method)]
+        coloured = runtime.colorize_depth(torch.cat(depths, 1)).split(depths[0].shape[1], dim=2)  # one colour scale
+        panels += list(zip(["depth", "original depth", f"{method} depth"], coloured))
+    runtime.save_panels(path, panels, columns=4)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------
 
-scenes = {}  # the lifted scenes; a probe-only run on synthetic data does not need them
-if run_lift or run_finetune or (run_probe and args.data):
-    scenes = load_real_scenes(Path(args.data)) if args.data else synthetic_scenes(args.seed * 1000, args.num_scenes)
-metrics_path = out_dir / "metrics.json"
-metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-metrics["config"] = vars(args)
-original = original_backbone()
-if run_lift:
-    metrics["lift"] = stage_lift(scenes, original)
-    if dist.is_main:
-        print("Stage I: feature Gaussians per scene\n" + runtime.format_table(metrics["lift"]))
-if dist.enabled:
-    torch.distributed.barrier()
-finetuned_path = out_dir / "backbone_finetuned.pth"
-if run_finetune and not (args.resume and finetuned_path.exists()):
-    _, metrics["finetune"] = stage_finetune(scenes, original)
-    if dist.is_main:
-        print(f"Stage II: {metrics['finetune']['steps']} steps, L1 {metrics['finetune']['loss_first']:.4f} -> "
-              f"{metrics['finetune']['loss_last']:.4f}")
-if run_probe and dist.is_main:
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    device = runtime.pick_device(args.device)
+    dist = runtime.init_distributed(device)
+    device = dist.device
+    runtime.seed_everything(args.seed, dist.rank)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rasterize = make_rasterizer(args.compile, device)
+    run_lift, run_finetune, run_probe = (args.stage in (s, "all") for s in ("lift", "finetune", "probe"))
+
+    class_names = list(ROOM_CLASS_NAMES)
+    if args.data:
+        scenes, class_names = load_real_scenes(Path(args.data), args)
+        short = [name for name, scene in scenes.items() if len(scene["images"]) < args.test_every]
+        if run_probe and short:
+            raise ValueError(f"--data: scenes {short} have fewer than --test-every={args.test_every} views, so "
+                             "none is held out for the probes; lower --test-every or raise --frames")
+    else:  # lifted rooms and probe rooms never overlap: seeds seed*1000 + [0, n) and + [500, 500 + m)
+        scenes = synthetic_scenes(range(args.seed * 1000, args.seed * 1000 + args.num_scenes), args.frames,
+                                  args.height, args.width)
+    metrics_path = out_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if (args.resume and metrics_path.exists()) else {}
+    metrics["config"] = vars(args)
+    original = original_backbone(args, out_dir, dist, device)
+
+    if run_lift:
+        metrics["lift"] = stage_lift(scenes, original, args, out_dir, rasterize, dist, device)
+        if dist.is_main:
+            print("Stage I: feature Gaussians per scene\n" + runtime.format_table(metrics["lift"]))
+    if dist.enabled:
+        torch.distributed.barrier()
+    finetuned_path = out_dir / "backbone_finetuned.pth"
+    if run_finetune and not (args.resume and finetuned_path.exists()):
+        finetuned, metrics["finetune"] = stage_finetune(scenes, original, args, out_dir, rasterize, dist, device)
+        if dist.is_main:
+            save_dinov2(finetuned, finetuned_path)
+            print(f"Stage II: {metrics['finetune']['steps']} steps, L1 {metrics['finetune']['loss_first']:.4f} -> "
+                  f"{metrics['finetune']['loss_last']:.4f}")
+    if not dist.is_main:
+        return metrics
     if not finetuned_path.exists():
         raise FileNotFoundError(f"{finetuned_path} is missing: run --stage finetune first")
     finetuned = load_dinov2(finetuned_path).to(device).eval()
-    probe_scenes = scenes if args.data else synthetic_scenes(args.seed * 1000 + 500, args.probe_scenes)
-    metrics["probe"] = stage_probe(probe_scenes, original, finetuned)
-    print("Linear probes (test frames)\n" + runtime.format_table(metrics["probe"]))
-if dist.is_main:
+
+    first = next(iter(scenes))
+    lifted_path = out_dir / "scenes" / f"{first}.pt"
+    if lifted_path.exists():
+        views = split_views(len(scenes[first]["images"]), args.test_every)
+        save_lift_preview(out_dir / "preview.png", scenes[first], (views[1] or views[0])[0],
+                          load_scene(lifted_path, map_location=device).to(device), original, finetuned, rasterize,
+                          device)
+
+    claims = []
+    if run_probe:
+        if args.data:  # real data: training views of every scene vs their held-out views
+            train_frames = probe_frames(scenes, list(scenes), lambda n: split_views(len(scenes[n]["images"]),
+                                                                                   args.test_every)[0])
+            test_frames = probe_frames(scenes, list(scenes), lambda n: split_views(len(scenes[n]["images"]),
+                                                                                  args.test_every)[1])
+            num_classes = len(class_names)
+        else:  # synthetic: probes train on some unseen rooms and are tested on other unseen rooms
+            first_probe = args.seed * 1000 + 500
+            probe_scenes = synthetic_scenes(range(first_probe, first_probe + args.probe_train_scenes
+                                                  + args.probe_test_scenes), args.probe_frames, args.height,
+                                             args.width, step_degrees=360.0 / max(args.probe_frames, 8))
+            names = list(probe_scenes)
+            every = lambda n: range(args.probe_frames)  # noqa: E731
+            train_frames = probe_frames(probe_scenes, names[: args.probe_train_scenes], every)
+            test_frames = probe_frames(probe_scenes, names[args.probe_train_scenes :], every)
+            num_classes = NUM_ROOM_CLASSES
+        backbones = {"original": original, "fine-tuned": finetuned}
+        if args.control:
+            backbones["random"] = control_backbone(original, args.seed, device)
+        rows, maps = stage_probe(train_frames, test_frames, backbones, num_classes, args, device)
+        metrics["probe"] = rows
+        print("Linear probes (test frames)\n" + runtime.format_table(rows))
+        base, method = rows[0], rows[2]
+        if "mIoU" in base:
+            claims.append(runtime.claim("FiT3D Table 1: [original, fine-tuned] features segment better than the "
+                                        "original ones (linear probe, held-out scenes)", "miou", True,
+                                        (base["features"], base["mIoU"]), (method["features"], method["mIoU"])))
+        if "RMSE" in base:
+            claims.append(runtime.claim("FiT3D Table 2: [original, fine-tuned] features predict depth better than "
+                                        "the original ones (linear probe, held-out scenes)", "depth_rmse", False,
+                                        (base["features"], base["RMSE"]), (method["features"], method["RMSE"])))
+        save_probe_preview(out_dir / "probes.png", test_frames[0], 0, maps, num_classes, method["features"])
+        print("Claims\n" + runtime.format_claims(claims))
+    metrics["claims"] = claims
+    metrics["time"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started}
     runtime.write_metrics(out_dir, metrics)
+    torch.save({"config": vars(args), "model": finetuned.state_dict(), "finetune": metrics.get("finetune")},
+               out_dir / "gaussian.pt")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -148,6 +148,182 @@ def fit_linear_classifier(features: Tensor, labels: Tensor, num_classes: int, we
     return LinearProbe(mean, std, weight.detach(), bias.detach())
 
 
+# ---------------------------------------------------------------------------------------------------
+# FiT3D / DINOv2 probe protocol: linear heads on patch features, logits upsampled to pixels
+# ---------------------------------------------------------------------------------------------------
+
+
+def bilinear_taps(grid_size: tuple[int, int], image_size: tuple[int, int], pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Where bilinear upsampling of an (h, w) grid to (H, W) reads pixel ``pixels`` (P,) (flat y * W + x).
+
+    Returns indices (P, 4) into the flattened grid and weights (P, 4) such that
+    ``(grid.flatten(-2)[..., indices] * weights).sum(-1)`` equals
+    ``F.interpolate(grid, (H, W), mode="bilinear", align_corners=False).flatten(-2)[..., pixels]``.
+    """
+    (h, w), (height, width) = grid_size, image_size
+    y = (pixels // width).double()
+    x = (pixels % width).double()
+
+    def axis(coord: Tensor, size_in: int, size_out: int) -> tuple[Tensor, Tensor, Tensor]:
+        source = ((coord + 0.5) * (size_in / size_out) - 0.5).clamp_min(0.0)  # align_corners=False
+        low = source.floor().long().clamp(max=size_in - 1)
+        high = (low + 1).clamp(max=size_in - 1)
+        return low, high, source - low
+    y0, y1, fy = axis(y, h, height)
+    x0, x1, fx = axis(x, w, width)
+    indices = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], -1)
+    weights = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], -1)
+    return indices, weights
+
+
+@dataclass
+class PatchHead:
+    """A linear head on standardised patch features whose logits are upsampled bilinearly to pixels.
+
+    ``mean``/``std`` (C,) play the role of the BatchNorm in DINOv2's linear heads (statistics of the
+    training set), ``weight`` (C, K) and ``bias`` (K,) the 1x1 convolution. ``bin_centres`` (K,) is set
+    for a depth head: the prediction is the softmax-weighted mean of the bin centres.
+    """
+
+    mean: Tensor
+    std: Tensor
+    weight: Tensor
+    bias: Tensor
+    bin_centres: Tensor | None = None
+
+    def patch_logits(self, features: Tensor) -> Tensor:
+        """features (B, C, h, w) -> logits (B, K, h, w)."""
+        standardised = (features.to(self.weight) - self.mean[:, None, None]) / self.std[:, None, None]
+        return torch.einsum("bchw,ck->bkhw", standardised, self.weight) + self.bias[:, None, None]
+
+    def logits(self, features: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """features (B, C, h, w) -> logits upsampled to (B, K, H, W) (bilinear, align_corners=False)."""
+        return F.interpolate(self.patch_logits(features), size=image_size, mode="bilinear", align_corners=False)
+
+    def predict(self, features: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """(B, H, W): class indices (segmentation head) or depths (depth head)."""
+        logits = self.logits(features, image_size)
+        if self.bin_centres is None:
+            return logits.argmax(1)
+        return torch.einsum("bkhw,k->bhw", logits.softmax(1), self.bin_centres)
+
+
+def _check_patch_inputs(features: Tensor, targets: Tensor, name: str) -> None:
+    if features.ndim != 4 or features.shape[0] == 0:
+        raise ValueError(f"features must be (B, C, h, w) with B > 0, got {tuple(features.shape)}")
+    if targets.ndim != 3 or targets.shape[0] != features.shape[0]:
+        raise ValueError(f"{name} must be (B, H, W) with B = {features.shape[0]}, got {tuple(targets.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features must be finite")
+
+
+def _fit_patch_head(features: Tensor, image_size: tuple[int, int], pixels: Tensor, classes: Tensor,
+                    num_classes: int, weight_decay: float, max_iter: int, dtype: torch.dtype) -> tuple:
+    """Cross-entropy of upsampled logits at the chosen pixels (B, P) of every image, full-batch L-BFGS."""
+    batch, channels, h, w = features.shape
+    flat = features.detach().to(dtype).permute(0, 2, 3, 1).reshape(-1, channels)  # (B*h*w, C)
+    mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp_min(1e-6)
+    standardised = (flat - mean) / std
+    indices, weights = bilinear_taps((h, w), image_size, pixels.reshape(-1))
+    indices = indices + (torch.arange(batch).repeat_interleave(pixels.shape[1]) * h * w)[:, None]
+    classes = classes.reshape(-1)
+    keep = classes >= 0
+    indices, weights, classes = indices[keep], weights[keep], classes[keep]
+    rows = torch.arange(len(classes)).repeat_interleave(4)
+    upsampling = torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1).to(dtype),
+                                         (len(classes), batch * h * w), check_invariants=True)
+    upsampling = upsampling.coalesce()  # (P, B*h*w) with the 4 bilinear taps of each pixel in its row
+    weight = torch.zeros(channels, num_classes, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        patch_logits = standardised @ weight + bias  # (B*h*w, K): the 1x1 convolution on the patch grid
+        pixel_logits = torch.sparse.mm(upsampling, patch_logits)  # bilinearly upsampled logits at the pixels
+        loss = F.cross_entropy(pixel_logits, classes) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return mean, std, weight.detach(), bias.detach()
+
+
+def _pixel_sample(batch: int, image_size: tuple[int, int], per_image: int | None,
+                  generator: torch.Generator | None) -> Tensor:
+    count = image_size[0] * image_size[1]
+    if per_image is None or per_image >= count:
+        return torch.arange(count).expand(batch, count)
+    return torch.stack([torch.randperm(count, generator=generator)[:per_image] for _ in range(batch)])
+
+
+def fit_segmentation_head(features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = -1,
+                          pixels_per_image: int | None = None, weight_decay: float = 1e-4, max_iter: int = 200,
+                          generator: torch.Generator | None = None) -> PatchHead:
+    """The linear segmentation probe of DINOv2 / FiT3D: a linear layer on patch features (B, C, h, w), its
+    logits upsampled bilinearly to the label maps (B, H, W) and trained with cross-entropy per pixel.
+
+    Labels equal to ``ignore_index`` are left out. ``pixels_per_image`` random pixels per image enter the
+    loss (None = all). Full-batch L-BFGS from zero weights (deterministic) with an L2 penalty replaces the
+    paper's SGD schedule. Since upsampling is linear, this head equals a linear classifier on bilinearly
+    upsampled features (``fit_linear_classifier``); here the logits are upsampled, as in the paper.
+    """
+    _check_patch_inputs(features, labels, "labels")
+    labels = labels.long()
+    if bool(((labels != ignore_index) & ((labels < 0) | (labels >= num_classes))).any()):
+        raise ValueError(f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}")
+    image_size = tuple(labels.shape[-2:])
+    pixels = _pixel_sample(len(labels), image_size, pixels_per_image, generator)
+    classes = labels.flatten(1).gather(1, pixels)
+    classes = torch.where(classes == ignore_index, -1, classes)
+    mean, std, weight, bias = _fit_patch_head(features, image_size, pixels, classes, num_classes, weight_decay,
+                                              max_iter, torch.float64)
+    return PatchHead(mean, std, weight, bias)
+
+
+def fit_depth_head(features: Tensor, depths: Tensor, class_tokens: Tensor | None = None, num_bins: int = 256,
+                   max_depth: float | None = None, min_depth: float = 1e-3, pixels_per_image: int | None = 1000,
+                   weight_decay: float = 1e-4, max_iter: int = 100,
+                   generator: torch.Generator | None = None) -> tuple[PatchHead, Tensor | None]:
+    """The DINOv2 linear depth probe ("lin. 1"): the [CLS] token (B, C) is concatenated to every patch
+    feature (B, C, h, w), a linear layer predicts ``num_bins`` logits per patch (uniform bins on
+    [min_depth, max_depth]), the logits are upsampled bilinearly to the depth maps (B, H, W) and trained
+    with cross-entropy against the bin of the true depth; the prediction is the softmax-weighted mean of
+    the bin centres. Pixels with depth <= 0 or non-finite are ignored; ``max_depth`` defaults to the
+    largest training depth. Returns the head and the features it expects (patches with the class token
+    appended, use ``with_class_token`` for new images).
+    """
+    _check_patch_inputs(features, depths, "depths")
+    if not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+    valid = torch.isfinite(depths) & (depths > 0)
+    if not bool(valid.any()):
+        raise ValueError("depths must have at least one pixel with depth > 0")
+    max_depth = float(depths[valid].max()) if max_depth is None else float(max_depth)
+    if not max_depth > min_depth:
+        raise ValueError(f"max_depth must exceed min_depth={min_depth}, got {max_depth}")
+    features = with_class_token(features, class_tokens)
+    centres = torch.linspace(min_depth, max_depth, num_bins, dtype=torch.float64)  # DINOv2 "UD" bins
+    image_size = tuple(depths.shape[-2:])
+    pixels = _pixel_sample(len(depths), image_size, pixels_per_image, generator)
+    sampled = depths.flatten(1).gather(1, pixels).double()
+    bins = ((sampled - min_depth) / (max_depth - min_depth) * (num_bins - 1)).round().clamp(0, num_bins - 1)
+    bins = torch.where(torch.isfinite(sampled) & (sampled > 0), bins.nan_to_num(0.0).long(), -1)
+    mean, std, weight, bias = _fit_patch_head(features, image_size, pixels, bins, num_bins, weight_decay,
+                                              max_iter, torch.float32)
+    return PatchHead(mean, std, weight, bias, bin_centres=centres.float()), features
+
+
+def with_class_token(features: Tensor, class_tokens: Tensor | None) -> Tensor:
+    """Patch features (B, C, h, w) with the class token (B, C') appended to each patch: (B, C + C', h, w)."""
+    if class_tokens is None:
+        return features
+    if class_tokens.ndim != 2 or class_tokens.shape[0] != features.shape[0]:
+        raise ValueError(f"class_tokens must be (B, C') with B = {features.shape[0]}, got {tuple(class_tokens.shape)}")
+    grid = class_tokens[:, :, None, None].expand(-1, -1, *features.shape[-2:])
+    return torch.cat([features, grid.to(features)], 1)
+
+
 def fit_linear_regressor(features: Tensor, targets: Tensor, ridge: float = 1e-3) -> LinearProbe:
     """Closed-form ridge regression of targets (N,) or (N, outputs) on standardised features (N, C).
 

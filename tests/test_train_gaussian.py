@@ -1,32 +1,210 @@
+import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from minimal3d import probes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_gaussian_quick_run(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "train_gaussian.py"), "--quick", "--out", str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert len(metrics["lift"]) == 1
-    for row in metrics["lift"]:
-        assert math.isfinite(row["PSNR"]) and row["PSNR"] > 5.0
-        assert math.isfinite(row["feature_L1"]) and row["gaussians"] > 0
-    assert metrics["finetune"]["steps"] > 0 and math.isfinite(metrics["finetune"]["loss_last"])
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_gaussian", ROOT / "train_gaussian.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = load_script()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the script, in process
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_quick_run_writes_claims_and_files(tmp_path):
+    torch.set_num_threads(1)
+    metrics = script.main(["--quick", "--out", str(tmp_path)])
+    claims = {row["metric"]: row for row in metrics["claims"]}
+    assert set(claims) == {"miou", "depth_rmse"}
+    assert claims["miou"]["higher_is_better"] and not claims["depth_rmse"]["higher_is_better"]
+    for row in claims.values():
+        assert row["baseline"]["name"] == "original" and row["method"]["name"] == "[original, fine-tuned]"
+        assert math.isfinite(row["baseline"]["value"]) and math.isfinite(row["method"]["value"])
+        assert row["holds"] == ((row["method"]["value"] > row["baseline"]["value"]) == row["higher_is_better"])
     assert [row["features"] for row in metrics["probe"]] == ["original", "fine-tuned", "[original, fine-tuned]"]
     for row in metrics["probe"]:
-        for key in ("mIoU", "mAcc", "aAcc", "RMSE", "AbsRel"):
-            assert math.isfinite(row[key]), key
-        assert 0.0 <= row["mIoU"] <= 1.0
+        assert 0.0 <= row["mIoU"] <= 1.0 and row["RMSE"] > 0 and math.isfinite(row["AbsRel"])
     assert metrics["probe"][2]["dim"] == 2 * metrics["probe"][0]["dim"]
-    for name in ("backbone_original.pth", "backbone_finetuned.pth", "finetune_pca.png"):
+    assert metrics["lift"][0]["PSNR"] > 5.0 and metrics["finetune"]["steps"] > 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["claims"] == json.loads(json.dumps(metrics["claims"]))
+    for name in ("backbone_original.pth", "backbone_finetuned.pth", "gaussian.pt", "preview.png", "probes.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert len(list(tmp_path.glob("lift_*.png"))) == 1
-    assert len(list((tmp_path / "scenes").glob("*.pt"))) == 1
-    assert "Linear probes" in result.stdout
+    assert min(Image.open(tmp_path / "preview.png").size) >= 256
+    checkpoint = torch.load(tmp_path / "gaussian.pt", weights_only=False)
+    assert checkpoint["config"]["quick"] and "blocks.0.attn.qkv.weight" in checkpoint["model"]
+
+
+@pytest.mark.parametrize("flags, name", [(["--steps", "0"], "--steps"), (["--epochs", "-1"], "--epochs"),
+                                         (["--height", "8"], "--height"), (["--finetune-lr", "0"], "--finetune-lr"),
+                                         (["--weights", "missing.pth"], "--weights"),
+                                         (["--probe-pixels", "0"], "--probe-pixels"),
+                                         (["--grad-clip", "-1"], "--grad-clip"),
+                                         (["--assembly", "mean"], "--assembly")])
+def test_nonsense_flags_are_rejected_before_work(flags, name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        script.main(flags + ["--out", str(tmp_path / "never")])
+    assert info.value.code == 2 and name in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_quick_never_overrides_explicit_flags():
+    args = script.parse_args(["--quick", "--steps", "7", "--epochs", "3"])
+    assert (args.steps, args.epochs) == (7, 3)
+    assert args.frames == script.PROFILES["frames"][1]  # unset flags take the quick profile
+    assert script.parse_args([]).steps == script.PROFILES["steps"][0]
+    assert script.parse_args([]).control and not script.parse_args(["--quick"]).control
+    assert script.parse_args(["--quick", "--control"]).control
+
+
+# ---------------------------------------------------------------------------------------------------
+# probes with a known answer
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_bilinear_taps_equal_interpolate():
+    grid = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    pixels = torch.randperm(11 * 13)[:40]
+    indices, weights = probes.bilinear_taps((3, 4), (11, 13), pixels)
+    expected = F.interpolate(grid, size=(11, 13), mode="bilinear", align_corners=False).flatten(-2)[..., pixels]
+    torch.testing.assert_close((grid.flatten(-2)[..., indices] * weights).sum(-1), expected)
+
+
+def test_segmentation_head_separates_linearly_separable_patches():
+    generator = torch.Generator().manual_seed(0)
+    classes = torch.randint(0, 4, (12,), generator=generator)
+    classes[:4] = torch.arange(4)
+    centres = torch.randn(4, 6, generator=generator) * 3
+    features = centres[classes][:, :, None, None] + 0.1 * torch.randn(12, 6, 3, 4, generator=generator)
+    labels = classes[:, None, None].expand(12, 14, 16).clone()  # one class per image
+    labels[:, 0, 0] = -1  # ignored pixels do not matter
+    head = probes.fit_segmentation_head(features[:8], labels[:8], 4, pixels_per_image=50, generator=generator)
+    predicted = head.predict(features[8:], (14, 16))
+    assert probes.segmentation_metrics(predicted, labels[8:], 4)["mIoU"] == 1.0
+    # the logits are upsampled after the linear layer: equal to a linear layer on upsampled features
+    up = F.interpolate(features[8:].double(), size=(14, 16), mode="bilinear", align_corners=False)
+    manual = torch.einsum("bchw,ck->bkhw", (up - head.mean[:, None, None]) / head.std[:, None, None], head.weight)
+    torch.testing.assert_close(head.logits(features[8:], (14, 16)), manual + head.bias[:, None, None])
+
+
+def test_depth_head_recovers_a_depth_linear_in_the_features():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(40, 4, 4, 5, generator=generator)
+    depth_grid = 3.0 + features[:, 0] - 0.5 * features[:, 1]  # linear in the features
+    depths = F.interpolate(depth_grid[:, None], size=(12, 15), mode="bilinear", align_corners=False)[:, 0]
+    head, _ = probes.fit_depth_head(features[:30], depths[:30], num_bins=64, pixels_per_image=None,
+                                    weight_decay=1e-6, generator=generator)
+    rmse = probes.depth_metrics(head.predict(features[30:], (12, 15)), depths[30:])["RMSE"]
+    spread = float(depths[30:][depths[30:] > 0].std())
+    assert rmse < 0.1 * spread  # a constant prediction has RMSE = spread
+
+
+def test_depth_head_reads_the_class_token():
+    generator = torch.Generator().manual_seed(2)
+    patches = torch.randn(40, 3, 2, 2, generator=generator)
+    tokens = torch.rand(40, 2, generator=generator)
+    depths = (1.0 + 3.0 * tokens[:, 0])[:, None, None].expand(40, 6, 6)  # depth is set by the class token
+    rmse = {}
+    for name, train_tokens, test_tokens in [("with", tokens[:30], tokens[30:]), ("without", None, None)]:
+        head, _ = probes.fit_depth_head(patches[:30], depths[:30], train_tokens, num_bins=32, pixels_per_image=None,
+                                        weight_decay=1e-6)
+        predicted = head.predict(probes.with_class_token(patches[30:], test_tokens), (6, 6))
+        rmse[name] = probes.depth_metrics(predicted, depths[30:])["RMSE"]
+    assert rmse["with"] < 0.4 * rmse["without"]  # measured 0.27
+
+
+def test_probe_heads_name_bad_arguments():
+    with pytest.raises(ValueError, match="labels"):
+        probes.fit_segmentation_head(torch.zeros(2, 3, 2, 2), torch.full((2, 4, 4), 7), 3)
+    with pytest.raises(ValueError, match="depths"):
+        probes.fit_depth_head(torch.zeros(2, 3, 2, 2), torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="num_bins"):
+        probes.fit_depth_head(torch.zeros(2, 3, 2, 2), torch.ones(2, 4, 4), num_bins=1)
+    with pytest.raises(ValueError, match="depth > 0"):
+        probes.fit_depth_head(torch.zeros(2, 3, 2, 2), torch.zeros(2, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# real-data labels
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_scannet_scene(root: Path, with_tsv: bool = True) -> None:
+    scene = root / "scene0000_00"
+    for folder in ("color", "depth", "pose", "intrinsic", "label-filt"):
+        (scene / folder).mkdir(parents=True)
+    np.savetxt(scene / "intrinsic" / "intrinsic_color.txt", np.array([[20, 0, 16, 0], [0, 20, 12, 0],
+                                                                       [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float))
+    for frame in range(2):
+        Image.fromarray(np.full((24, 32, 3), 100 + frame, np.uint8)).save(scene / "color" / f"{frame}.jpg")
+        Image.fromarray(np.full((24, 32), 1500, np.uint16)).save(scene / "depth" / f"{frame}.png")
+        np.savetxt(scene / "pose" / f"{frame}.txt", np.eye(4))
+        ids = np.zeros((12, 16), np.uint16)  # label maps are smaller than colour in ScanNet
+        ids[:, :8] = 3  # ScanNet id 3 -> nyu40 5 (chair) -> ScanNet-20 index 4
+        ids[:6, 8:] = 40  # nyu40 7 (table) -> index 6
+        ids[6:, 8:] = 2  # nyu40 0: not a benchmark class -> ignored
+        Image.fromarray(ids).save(scene / "label-filt" / f"{frame}.png")
+    if with_tsv:
+        (root / "scannetv2-labels.combined.tsv").write_text(
+            "id\traw_category\tcategory\tcount\tnyu40id\n3\tchair\tchair\t1\t5\n40\ttable\ttable\t1\t7\n2\tx\tx\t1\t\n")
+
+
+def test_scannet_label_filt_maps_to_the_20_benchmark_classes(tmp_path):
+    write_scannet_scene(tmp_path)
+    args = script.parse_args(["--data", str(tmp_path), "--height", "24", "--width", "32", "--frames", "2"])
+    scenes, class_names = script.load_real_scenes(tmp_path, args)
+    labels = scenes["scene0000_00"]["labels"]
+    assert labels.shape == (2, 24, 32) and class_names[4] == "chair" and class_names[6] == "table"
+    assert (labels[:, :, :16] == 4).all() and (labels[:, :12, 16:] == 6).all()
+    assert (labels[:, 12:, 16:] == script.IGNORE).all()
+    torch.testing.assert_close(scenes["scene0000_00"]["depths"], torch.full((2, 24, 32), 1.5))
+
+
+def test_label_filt_without_the_class_table_names_the_flag(tmp_path):
+    write_scannet_scene(tmp_path, with_tsv=False)
+    args = script.parse_args(["--data", str(tmp_path), "--height", "24", "--width", "32"])
+    with pytest.raises(ValueError, match="--label-map"):
+        script.load_real_scenes(tmp_path, args)
+
+
+def test_index_labels_with_classes_txt(tmp_path):
+    (tmp_path / "classes.txt").write_text("floor\nwall\nchair\n")
+    ids = np.array([[0, 1], [2, 255]], np.uint8)
+    Image.fromarray(ids).save(tmp_path / "0.png")
+    lookup = script.index_label_lookup(3)
+    labels = script.read_label_png(tmp_path / "0.png", lookup, (2, 2))
+    assert labels.tolist() == [[0, 1], [2, script.IGNORE]]
+
+
+def test_quick_run_on_a_scannet_layout_uses_label_filt(tmp_path):
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    write_scannet_scene(data)
+    metrics = script.main(["--quick", "--data", str(data), "--out", str(tmp_path / "run"), "--height", "24",
+                           "--width", "32", "--frames", "2", "--test-every", "2", "--no-control"])
+    assert {row["metric"] for row in metrics["claims"]} == {"miou", "depth_rmse"}
+    assert all(0.0 <= row["mIoU"] <= 1.0 and math.isfinite(row["RMSE"]) for row in metrics["probe"])
+
+
+def test_real_data_without_held_out_views_is_refused(tmp_path):
+    write_scannet_scene(tmp_path / "data")
+    with pytest.raises(ValueError, match="--test-every"):
+        script.main(["--quick", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--frames", "2"])
