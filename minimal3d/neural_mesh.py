@@ -293,6 +293,17 @@ def estimate_pose(
         raise ValueError(f"feature_map must be ({memory.vertices.shape[1]}, H, W), got {tuple(feature_map.shape)}")
     if len(meshes) != memory.num_classes:
         raise ValueError(f"meshes must hold one mesh per class ({memory.num_classes}), got {len(meshes)}")
+    if not isinstance(K, Tensor) or K.shape != (3, 3):
+        raise ValueError(f"K must be (3, 3), got {tuple(getattr(K, 'shape', ()))}")
+    if candidates is not None and (len(candidates) == 0 or any(not 0 <= int(y) < memory.num_classes for y in candidates)):
+        raise ValueError(f"candidates must list classes in [0, {memory.num_classes}), got {candidates}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    for name, value in (("lr", lr), ("distance", distance)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
     D, H, W = feature_map.shape
     feature_map = feature_map.detach()
     if candidates is None:
