@@ -318,10 +318,11 @@ def estimate_pose(
     for y in candidates:
         mesh = Mesh(meshes[y].vertices.to(feature_map), meshes[y].faces.to(feature_map.device))
         similarity = (memory.class_vertices(y).to(feature_map) @ feature_map.flatten(1)).reshape(-1, H, W)
-        if (y, H, W, distance) not in grid_cache:
+        key = (y, H, W, distance, tuple(K.flatten().tolist()))  # the grid renders depend on the intrinsics
+        if key not in grid_cache:
             with torch.no_grad():
-                grid_cache[(y, H, W, distance)] = rasterize(mesh, pose_from_angles(*grid, distance), K.to(feature_map), H, W)
-        face_index, weights = grid_cache[(y, H, W, distance)]
+                grid_cache[key] = rasterize(mesh, pose_from_angles(*grid, distance), K.to(feature_map), H, W)
+        face_index, weights = grid_cache[key]
         with torch.no_grad():
             init_loss = render_compare_loss(_object_score(similarity, mesh, face_index, weights), clutter)  # (144,)
         best = int(init_loss.argmin())

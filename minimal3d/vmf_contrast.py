@@ -185,13 +185,17 @@ def _vertex_rows(memory: VertexMemory, vertex_features: Tensor, visible: Tensor,
 # ---------------------------------------------------------------------------------------------------
 
 
-def confusion_weights(confusion: Tensor, threshold: float = 0.05) -> Tensor:
+def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str = "none") -> Tensor:
     """Cross-class weights omega (Y, Y) from a calibration confusion matrix (rows: true, cols: predicted).
 
     omega[y, y'] = fraction of class-y calibration images predicted as y'; 0 below `threshold` and on the
     diagonal (the own class is always fully contrasted by Eq. 2). Classes without calibration images get
-    omega = 0.
+    omega = 0. The paper does not say how omega is scaled: normalize="none" keeps the rates, "mean"
+    rescales each row so its kept (non-zero) entries average 1 (the cross-class mass of omega = 1 on the
+    kept classes), "max" so the most confused class gets 1.
     """
+    if normalize not in ("none", "mean", "max"):
+        raise ValueError(f"normalize must be 'none', 'mean' or 'max', got {normalize!r}")
     if not isinstance(confusion, Tensor) or confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion must be (Y, Y), got {tuple(getattr(confusion, 'shape', ()))}")
     if not bool(torch.isfinite(confusion.double()).all()) or bool((confusion < 0).any()):
@@ -201,6 +205,11 @@ def confusion_weights(confusion: Tensor, threshold: float = 0.05) -> Tensor:
     rates = confusion.double() / confusion.double().sum(1, keepdim=True).clamp_min(1e-12)
     eye = torch.eye(confusion.shape[0], dtype=torch.bool, device=confusion.device)
     omega = torch.where((rates >= threshold) & ~eye, rates, torch.zeros_like(rates))
+    if normalize == "mean":
+        kept = (omega > 0).sum(1, keepdim=True).clamp_min(1)
+        omega = omega / (omega.sum(1, keepdim=True) / kept).clamp_min(1e-12)
+    elif normalize == "max":
+        omega = omega / omega.amax(1, keepdim=True).clamp_min(1e-12)
     return omega.to(confusion.dtype if confusion.is_floating_point() else torch.float32)
 
 

@@ -314,3 +314,15 @@ def test_memory_state_dict_keeps_the_fifo_pointer():
     copy = VertexMemory(SIZES, dim=4, num_background=3).double()
     copy.load_state_dict(memory.state_dict())
     assert copy.pointer == memory.pointer == 0 and torch.equal(copy.background, memory.background)
+
+
+def test_confusion_weights_normalisations():
+    confusion = torch.tensor([[80.0, 15.0, 5.0], [0.0, 10.0, 0.0], [1.0, 0.0, 99.0]])
+    rates = confusion_weights(confusion, threshold=0.05)
+    torch.testing.assert_close(rates, torch.tensor([[0.0, 0.15, 0.05], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    mean = confusion_weights(confusion, threshold=0.05, normalize="mean")
+    torch.testing.assert_close(mean, torch.tensor([[0.0, 1.5, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    top = confusion_weights(confusion, threshold=0.05, normalize="max")
+    torch.testing.assert_close(top, torch.tensor([[0.0, 1.0, 1 / 3], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="normalize"):
+        confusion_weights(confusion, normalize="sum")
