@@ -149,6 +149,18 @@ CASES += [
     Case("pose distance 0", _pose(distance=0.0), ValueError, "distance"),
     Case("pose candidates out of range", _pose(candidates=[3]), ValueError, "candidates"),
     Case("pose top_k 0", _pose(top_k=0), ValueError, "top_k"),
+    Case("confusion_weights normalize", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"]).confusion_weights(
+        torch.eye(2), normalize="sum"), ValueError, "normalize"),
+    Case("confusion_weights nan", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"]).confusion_weights(
+        torch.full((2, 2), float("nan"))), ValueError, "confusion"),
+    Case("imagenet_c kind", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).imagenet_c(
+        torch.rand(3, 8, 8), "rain"), ValueError, "corruption"),
+    Case("imagenet_c severity", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).imagenet_c(
+        torch.rand(3, 8, 8), "fog", 6), ValueError, "severity"),
+    Case("paste_occluders fraction", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).paste_occluders(
+        torch.rand(3, 8, 8), torch.ones(8, 8, dtype=torch.bool), 1.5, 0.3), ValueError, "object_fraction"),
+    Case("paste_occluders mask shape", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).paste_occluders(
+        torch.rand(3, 8, 8), torch.ones(4, 8, dtype=torch.bool), 0.1, 0.3), ValueError, "object_mask"),
 ]
 
 

@@ -79,3 +79,33 @@ def test_pose_bins_round_trip():
     index = train_compnet.angle_to_bin(angles, 24, 0.0, 2 * math.pi, periodic=True)
     back = train_compnet.bin_to_angle(index, 24, 0.0, 2 * math.pi)
     assert float((back - angles).abs().max()) <= math.pi / 24 + 1e-6
+
+
+def test_occluders_cover_the_requested_fractions():
+    from minimal3d.synthetic import OCCLUSION_LEVELS, paste_occluders
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 64, 64, generator=generator)
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[16:48, 20:44] = True
+    for object_fraction, background_fraction in OCCLUSION_LEVELS.values():
+        occluded, covered = paste_occluders(image, mask, object_fraction, background_fraction, generator)
+        assert abs(float(covered[mask].float().mean()) - object_fraction) < 0.08
+        assert abs(float(covered[~mask].float().mean()) - background_fraction) < 0.08
+        assert torch.equal(occluded[:, ~covered], image[:, ~covered])  # only occluder pixels change
+
+
+def test_imagenet_c_brightness_is_exact_and_all_stay_in_range():
+    from minimal3d.synthetic import IMAGENET_C, imagenet_c
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 32, 32, generator=generator) * 0.5
+    brighter = imagenet_c(image, "brightness", 4)
+    value = image.max(0).values
+    torch.testing.assert_close(brighter.max(0).values, (value + 0.4).clamp(max=1))  # V + 0.4 in HSV
+    torch.testing.assert_close(brighter / brighter.max(0, keepdim=True).values,
+                               image / image.max(0, keepdim=True).values)  # hue and saturation kept
+    for corruption in IMAGENET_C:
+        out = imagenet_c(image, corruption, 4, generator)
+        assert out.shape == image.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+        assert float((out - image).abs().mean()) > 0.02
