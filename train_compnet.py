@@ -784,8 +784,8 @@ def main(argv: list[str] | None = None) -> dict:
             for split_name, split in tests.items():
                 results[mode][split_name], maps, estimates = evaluate_compnet(args, model, memory, meshes, split,
                                                                              device, grid_cache)
-                if split_name in ("iid", "occlusion_L2", "snow"):
-                    preview_data[(mode, split_name)] = (model, memory, split, maps, estimates)
+                if split_name in ("iid", "occlusion_L2", "snow"):  # keep the first 3 images for the previews
+                    preview_data[(mode, split_name)] = (model, memory, subset(split, slice(0, 3)), maps[:3], estimates)
             if unknown is not None:
                 results[mode]["unknown_class_pose"] = evaluate_unknown(args, model, memory, meshes, unknown, device,
                                                                        grid_cache)

@@ -171,7 +171,7 @@ for Y in args.ys:
 print("\ncounted loss-FLOP reduction of grouped vs full at the largest Y, by number of kept classes Y_w (omega > 0):")
 Y, K, N, Nb = max(args.ys), args.vertices, args.sampled, args.background
 for kept in sorted({Y - 1, Y // 2, Y // 4, Y // 10}, reverse=True):
-    grouped_cols = K + Nb + N * kept
+    grouped_cols = K + Nb + 1 + N * kept
     with_background = 1 - grouped_cols / (Y * K + Nb)
     vertex_only = 1 - (K + N * kept) / (Y * K)
     print(f"  Y_w={kept:>4}: columns {grouped_cols:>6} vs {Y * K + Nb}: {100 * with_background:.1f} % "
