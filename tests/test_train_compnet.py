@@ -109,3 +109,49 @@ def test_imagenet_c_brightness_is_exact_and_all_stay_in_range():
         out = imagenet_c(image, corruption, 4, generator)
         assert out.shape == image.shape and float(out.min()) >= 0 and float(out.max()) <= 1
         assert float((out - image).abs().mean()) > 0.02
+
+
+def write_fake_dataset(root: Path, layout: str) -> None:
+    """A tiny dataset in the ImageNet3D or NOVUM/NeMo PASCAL3D+ layout (noise images, valid poses, CAD cubes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    cube = "OFF\n8 0 0\n" + "\n".join(f"{x} {y} {z}" for x in (-0.6, 0.6) for y in (-0.4, 0.4) for z in (-0.3, 0.3))
+    for name in ["bus", "car", "chair"]:
+        (root / "CAD" / name).mkdir(parents=True)
+        (root / "CAD" / name / "01.off").write_text(cube + "\n")
+        for split, count in (("train", 10), ("val", 2)):
+            ids = [f"{name}_{split}_{i}" for i in range(count)]
+            folder = root if layout == "imagenet3d" else root / split
+            for sample_id in ids:
+                (folder / "images" / name).mkdir(parents=True, exist_ok=True)
+                (folder / "annotations" / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (400, 480, 3), dtype=np.uint8)).save(
+                    folder / "images" / name / f"{sample_id}.JPEG")
+                pose = dict(azimuth=rng.uniform(0, 6.28), elevation=rng.uniform(-0.5, 1.0), theta=rng.uniform(-0.5, 0.5))
+                if layout == "imagenet3d":
+                    annotation = dict(pose, distance=4.0, px=240.0, py=200.0, focal=1.0, viewport=1500.0,
+                                      object_status="status_good")
+                    np.savez(folder / "annotations" / name / f"{sample_id}.npz",
+                             annotations=np.array([annotation, dict(annotation, object_status="status_bad")]))
+                else:
+                    np.savez(folder / "annotations" / name / f"{sample_id}.npz", distance=5.0,
+                             principal=np.array([240.0, 200.0]), viewport=400.0, **pose)
+            if layout == "imagenet3d":
+                (root / "lists").mkdir(exist_ok=True)
+                (root / "lists" / f"{name}_imagenet_{split}.txt").write_text("\n".join(ids) + "\n")
+            else:
+                (root / split / "lists" / name).mkdir(parents=True)
+                (root / split / "lists" / name / "mesh01.txt").write_text("\n".join(ids) + "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["imagenet3d", "pascal3d"])
+def test_quick_run_on_real_data_layouts(tmp_path, layout):
+    write_fake_dataset(tmp_path / "data", layout)
+    metrics = train_compnet.main(["--quick", "--data", str(tmp_path / "data"), "--dataset", layout,
+                                  "--out", str(tmp_path / "out")])
+    assert metrics["class_names"] == ["bus", "car"]
+    for split in ("iid", "occlusion_L3", "snow", "unknown_class_pose"):  # OOD splits made from the test images
+        assert all(math.isfinite(v) for v in finite_values(metrics["results"]["grouped"][split]))
