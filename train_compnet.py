@@ -1,23 +1,26 @@
-"""Train and evaluate 3D-CompNets (grouped vMF contrast), NOVUM's full contrast and a plain head, one script.
+"""3D-CompNets: "Scaling 3D Compositional Models for Robust Classification and Pose Estimation" (X. Yuan,
+G. Zhang, P. Kaushik, L. Jesslen, A. Kortylewski, A. Yuille, ICCV 2025), with NOVUM (Jesslen et al., ECCV 2024)
+as its full-contrast baseline. Trains three models on the same images, same backbone and same steps:
+  grouped  3D-CompNets: a cuboid neural mesh per class, unit vertex features learned with the grouped vMF
+           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from a calibration confusion matrix every 2 epochs);
+  full     NOVUM's full contrast (one softmax over every vertex of every class, `--full-contrast` trains
+           only this one);
+  plain    the backbone with a classification head and a pose head (azimuth/elevation/theta bins), both
+           cross-entropy.
+Inference as in the paper: class y_hat = argmax_y S_y (Eq. 7); pose by render-and-compare with the mesh of
+y_hat (Eq. 8); classes held out of training get the pose of the known class with the lowest Eq. 8 loss.
+Splits: IID, occlusion L1-L3 (pasted occluders over about 10/30/50 % of the object and 30/50/70 % of the
+background) and ImageNet-C brightness/fog/frost/snow at level 4; with --data the same splits are generated
+from the test images with a fixed seed. The default run (synthetic textured objects, no download) writes the
+claims table: occluded_accuracy (3D-CompNets > plain head), iid_accuracy (grouped as good as full, within
+5 points) and loss_seconds (grouped loss faster than full at Y=50, K=500, N=32, D=128, B=8).
 
-Paper: X. Yuan, G. Zhang, P. Kaushik, L. Jesslen, A. Kortylewski, A. Yuille, "Scaling 3D Compositional
-Models for Robust Classification and Pose Estimation" (ICCV 2025); conventions of NOVUM (GenIntel/NOVUM).
-
-Each class is a cuboid neural mesh; a backbone gives unit features at stride 8 (D = 128); the visible
-vertices of the annotated pose are contrasted with the grouped loss (`vmf_contrast.grouped_vmf_contrast`,
-omega from a calibration confusion matrix every 2 epochs) or the full one (`--full-contrast`, NOVUM).
-Classification by S_y (Eq. 7), pose by render-and-compare (Eq. 8, `neural_mesh.estimate_pose`).
-
-Runs three models on the same data (3D-CompNets, full contrast, plain classification + pose-regression
-head on the same backbone), evaluates them on IID / occlusion L1-L3 / corrupted test images and estimates
-the pose of held-out ("unknown") classes with the closest known class.
-
-    python train_compnet.py                       # synthetic cuboid classes, a few minutes on CPU
+    python train_compnet.py                       # synthetic classes, about 4.7 CPU-minutes (user + sys)
     python train_compnet.py --quick --out /tmp/x  # smoke run (seconds)
-    python train_compnet.py --data DIR --dataset imagenet3d|pascal3d --classes car bus ...
+    python train_compnet.py --data DIR --dataset imagenet3d|pascal3d --classes car bus ... --backbone resunet50
     torchrun --nproc_per_node=2 train_compnet.py  # DDP (memory bank averaged over ranks after each update)
 
-Real data layouts (`--data DIR`, images are resized to --image-size x --image-size):
+Real data (`--data DIR`, images resized to --image-size x --image-size):
   imagenet3d: DIR/images/<class>/<id>.JPEG, DIR/annotations/<class>/<id>.npz with key `annotations`
               (list of dicts azimuth, elevation, theta, distance, px, py, focal, viewport, object_status),
               DIR/lists/<class>_imagenet_{train,val}.txt; every good object (status != status_bad,
@@ -26,13 +29,17 @@ Real data layouts (`--data DIR`, images are resized to --image-size x --image-si
   pascal3d:   NOVUM/NeMo preprocessed layout DIR/<train|val>/images/<class>/<name>.JPEG,
               DIR/<train|val>/annotations/<class>/<name>.npz (azimuth, elevation, theta, distance,
               principal; focal 1 and viewport 3000 unless stored), DIR/<train|val>/lists/<class>/mesh01.txt.
-  both:       DIR/CAD/<class>/*.off, the CAD models whose pooled vertices give the class cuboid
-              (NOVUM createCuboidMesh). Keypoints and visibility are computed on the fly with our z-buffer.
-  The calibration split for omega is a held-back tenth of the training images.
+  both:       DIR/CAD/<class>/*.off, whose pooled vertices give the class cuboid (NOVUM createCuboidMesh).
+  Keypoints and visibility come from our z-buffer; the calibration split for omega is every 10th training
+  image; occluders use the projected cuboid as the object mask.
+--weights: a DINOv2 .pth for --backbone vit, a torchvision ResNet-18/50 state dict (the encoder) for
+--backbone resunet18/resunet50; the default `cnn` backbone is trained from scratch and takes no weights.
+Details and every deviation from the paper: docs/compnet.md.
 """
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -43,106 +50,174 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from minimal3d import runtime
+from minimal3d import resunet, runtime, vit
 from minimal3d.cameras import intrinsics, pose_from_angles, project, rotation_error
 from minimal3d.neural_mesh import (Mesh, cuboid_mesh, cuboid_ranges, estimate_pose, inside_image, rasterize,
                                    vertex_visibility)
-from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classification_scores,
-                                    confusion_weights, grouped_vmf_contrast)
+from minimal3d.synthetic import IMAGENET_C, OCCLUSION_LEVELS, class_cuboid, imagenet_c, object_sample, paste_occluders
+from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classification_scores, confusion_weights,
+                                    grouped_vmf_contrast)
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data", default=None, help="real data root (else synthetic cuboid classes)")
-parser.add_argument("--dataset", default="imagenet3d", choices=["imagenet3d", "pascal3d"])
-parser.add_argument("--classes", nargs="*", default=None, help="real-data class names (default: all)")
-parser.add_argument("--num-classes", type=int, default=10, help="synthetic classes Y (confusable pairs)")
-parser.add_argument("--num-heldout", type=int, default=2, help="classes kept out of training (unknown-category pose)")
-parser.add_argument("--train-per-class", type=int, default=64)
-parser.add_argument("--test-per-class", type=int, default=4)
-parser.add_argument("--image-size", type=int, default=96)
-parser.add_argument("--backbone", default="cnn", choices=["cnn", "resunet18", "resunet50", "vit"],
-                    help="cnn: small ResNet-style net at stride 8 (CPU default); resunet50 as in the paper")
-parser.add_argument("--weights", default=None, help="DINOv2 .pth for --backbone vit")
-parser.add_argument("--dim", type=int, default=128, help="feature dimension D")
-parser.add_argument("--vertices", type=int, default=100, help="vertices per cuboid mesh (paper ~500; fewer for 12x12 maps)")
-parser.add_argument("--num-sampled", type=int, default=32, help="N vertices sampled per other class")
-parser.add_argument("--num-background", type=int, default=2560, help="background bank N_b")
-parser.add_argument("--background-per-image", type=int, default=5, help="T background features per image")
-parser.add_argument("--temperature", type=float, default=0.07)
-parser.add_argument("--momentum", type=float, default=0.9)
-parser.add_argument("--distance-threshold", type=float, default=None,
-                    help="near-mask radius in input pixels (default 48 * image_size / 640, NOVUM's 48 px at 640)")
-parser.add_argument("--omega-every", type=int, default=2, help="epochs between confusion-matrix updates of omega")
-parser.add_argument("--omega-threshold", type=float, default=0.05)
-parser.add_argument("--cross-class-scale", default="none", choices=["none", "k_over_n"])
-parser.add_argument("--full-contrast", action="store_true", help="train only the NOVUM full-contrast model")
-parser.add_argument("--models", nargs="+", default=["grouped", "full", "plain"], choices=["grouped", "full", "plain"],
-                    help="which of 3D-CompNets (grouped), NOVUM (full) and the plain head to train")
-parser.add_argument("--epochs", type=int, default=10)
-parser.add_argument("--steps", type=int, default=None, help="optimizer steps per model (overrides --epochs)")
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--lr", type=float, default=1e-3)
-parser.add_argument("--pose-steps", type=int, default=30, help="Adam refinement steps of render-and-compare")
-parser.add_argument("--device", default="auto")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", default="runs/compnet")
-parser.add_argument("--resume", action="store_true", help="reuse finished models' checkpoints in --out")
-parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-args = parser.parse_args()
-if args.quick:
-    args.num_classes, args.num_heldout, args.train_per_class, args.test_per_class = 4, 1, 4, 1
-    args.image_size, args.epochs, args.vertices, args.num_background, args.pose_steps = 64, 2, 60, 64, 3
-    args.batch_size, args.dim = 6, 32
-if args.backbone == "vit":  # patch grid: the image side must be a multiple of 14
-    args.image_size = 14 * max(2, round(args.image_size / 14))
-if args.distance_threshold is None:
-    args.distance_threshold = 48.0 * args.image_size / 640
+MODELS = ("grouped", "full", "plain")
+POSE_THRESHOLDS = {"pi6": math.pi / 6, "pi18": math.pi / 18}
+QUICK = dict(num_classes=3, num_heldout=1, train_per_class=6, calib_per_class=2, test_per_class=3, image_size=48,
+             epochs=2, width=8, dim=16, vertices=40, num_background=64, pose_steps=2, pose_images=2,
+             timing_classes=6, timing_vertices=40, timing_repeats=1, batch_size=6)
+NORMAL = dict(num_classes=6, num_heldout=2, train_per_class=100, calib_per_class=20, test_per_class=84, image_size=96,
+              epochs=12, width=16, dim=128, vertices=100, num_background=2560, pose_steps=10, pose_images=48,
+              timing_classes=50, timing_vertices=500, timing_repeats=3, batch_size=16)
 
-device = runtime.pick_device(args.device)
-dist = runtime.init_distributed(device)
-device = dist.device
-runtime.seed_everything(args.seed, dist.rank)
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
-STRIDE = 14 if args.backbone == "vit" else 8
-POSE_THRESHOLD = math.pi / 6
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data", default=None, help="real data root (default: synthetic classes, no download)")
+    add("--dataset", default="imagenet3d", choices=["imagenet3d", "pascal3d"])
+    add("--classes", nargs="*", default=None, help="real-data class names (default: all in DIR/CAD)")
+    add("--num-classes", type=int, default=None, help="synthetic known classes Y (6; quick 3)")
+    add("--num-heldout", type=int, default=None,
+        help="classes kept out of training for unknown-class pose (2; quick 1; synthetic: the partners of the "
+             "first known classes, same base shape)")
+    add("--train-per-class", type=int, default=None, help="synthetic training images per class (100)")
+    add("--calib-per-class", type=int, default=None, help="synthetic calibration images per class for omega (20)")
+    add("--test-per-class", type=int, default=None, help="synthetic test images per class (84: 504 for Y = 6)")
+    add("--image-size", type=int, default=None,
+        help="input side in pixels (96 on CPU; the paper uses ImageNet3D's 512 x 512 crops)")
+    add("--backbone", default="cnn", choices=["cnn", "resunet18", "resunet50", "vit"],
+        help="cnn (default, CPU): a small ResNet-style U-Net at stride 8, scratch; resunet50: the paper's "
+             "ResNet-50 U-Net at stride 8; vit: DINOv2 ViT-S/14 patch features")
+    add("--weights", default=None,
+        help="resunet18/resunet50: a torchvision ResNet state dict (.pth) for the encoder; vit: a DINOv2 .pth; "
+             "rejected with the default cnn backbone (scratch)")
+    add("--width", type=int, default=None, help="channels of the first cnn stage (16; doubled per stage)")
+    add("--dim", type=int, default=None, help="feature dimension D (128 as the paper)")
+    add("--vertices", type=int, default=None,
+        help="vertices per cuboid mesh (100 on CPU for 12x12 feature maps; the paper about 500)")
+    add("--num-sampled", type=int, default=32, help="N vertices sampled per other class (paper: 32)")
+    add("--num-background", type=int, default=None, help="background bank N_b (NOVUM 2560)")
+    add("--background-per-image", type=int, default=5, help="background features per image and step (NOVUM 5)")
+    add("--temperature", type=float, default=0.07, help="T = 1/kappa (NOVUM 0.07)")
+    add("--momentum", type=float, default=0.9, help="memory momentum (paper 0.9)")
+    add("--distance-threshold", type=float, default=None,
+        help="near-mask radius in input pixels (default 48 * image_size / 640: NOVUM's 48 px at 640 px)")
+    add("--omega-every", type=int, default=2, help="epochs between confusion-matrix updates of omega (paper 2)")
+    add("--omega-threshold", type=float, default=0.05, help="omega = 0 below this confusion rate (paper 0.05)")
+    add("--omega-normalize", default="mean", choices=["none", "mean", "max"],
+        help="scale of omega, left open by the paper: mean (default) rescales each row's kept confusion rates "
+             "to average 1; none uses the rates themselves; max divides by the row maximum")
+    add("--cross-class-scale", default="none", choices=["none", "k_over_n"],
+        help="none (default): Eq. 4 as written; k_over_n adds log(K/N) to the sampled columns")
+    add("--full-contrast", action="store_true", help="train only NOVUM's full-contrast model")
+    add("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train (all three)")
+    add("--epochs", type=int, default=None, help="training epochs per model (12 as the paper)")
+    add("--steps", type=int, default=None, help="optimizer steps per model (overrides --epochs)")
+    add("--batch-size", type=int, default=None, help="images per step (16)")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3 for the scratch cnn)")
+    add("--pose-bins", type=int, nargs=3, default=[24, 6, 4], metavar=("AZIMUTH", "ELEVATION", "THETA"),
+        help="bins of the plain pose head over [0, 2pi), [-pi/6, pi/3], [-pi/6, pi/6] (15 degrees each)")
+    add("--pose-steps", type=int, default=None, help="Adam refinement steps of render-and-compare (10; paper 30)")
+    add("--pose-images", type=int, default=None,
+        help="images per split whose pose is estimated by render-and-compare (48 on CPU; 0 = all, as the paper)")
+    add("--severity", type=int, default=4, help="ImageNet-C severity of the corruption splits (paper 4)")
+    add("--timing-classes", type=int, default=None, help="Y of the loss_seconds timing (paper's 50)")
+    add("--timing-vertices", type=int, default=None, help="K of the loss_seconds timing (paper's 500)")
+    add("--timing-repeats", type=int, default=None, help="timed repetitions per loss (median reported)")
+    add("--device", default="auto")
+    add("--seed", type=int, default=0)
+    add("--out", default="runs/compnet")
+    add("--resume", action="store_true", help="reuse the finished models' checkpoints in --out")
+    add("--quick", action="store_true", help="seconds-long smoke run (fills only the flags not given)")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else NORMAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.full_contrast:
+        args.models = ["full"]
+    positive = ["num_classes", "train_per_class", "calib_per_class", "test_per_class", "image_size", "width", "dim",
+                "vertices", "num_sampled", "num_background", "background_per_image", "omega_every", "epochs",
+                "batch_size", "timing_classes", "timing_vertices", "timing_repeats"]
+    for key in positive:
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    for key in ("num_heldout", "pose_steps", "pose_images"):
+        if getattr(args, key) < 0:
+            parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    for key in ("temperature", "lr"):
+        if not (getattr(args, key) > 0 and math.isfinite(getattr(args, key))):
+            parser.error(f"--{key} must be finite and > 0, got {getattr(args, key)}")
+    if not 0 <= args.momentum <= 1:
+        parser.error(f"--momentum must be in [0, 1], got {args.momentum}")
+    if not 0 <= args.omega_threshold <= 1:
+        parser.error(f"--omega-threshold must be in [0, 1], got {args.omega_threshold}")
+    if args.distance_threshold is not None and not args.distance_threshold >= 0:
+        parser.error(f"--distance-threshold must be >= 0, got {args.distance_threshold}")
+    if min(args.pose_bins) < 1:
+        parser.error(f"--pose-bins must be >= 1 each, got {args.pose_bins}")
+    if args.severity not in (1, 2, 3, 4, 5):
+        parser.error(f"--severity must be in 1..5, got {args.severity}")
+    if args.weights is not None and args.backbone == "cnn":
+        parser.error("--weights needs --backbone resunet18, resunet50 (torchvision ResNet) or vit (DINOv2); "
+                     "the cnn backbone is trained from scratch")
+    if args.weights is not None and not Path(args.weights).is_file():
+        parser.error(f"--weights: no such file {args.weights}")
+    if args.data is not None and not Path(args.data).is_dir():
+        parser.error(f"--data: no such directory {args.data}")
+    if args.data is None and args.num_heldout > args.num_classes:
+        parser.error(f"--num-heldout ({args.num_heldout}) must not exceed --num-classes ({args.num_classes})")
+    if args.backbone == "vit":  # patch grid: the image side must be a multiple of 14
+        args.image_size = 14 * max(2, round(args.image_size / 14))
+    if args.distance_threshold is None:
+        args.distance_threshold = 48.0 * args.image_size / 640
+    return args
+
 
 # ---------------------------------------------------------------------------------------------------
-# Data: samples are dicts image (3, S, S) in [0, 1], label, azimuth, elevation, theta, distance, K (3, 3)
+# Data: a split is a dict of stacked tensors: images (N, 3, S, S) in [0, 1], labels (N,), azimuth,
+# elevation, theta, distance (N,), K (N, 3, 3) at image resolution, object_mask (N, S, S)
 # ---------------------------------------------------------------------------------------------------
 
+KEYS = ("image", "label", "azimuth", "elevation", "theta", "distance", "K", "object_mask")
 
-def synthetic_split(split, classes, per_class, occlusion=0, corruption=False):
-    """Rendered once, cached under --out/cache (corruption=True cycles noise/blur/fog/brightness)."""
-    from minimal3d.synthetic import CORRUPTIONS, object_sample
 
-    Y, S = args.num_classes, args.image_size
-    cache = out / "cache" / f"{split}_Y{Y}_S{S}_o{occlusion}_c{int(corruption)}_{per_class}_{'-'.join(map(str, classes))}_s{args.seed}.pt"
-    if cache.exists():
-        return torch.load(cache)
+def stack_samples(samples: list[dict]) -> dict:
+    return {key + ("s" if key in ("image", "label") else ""): torch.stack([s[key] for s in samples])
+            for key in KEYS}
+
+
+def subset(split: dict, index) -> dict:
+    return {key: value[index] for key, value in split.items()}
+
+
+def synthetic_split(split: str, classes: list[int], per_class: int, image_size: int, seed: int) -> dict:
+    """Rendered object images (`synthetic.object_sample`); class c of the pool keeps its label c here."""
     samples = []
     for c in classes:
         for i in range(per_class):
-            index = i * Y + c
-            kind = CORRUPTIONS[index % len(CORRUPTIONS)] if corruption else None
-            s = object_sample(index, num_classes=Y, split=split, occlusion=occlusion, corruption=kind,
-                              height=S, width=S, seed=args.seed)
-            samples.append({k: s[k] for k in ("image", "label", "azimuth", "elevation", "theta", "distance", "K")})
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(samples, cache)
-    return samples
+            s = object_sample(i * 1000 + c, num_classes=1000, split=split, height=image_size, width=image_size,
+                              seed=seed, class_textures=True)
+            s["object_mask"] = s["amodal_mask"]
+            samples.append(s)
+    return stack_samples(samples)
 
 
-def synthetic_meshes():
-    from minimal3d.synthetic import class_cuboid
+def synthetic_classes(num_known: int, num_heldout: int) -> tuple[list[int], list[int]]:
+    """Known classes: one member of each confusable pair (0, 2, 4, ...); held out: the partners of the first
+    known ones (same base shape and colours, other parts), whose pose is estimated with the known meshes."""
+    known = [2 * k for k in range(num_known)]
+    return known, [2 * k + 1 for k in range(num_heldout)]
 
+
+def synthetic_meshes(classes: list[int], vertices: int) -> list[Mesh]:
     meshes = []
-    for c in range(args.num_classes):
-        half = class_cuboid(args.num_classes, c) / 2
-        meshes.append(cuboid_mesh(torch.stack([-half, half], dim=1), args.vertices))
+    for c in classes:
+        half = class_cuboid(1000, c) / 2
+        meshes.append(cuboid_mesh(torch.stack([-half, half], dim=1), vertices))
     return meshes
 
 
-def read_off(path):
+def read_off(path: Path) -> torch.Tensor:
     """Vertices (V, 3) of an .off file."""
     lines = [line for line in Path(path).read_text().split("\n") if line.strip() and not line.startswith("#")]
     header = lines[0].split()
@@ -151,49 +226,48 @@ def read_off(path):
     return torch.tensor([[float(x) for x in line.split()[:3]] for line in lines[1:1 + count]])
 
 
-def real_meshes(classes):
+def real_meshes(root: Path, names: list[str], vertices: int) -> list[Mesh]:
     meshes = []
-    for name in classes:
-        files = sorted((Path(args.data) / "CAD" / name).glob("*.off"))
+    for name in names:
+        files = sorted((root / "CAD" / name).glob("*.off"))
         if not files:
-            raise FileNotFoundError(f"no CAD models in {Path(args.data) / 'CAD' / name} (needed for the cuboid)")
-        meshes.append(cuboid_mesh(cuboid_ranges(torch.cat([read_off(f) for f in files]).double()).float(), args.vertices))
+            raise FileNotFoundError(f"no CAD models in {root / 'CAD' / name} (needed for the cuboid)")
+        ranges = cuboid_ranges(torch.cat([read_off(f) for f in files]).double()).float()
+        meshes.append(cuboid_mesh(ranges, vertices))
     return meshes
 
 
-def real_sample(image, label, pose, principal, focal_pixels, scale):
-    """Resize an image by `scale` around the principal point into S x S (principal at the centre)."""
-    S = args.image_size
+def real_sample(image: Image.Image, label: int, pose, principal, focal_pixels: float, scale: float, size: int) -> dict:
+    """Resize an image by `scale` around the principal point into size x size (principal at the centre)."""
     width, height = image.size
     image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
     array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-    left, top = round(principal[0] * scale - S / 2), round(principal[1] * scale - S / 2)
-    canvas = torch.zeros(3, S, S)
-    src = array[:, max(0, top):max(0, top) + S - max(0, -top), max(0, left):max(0, left) + S - max(0, -left)]
+    left, top = round(principal[0] * scale - size / 2), round(principal[1] * scale - size / 2)
+    canvas = torch.zeros(3, size, size)
+    src = array[:, max(0, top):max(0, top) + size - max(0, -top), max(0, left):max(0, left) + size - max(0, -left)]
     canvas[:, max(0, -top):max(0, -top) + src.shape[1], max(0, -left):max(0, -left) + src.shape[2]] = src
     # PASCAL pixel centres are integers, ours at +0.5: the principal point moves by +0.5 into our frame
     cx, cy = principal[0] * scale - left + 0.5, principal[1] * scale - top + 0.5
-    K = intrinsics(focal_pixels * scale, focal_pixels * scale, cx, cy)
-    a, e, t, d = (float(v) for v in pose)
-    return dict(image=canvas, label=torch.tensor(label), azimuth=torch.tensor(a), elevation=torch.tensor(e),
-                theta=torch.tensor(t), distance=torch.tensor(d), K=K)
+    a, e, t, d = (torch.tensor(float(v)) for v in pose)
+    return dict(image=canvas, label=torch.tensor(label), azimuth=a, elevation=e, theta=t, distance=d,
+                K=intrinsics(focal_pixels * scale, focal_pixels * scale, cx, cy))
 
 
-def real_split(split, classes):
-    root, samples = Path(args.data), []
-    for label, name in enumerate(classes):
-        if args.dataset == "imagenet3d":
+def real_split(root: Path, dataset: str, split: str, names: list[str], labels: list[int], size: int) -> list[dict]:
+    samples = []
+    for label, name in zip(labels, names):
+        if dataset == "imagenet3d":
             ids = (root / "lists" / f"{name}_imagenet_{split}.txt").read_text().split()
             for sample_id in ids:
                 annotations = np.load(root / "annotations" / name / f"{sample_id}.npz", allow_pickle=True)["annotations"]
                 for a in annotations:
                     if a.get("object_status", "status_bad") == "status_bad" or float(a["distance"]) <= 0:
                         continue
-                    scale = float(a["distance"]) / 4.0  # rescale to distance 4 (center_and_resize)
+                    scale = float(a["distance"]) / 4.0 * size / 512  # rescale to distance 4 (center_and_resize)
                     image = Image.open(root / "images" / name / f"{sample_id}.JPEG")
                     pose = (a["azimuth"], a["elevation"], a["theta"], 4.0)
                     samples.append(real_sample(image, label, pose, (float(a["px"]), float(a["py"])),
-                                               float(a["focal"]) * float(a["viewport"]), scale * args.image_size / 512))
+                                               float(a["focal"]) * float(a["viewport"]), scale, size))
         else:
             folder = root / split
             for line in (folder / "lists" / name / "mesh01.txt").read_text().split():
@@ -203,25 +277,46 @@ def real_split(split, classes):
                 viewport = float(a["viewport"]) if "viewport" in a else 3000.0
                 pose = (a["azimuth"], a["elevation"], a["theta"], a["distance"])
                 samples.append(real_sample(image, label, pose, tuple(float(v) for v in a["principal"]),
-                                           focal * viewport, args.image_size / max(image.size)))
+                                           focal * viewport, size / max(image.size), size))
     return samples
 
 
-def keypoints_of(samples, meshes):
-    """Projected vertices (N, K_max, 2) in image pixels and visibility (N, K_max) (z-buffer, in the image)."""
-    K_max = max(m.vertices.shape[0] for m in meshes)
-    uv_all, visible_all = torch.zeros(len(samples), K_max, 2), torch.zeros(len(samples), K_max)
-    for n, s in enumerate(samples):
-        mesh = meshes[int(s["label"])]
+def with_cuboid_masks(samples: list[dict], meshes: list[Mesh], size: int) -> dict:
+    """Real data: the object mask of the occlusion protocol is the silhouette of the class cuboid."""
+    for s in samples:
         viewmat = pose_from_angles(s["azimuth"], s["elevation"], s["theta"], s["distance"])
-        uv, _ = project(mesh.vertices, viewmat, s["K"])
-        visible = vertex_visibility(mesh, viewmat, s["K"])[0] & inside_image(uv, args.image_size, args.image_size)
+        face_index, _ = rasterize(meshes[int(s["label"])], viewmat, s["K"], size, size)
+        s["object_mask"] = face_index[0] >= 0
+    return stack_samples(samples)
+
+
+def occluded_split(split: dict, level: int, seed: int) -> dict:
+    """OccludedPASCAL3D+-style level L1-L3: textured occluders over the object and background (fixed seed)."""
+    generator = torch.Generator().manual_seed(seed * 100 + level)
+    object_fraction, background_fraction = OCCLUSION_LEVELS[level]
+    images = torch.stack([paste_occluders(image, mask, object_fraction, background_fraction, generator)[0]
+                          for image, mask in zip(split["images"], split["object_mask"])])
+    return {**split, "images": images}
+
+
+def corrupted_split(split: dict, corruption: str, severity: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed * 100 + 10 + IMAGENET_C.index(corruption))
+    return {**split, "images": torch.stack([imagenet_c(image, corruption, severity, generator)
+                                            for image in split["images"]])}
+
+
+def keypoints_of(split: dict, meshes: list[Mesh], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected vertices (N, K_max, 2) in image pixels and visibility (N, K_max) (z-buffer, inside the image)."""
+    K_max = max(m.vertices.shape[0] for m in meshes)
+    N = len(split["labels"])
+    uv_all, visible_all = torch.full((N, K_max, 2), -1.0), torch.zeros(N, K_max)
+    for n in range(N):
+        mesh = meshes[int(split["labels"][n])]
+        viewmat = pose_from_angles(split["azimuth"][n], split["elevation"][n], split["theta"][n], split["distance"][n])
+        uv, _ = project(mesh.vertices, viewmat, split["K"][n])
+        visible = vertex_visibility(mesh, viewmat, split["K"][n])[0] & inside_image(uv, size, size)
         uv_all[n, :len(uv)], visible_all[n, :len(uv)] = uv, visible.float()
     return uv_all, visible_all
-
-
-def stack(samples, key):
-    return torch.stack([s[key] for s in samples])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,70 +324,99 @@ def stack(samples, key):
 # ---------------------------------------------------------------------------------------------------
 
 
-def conv_block(cin, cout, stride):
+def conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                          nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class SmallUNet(nn.Module):
-    """ResNet-style encoder to stride 16, upsampled and fused with the stride-8 stage (CPU-sized ResUNet)."""
+    """ResNet-style encoder to stride 16, upsampled and fused with the stride-8 stage (a CPU-sized ResUNet)."""
 
-    def __init__(self, out_channels):
+    def __init__(self, width: int, out_channels: int):
         super().__init__()
-        self.stem, self.s4, self.s8, self.s16 = conv_block(3, 32, 2), conv_block(32, 64, 2), conv_block(64, 128, 2), conv_block(128, 256, 2)
-        self.fuse = nn.Conv2d(256 + 128, out_channels, 3, padding=1)
+        self.encoder8 = nn.Sequential(conv_block(3, width, 2), conv_block(width, 2 * width, 2),
+                                      conv_block(2 * width, 4 * width, 2))
+        self.encoder16 = conv_block(4 * width, 8 * width, 2)
+        self.fuse = nn.Conv2d(12 * width, out_channels, 3, padding=1)
 
-    def forward(self, images):
-        x8 = self.s8(self.s4(self.stem(images)))
-        x16 = F.interpolate(self.s16(x8), size=x8.shape[-2:], mode="bilinear", align_corners=False)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x8 = self.encoder8(images)
+        x16 = F.interpolate(self.encoder16(x8), size=x8.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([x8, x16], dim=1))
 
 
 class FeatureNet(nn.Module):
-    """images (B, 3, S, S) in [0, 1] -> features (B, D, S/stride, S/stride); `head` adds class + pose outputs."""
+    """images (B, 3, S, S) in [0, 1] -> features (B, D, S/stride, S/stride) (not normalised)."""
 
-    def __init__(self, num_classes=0):
+    def __init__(self, backbone: str, dim: int, width: int = 16, weights: str | None = None):
         super().__init__()
-        if args.backbone == "vit":
-            from minimal3d.vit import build_backbone
-
-            self.body = build_backbone(args.weights, arch="vit_small")  # config from the weights when given
-            width = self.body.embed_dim
-        elif args.backbone.startswith("resunet"):
-            from minimal3d import resunet
-
-            self.body = getattr(resunet, args.backbone)(out_channels=args.dim, output_stride=8)
-            width = args.dim
+        self.backbone, self.stride = backbone, 14 if backbone == "vit" else 8
+        if backbone == "vit":
+            self.body = vit.build_backbone(weights, arch="vit_small")  # config from the weights when given
+            channels = self.body.embed_dim
+        elif backbone.startswith("resunet"):
+            self.body = getattr(resunet, backbone)(out_channels=dim, output_stride=8, encoder_weights=weights)
+            channels = dim
         else:
-            self.body, width = SmallUNet(args.dim), args.dim
-        self.project = nn.Conv2d(width, args.dim, 1)
-        self.head = nn.Linear(args.dim, num_classes + 4) if num_classes else None  # plain baseline
+            self.body, channels = SmallUNet(width, dim), dim
+        self.project = nn.Conv2d(channels, dim, 1)
+        self.register_buffer("mean", torch.tensor(vit.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(vit.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images):
-        from minimal3d.vit import normalize_image
-
-        x = normalize_image(images)
-        if args.backbone == "vit":
-            x = self.body.get_intermediate_layers(x, n=1, reshape=True)[0]
-        return self.project(self.body(x) if args.backbone != "vit" else x)  # (B, D, h, w)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        if self.backbone == "vit":
+            return self.project(self.body.get_intermediate_layers(x, n=1, reshape=True)[0])
+        return self.project(self.body(x))
 
 
-def gather(feature_map, uv):
+class PlainNet(nn.Module):
+    """The plain baseline: the same backbone, global average pooling, a class head and a pose head whose
+    logits are bins of azimuth, elevation and theta."""
+
+    def __init__(self, features: FeatureNet, num_classes: int, pose_bins: list[int]):
+        super().__init__()
+        self.features, self.pose_bins = features, list(pose_bins)
+        dim = features.project.out_channels
+        self.class_head = nn.Linear(dim, num_classes)
+        self.pose_head = nn.Linear(dim, sum(pose_bins))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pooled = self.features(images).mean(dim=(2, 3))
+        return self.class_head(pooled), list(self.pose_head(pooled).split(self.pose_bins, dim=1))
+
+
+POSE_RANGES = ((0.0, 2 * math.pi), (-math.pi / 6, math.pi / 3), (-math.pi / 6, math.pi / 6))
+
+
+def angle_to_bin(angle: torch.Tensor, bins: int, low: float, high: float, periodic: bool) -> torch.Tensor:
+    position = (angle - low) / (high - low) * bins
+    position = position % bins if periodic else position.clamp(0, bins - 1e-6)
+    return position.floor().long()
+
+
+def bin_to_angle(index: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    return low + (index.float() + 0.5) * (high - low) / bins
+
+
+def gather(feature_map: torch.Tensor, uv: torch.Tensor, stride: int) -> torch.Tensor:
     """Features (B, K_max, D) of the cells holding the keypoints uv (B, K_max, 2) (image pixels)."""
     h, w = feature_map.shape[-2:]
-    cell = (uv / STRIDE).floor().long()
+    cell = (uv / stride).floor().long()
     col, row = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)
     batch = torch.arange(feature_map.shape[0], device=uv.device)[:, None]
     return feature_map.permute(0, 2, 3, 1)[batch, row, col]
 
 
-def background_features(feature_map, uv, visible, count, generator):
-    """`count` features per image at cells holding no projected vertex (NOVUM: off the object)."""
+def background_features(feature_map: torch.Tensor, uv: torch.Tensor, count: int, stride: int,
+                        generator: torch.Generator) -> torch.Tensor:
+    """`count` features (B, count, D) per image at cells holding no projected vertex (NOVUM: off the object)."""
     B, D, h, w = feature_map.shape
-    cell = (uv / STRIDE).floor().long()
+    cell = (uv / stride).floor().long()
+    inside = (cell[..., 0] >= 0) & (cell[..., 0] < w) & (cell[..., 1] >= 0) & (cell[..., 1] < h)
     occupied = torch.zeros(B, h * w, device=uv.device)
-    index = (cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1))
-    occupied.scatter_(1, index, (visible > 0).float() + (uv >= 0).all(-1).float())  # any projected vertex
+    index = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)
+    occupied.scatter_add_(1, index, inside.float())
     keys = torch.rand(B, h * w, generator=generator).to(uv.device) + 2 * (occupied > 0).float()
     chosen = keys.argsort(1)[:, :count]  # free cells first
     return feature_map.flatten(2).transpose(1, 2).gather(1, chosen[..., None].expand(-1, -1, D))
@@ -303,111 +427,120 @@ def background_features(feature_map, uv, visible, count, generator):
 # ---------------------------------------------------------------------------------------------------
 
 
-def batches(n, batch_size, generator):
+def batches(n: int, batch_size: int, generator: torch.Generator, dist: runtime.Dist) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)[dist.rank::dist.world_size]
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
 
 
-def train_compnet(mode, train, calib, meshes):
-    """mode "grouped" (3D-CompNets) or "full" (NOVUM). Returns model, memory and per-step loss times."""
+def num_steps(cfg: argparse.Namespace, num_images: int, dist: runtime.Dist) -> int:
+    return cfg.steps or cfg.epochs * max(1, num_images // (cfg.batch_size * dist.world_size))
+
+
+def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, meshes: list[Mesh],
+                  device: torch.device, dist: runtime.Dist, out: Path) -> tuple[FeatureNet, VertexMemory, dict]:
+    """mode "grouped" (3D-CompNets, Eq. 5) or "full" (NOVUM's full contrast). Returns model, memory, log."""
+    model = FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights).to(device)
+    memory = VertexMemory([m.vertices.shape[0] for m in meshes], dim=cfg.dim, num_background=cfg.num_background,
+                          momentum=cfg.momentum, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     checkpoint = out / f"{mode}.pt"
-    model = FeatureNet().to(device)
-    memory = VertexMemory([m.vertices.shape[0] for m in meshes], dim=args.dim, num_background=args.num_background,
-                          momentum=args.momentum, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    if args.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device)
-        model.load_state_dict(state["model"])
+    if cfg.resume and checkpoint.exists():
+        state = runtime.load_checkpoint(checkpoint, ("model", "memory", "log"))
+        runtime.load_state_dict_checked(model, state["model"], f"{mode} model")
         memory.load_state_dict(state["memory"])
-        return model, memory, state["loss_seconds"], state["omega"]
+        return model, memory, state["log"]
     ddp_model = runtime.wrap_ddp(model, dist)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    images, labels = stack(train, "image"), stack(train, "label")
-    uv, visible = keypoints_of(train, meshes)
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    omega = torch.ones(len(meshes), len(meshes), device=device) if mode == "grouped" else None
-    steps = args.steps or args.epochs * max(1, len(train) // (args.batch_size * dist.world_size))
-    loss_seconds, step, epoch = [], 0, 0
-    progress = tqdm(total=steps, desc=f"{mode}", disable=not dist.is_main)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    uv, visible = keypoints_of(train, meshes, cfg.image_size)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    Y = len(meshes)
+    omega = torch.ones(Y, Y, device=device) if mode == "grouped" else None
+    steps, step, epoch, epoch_losses, kept = num_steps(cfg, len(train["labels"]), dist), 0, 0, [], []
+    progress = tqdm(total=steps, desc=mode, disable=not dist.is_main)
     while step < steps:
-        if mode == "grouped" and epoch > 0 and epoch % args.omega_every == 0:
-            omega = confusion_weights(confusion_matrix(model, memory, calib, len(meshes)), args.omega_threshold).to(device)
-        for index in batches(len(train), args.batch_size, generator):
+        if mode == "grouped" and epoch > 0 and epoch % cfg.omega_every == 0:  # omega from calibration (Sec. 3.3)
+            scores = compnet_scores(model, memory, calib["images"], device)
+            omega = confusion_weights(confusion_matrix(calib["labels"], scores.argmax(1), Y), cfg.omega_threshold,
+                                      cfg.omega_normalize).to(device)
+            kept.append(float((omega > 0).float().sum(1).mean()))
+        loss_sum, count = torch.zeros((), device=device), 0
+        model.train()
+        for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
             if step >= steps:
                 break
-            model.train()
-            feature_map = F.normalize(ddp_model(images[index].to(device)), dim=1)
-            vertex_features = gather(feature_map, uv[index].to(device))
-            clutter = background_features(feature_map, uv[index].to(device), visible[index].to(device),
-                                          args.background_per_image, generator)
-            start = time.perf_counter()
-            loss_main = grouped_vmf_contrast(
-                vertex_features, uv[index].to(device), visible[index].to(device), labels[index].to(device), memory,
-                omega=omega, num_sampled=args.num_sampled if mode == "grouped" else None,
-                temperature=args.temperature, distance_threshold=args.distance_threshold,
-                cross_class_scale=args.cross_class_scale, generator=generator)  # Eq. 5
-            loss_seconds.append(time.perf_counter() - start)  # contrast forward only (backward includes the backbone)
-            loss = loss_main + background_repulsion(clutter, memory.vertices)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"{mode}: non-finite loss {float(loss)} at step {step}")
+            images, labels = train["images"][index].to(device), train["labels"][index].to(device)
+            batch_uv, batch_visible = uv[index].to(device), visible[index].to(device)
+            feature_map = F.normalize(ddp_model(images), dim=1)
+            vertex_features = gather(feature_map, batch_uv, model.stride)
+            clutter = background_features(feature_map, batch_uv, cfg.background_per_image, model.stride, generator)
+            loss = grouped_vmf_contrast(
+                vertex_features, batch_uv, batch_visible, labels, memory, omega=omega,
+                num_sampled=cfg.num_sampled if mode == "grouped" else None, temperature=cfg.temperature,
+                distance_threshold=cfg.distance_threshold, cross_class_scale=cfg.cross_class_scale,
+                generator=generator, form="paper" if mode == "grouped" else "novum", check=False)  # Eq. 5 / NOVUM
+            loss = loss + background_repulsion(clutter, memory.vertices)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            memory.update(vertex_features.detach(), visible[index].to(device), labels[index].to(device), clutter.detach())
+            memory.update(vertex_features.detach(), batch_visible, labels, clutter.detach(), check=False)
             if dist.enabled:  # keep one memory: average the ranks' updates
                 for buffer in (memory.vertices, memory.background):
                     buffer.copy_(F.normalize(runtime.all_reduce_mean(buffer, dist), dim=-1))
-            step += 1
+            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        epoch_losses.append(float(loss_sum) / max(count, 1))  # one host sync per epoch
+        if not math.isfinite(epoch_losses[-1]):
+            raise FloatingPointError(f"{mode}: non-finite loss in epoch {epoch}")
+        progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
         epoch += 1
     progress.close()
+    log = dict(epoch_losses=epoch_losses, steps=steps, mean_kept_classes=kept)
     if dist.is_main:
-        torch.save(dict(model=model.state_dict(), memory=memory.state_dict(), loss_seconds=loss_seconds,
-                        omega=omega, args=vars(args)), checkpoint)
-    return model, memory, loss_seconds, omega
+        torch.save(dict(config=vars(cfg), model=model.state_dict(), memory=memory.state_dict(), log=log,
+                        omega=omega), checkpoint)
+    return model, memory, log
 
 
-def train_plain(train, num_classes):
-    """Same backbone, global pooling, linear class logits + (cos a, sin a, elevation, theta) regression."""
+def train_plain(cfg: argparse.Namespace, train: dict, num_classes: int, device: torch.device, dist: runtime.Dist,
+                out: Path) -> tuple[PlainNet, dict]:
+    """Class head + pose-bin head on the same backbone, both cross-entropy (the paper's plain baseline)."""
+    model = PlainNet(FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights), num_classes, cfg.pose_bins).to(device)
     checkpoint = out / "plain.pt"
-    model = FeatureNet(num_classes).to(device)
-    if args.resume and checkpoint.exists():
-        model.load_state_dict(torch.load(checkpoint, map_location=device)["model"])
-        return model
+    if cfg.resume and checkpoint.exists():
+        state = runtime.load_checkpoint(checkpoint, ("model", "log"))
+        runtime.load_state_dict_checked(model, state["model"], "plain model")
+        return model, state["log"]
     ddp_model = runtime.wrap_ddp(model, dist)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    images, labels = stack(train, "image"), stack(train, "label")
-    targets = torch.stack([stack(train, "azimuth").cos(), stack(train, "azimuth").sin(),
-                           stack(train, "elevation"), stack(train, "theta")], dim=1)
-    generator = torch.Generator().manual_seed(args.seed + 2)
-    steps = args.steps or args.epochs * max(1, len(train) // (args.batch_size * dist.world_size))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    targets = torch.stack([angle_to_bin(train[key], bins, low, high, periodic=key == "azimuth")
+                           for key, bins, (low, high) in zip(("azimuth", "elevation", "theta"), cfg.pose_bins,
+                                                              POSE_RANGES)], dim=1)  # (N, 3)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    steps, step, epoch_losses = num_steps(cfg, len(train["labels"]), dist), 0, []
     progress = tqdm(total=steps, desc="plain", disable=not dist.is_main)
-    step = 0
     while step < steps:
-        for index in batches(len(train), args.batch_size, generator):
+        loss_sum, count = torch.zeros((), device=device), 0
+        model.train()
+        for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
             if step >= steps:
                 break
-            model.train()
-            outputs = plain_outputs(ddp_model, images[index].to(device))
-            loss = F.cross_entropy(outputs[:, :num_classes], labels[index].to(device)) + \
-                F.l1_loss(outputs[:, num_classes:], targets[index].to(device))
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"plain: non-finite loss at step {step}")
+            class_logits, pose_logits = ddp_model(train["images"][index].to(device))
+            loss = F.cross_entropy(class_logits, train["labels"][index].to(device))
+            for logits, target in zip(pose_logits, targets[index].to(device).unbind(1)):
+                loss = loss + F.cross_entropy(logits, target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            step += 1
+            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        epoch_losses.append(float(loss_sum) / max(count, 1))
+        if not math.isfinite(epoch_losses[-1]):
+            raise FloatingPointError(f"plain: non-finite loss in epoch {len(epoch_losses) - 1}")
+        progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
     progress.close()
+    log = dict(epoch_losses=epoch_losses, steps=steps)
     if dist.is_main:
-        torch.save(dict(model=model.state_dict(), args=vars(args)), checkpoint)
-    return model
-
-
-def plain_outputs(model, images):
-    net = runtime.unwrap(model)
-    return net.head(model(images).mean(dim=(2, 3)))
+        torch.save(dict(config=vars(cfg), model=model.state_dict(), log=log), checkpoint)
+    return model, log
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,164 +549,286 @@ def plain_outputs(model, images):
 
 
 @torch.no_grad()
-def feature_maps(model, samples):
+def feature_maps(model: FeatureNet, images: torch.Tensor, device: torch.device, chunk: int = 64) -> torch.Tensor:
     model.eval()
-    images = stack(samples, "image")
-    return torch.cat([F.normalize(model(images[i:i + 32].to(device)), dim=1) for i in range(0, len(images), 32)])
+    return torch.cat([F.normalize(model(images[i:i + chunk].to(device)), dim=1) for i in range(0, len(images), chunk)])
 
 
-def confusion_matrix(model, memory, samples, num_classes):
-    scores = classification_scores(feature_maps(model, samples), memory.vertices, memory.vertex_class, num_classes,
-                                   memory.background)
+@torch.no_grad()
+def compnet_scores(model: FeatureNet, memory: VertexMemory, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """S_y (N, Y) of Eq. 7."""
+    maps = feature_maps(model, images, device)
+    return classification_scores(maps, memory.vertices, memory.vertex_class, memory.num_classes, memory.background)
+
+
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
     confusion = torch.zeros(num_classes, num_classes)
-    confusion.index_put_((stack(samples, "label"), scores.argmax(1).cpu()), torch.ones(len(samples)), accumulate=True)
+    confusion.index_put_((labels.cpu(), predicted.cpu()), torch.ones(len(labels)), accumulate=True)
     return confusion
 
 
-def pose_error(samples, azimuth, elevation, theta):
-    truth = pose_from_angles(stack(samples, "azimuth"), stack(samples, "elevation"), stack(samples, "theta"), 5.0)
+def pose_errors(split: dict, azimuth: torch.Tensor, elevation: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Geodesic rotation errors (N,) in radians."""
+    n = len(azimuth)
+    truth = pose_from_angles(split["azimuth"][:n], split["elevation"][:n], split["theta"][:n], 5.0)
     guess = pose_from_angles(azimuth, elevation, theta, 5.0)
     return rotation_error(guess[:, :3, :3], truth[:, :3, :3])
 
 
-def feature_K(sample, feature_map):
+def pose_metrics(errors: torch.Tensor) -> dict:
+    if len(errors) == 0:
+        return {}
+    metrics = {f"pose_accuracy_{name}": float((errors < limit).float().mean()) for name, limit in POSE_THRESHOLDS.items()}
+    metrics["median_pose_error_deg"] = float(errors.median().rad2deg())
+    return metrics
+
+
+def feature_intrinsics(K: torch.Tensor, stride: int) -> torch.Tensor:
     """Intrinsics at feature resolution: feature cell j covers input pixels [stride j, stride (j + 1))."""
-    scale = torch.diag(torch.tensor([1.0 / STRIDE, 1.0 / STRIDE, 1.0]))
-    return (scale @ sample["K"]).to(feature_map)
+    return torch.diag(torch.tensor([1.0 / stride, 1.0 / stride, 1.0])) @ K
 
 
-def evaluate_compnet(model, memory, meshes, samples, grid_cache, closest=False):
-    """Accuracy of S_y and render-and-compare pose (given the true class, or the closest known class)."""
-    maps = feature_maps(model, samples)
-    scores = classification_scores(maps, memory.vertices, memory.vertex_class, memory.num_classes, memory.background)
-    predicted = scores.argmax(1).cpu()
-    angles = []
-    for n, s in enumerate(samples):
-        candidate = int(predicted[n]) if closest else int(s["label"])
-        estimate = estimate_pose(maps[n], meshes, memory, feature_K(s, maps[n]), candidates=[candidate],
-                                 steps=args.pose_steps, grid_cache=grid_cache)
-        angles.append((estimate.azimuth, estimate.elevation, estimate.theta))
-    angles = torch.tensor(angles)
-    errors = pose_error(samples, *angles.unbind(1))
-    accuracy = float((predicted == stack(samples, "label")).float().mean())
-    return dict(accuracy=accuracy, pose_accuracy=float((errors < POSE_THRESHOLD).float().mean()),
-                median_pose_error_deg=float(errors.median().rad2deg())), angles
+def render_and_compare(cfg: argparse.Namespace, maps: torch.Tensor, split: dict, candidates: list[list[int]],
+                       meshes: list[Mesh], memory: VertexMemory, stride: int, grid_cache: dict) -> list:
+    """Eq. 8 pose (and the winning class) of the first len(candidates) images, each among its candidate classes."""
+    estimates = []
+    for n, classes in enumerate(candidates):
+        estimates.append(estimate_pose(maps[n], meshes, memory, feature_intrinsics(split["K"][n], stride).to(maps),
+                                       candidates=classes, steps=cfg.pose_steps, grid_cache=grid_cache))
+    return estimates
+
+
+def pose_count(cfg: argparse.Namespace, n: int) -> int:
+    return n if cfg.pose_images == 0 else min(cfg.pose_images, n)
+
+
+def evaluate_compnet(cfg: argparse.Namespace, model: FeatureNet, memory: VertexMemory, meshes: list[Mesh],
+                     split: dict, device: torch.device, grid_cache: dict) -> tuple[dict, torch.Tensor, list]:
+    """Accuracy of y_hat = argmax S_y (Eq. 7) and the Eq. 8 pose with the mesh of y_hat."""
+    maps = feature_maps(model, split["images"], device)
+    predicted = classification_scores(maps, memory.vertices, memory.vertex_class, memory.num_classes,
+                                      memory.background).argmax(1).cpu()
+    n = pose_count(cfg, len(predicted))
+    estimates = render_and_compare(cfg, maps, split, [[int(y)] for y in predicted[:n]], meshes, memory, model.stride,
+                                   grid_cache)
+    angles = torch.tensor([[e.azimuth, e.elevation, e.theta] for e in estimates]).reshape(-1, 3)
+    metrics = dict(accuracy=float((predicted == split["labels"]).float().mean()),
+                   **pose_metrics(pose_errors(split, *angles.unbind(1))))
+    return metrics, maps, estimates
+
+
+def evaluate_unknown(cfg: argparse.Namespace, model: FeatureNet, memory: VertexMemory, meshes: list[Mesh],
+                     split: dict, device: torch.device, grid_cache: dict) -> dict:
+    """Held-out classes: the pose of the known class with the lowest Eq. 8 loss."""
+    maps = feature_maps(model, split["images"], device)
+    n = pose_count(cfg, len(maps))
+    estimates = render_and_compare(cfg, maps, split, [list(range(len(meshes)))] * n, meshes, memory, model.stride,
+                                   grid_cache)
+    angles = torch.tensor([[e.azimuth, e.elevation, e.theta] for e in estimates]).reshape(-1, 3)
+    return pose_metrics(pose_errors(split, *angles.unbind(1)))
 
 
 @torch.no_grad()
-def evaluate_plain(model, samples, num_classes):
+def evaluate_plain(cfg: argparse.Namespace, model: PlainNet, split: dict, device: torch.device,
+                   with_class: bool = True) -> dict:
     model.eval()
-    outputs = torch.cat([plain_outputs(model, stack(samples, "image")[i:i + 32].to(device)).cpu()
-                         for i in range(0, len(samples), 32)])
-    predicted = outputs[:, :num_classes].argmax(1)
-    azimuth = torch.atan2(outputs[:, num_classes + 1], outputs[:, num_classes])
-    errors = pose_error(samples, azimuth, outputs[:, num_classes + 2], outputs[:, num_classes + 3])
-    return dict(accuracy=float((predicted == stack(samples, "label")).float().mean()),
-                pose_accuracy=float((errors < POSE_THRESHOLD).float().mean()),
-                median_pose_error_deg=float(errors.median().rad2deg()))
+    outputs = [model(split["images"][i:i + 64].to(device)) for i in range(0, len(split["images"]), 64)]
+    class_logits = torch.cat([o[0] for o in outputs]).cpu()
+    angles = [bin_to_angle(torch.cat([o[1][k] for o in outputs]).argmax(1).cpu(), bins, *POSE_RANGES[k])
+              for k, bins in enumerate(cfg.pose_bins)]
+    metrics = pose_metrics(pose_errors(split, *angles))
+    if with_class:
+        metrics = dict(accuracy=float((class_logits.argmax(1) == split["labels"]).float().mean()), **metrics)
+    return metrics
 
 
-def previews(model, memory, meshes, samples, angles, name):
-    """Per image: input | vertex-activation map (max_k f . C_k of its class) | estimated pose's mesh overlay."""
-    maps = feature_maps(model, samples)
-    S = args.image_size
+def time_contrast_losses(cfg: argparse.Namespace, device: torch.device) -> dict:
+    """Forward + backward seconds (median) of the contrastive loss per step at the paper's efficiency scale:
+    Y classes of K vertices, N = num_sampled, D, B = 8 images with 80 % of the vertices visible, N_b = 2560."""
+    generator = torch.Generator().manual_seed(cfg.seed + 3)
+    Y, K, B, D = cfg.timing_classes, cfg.timing_vertices, 8, 128
+    memory = VertexMemory([K] * Y, dim=D, num_background=2560, generator=generator).to(device)
+    labels = torch.randint(Y, (B,), generator=generator).to(device)
+    features = F.normalize(torch.randn(B, K, D, generator=generator), dim=-1).to(device)
+    keypoints = (torch.rand(B, K, 2, generator=generator) * 512).to(device)
+    visible = (torch.rand(B, K, generator=generator).argsort(1) < int(0.8 * K)).float().to(device)
+    losses = {"full": dict(num_sampled=None, form="novum"), "grouped": dict(num_sampled=cfg.num_sampled, form="paper")}
+    times = {name: [] for name in losses}
+    for _ in range(cfg.timing_repeats + 1):  # the first round warms up
+        for name, options in losses.items():
+            leaf = features.clone().requires_grad_(True)
+            start = time.perf_counter()
+            grouped_vmf_contrast(leaf, keypoints, visible, labels, memory, generator=generator, check=False,
+                                 **options).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def previews(path: Path, model: FeatureNet, memory: VertexMemory, meshes: list[Mesh], split: dict, maps: torch.Tensor,
+             estimates: list, names: list[str], count: int = 3) -> None:
+    """Per image: input | vertex activation max_k f.C_k of the predicted class | pose of y_hat over the input."""
+    size = split["images"].shape[-1]
     panels = []
-    for n, s in enumerate(samples):
-        label = int(s["label"])
-        activation = (memory.class_vertices(label) @ maps[n].flatten(1)).max(0).values.reshape(maps.shape[-2:])
-        activation = F.interpolate(activation[None, None].clamp(0, 1), size=(S, S), mode="nearest")[0, 0].cpu()
-        viewmat = pose_from_angles(*angles[n].tolist(), float(s["distance"]))
-        face_index, _ = rasterize(meshes[label], viewmat, s["K"], S, S)
+    for n, estimate in enumerate(estimates[:count]):
+        image, y = split["images"][n], estimate.label
+        activation = (memory.class_vertices(y) @ maps[n].flatten(1)).max(0).values.reshape(maps.shape[-2:])
+        activation = F.interpolate(activation[None, None].clamp(0, 1).cpu(), size=(size, size), mode="nearest")[0, 0]
+        viewmat = pose_from_angles(estimate.azimuth, estimate.elevation, estimate.theta, float(split["distance"][n]))
+        face_index, _ = rasterize(meshes[y], viewmat, split["K"][n], size, size)
         covered = (face_index[0] >= 0).float()
-        edge = (covered - F.max_pool2d(-covered[None, None], 3, 1, 1)[0, 0].neg()).clamp(0, 1)  # silhouette ring
-        overlay = s["image"] * (1 - 0.35 * covered) + torch.tensor([0.0, 0.8, 0.2])[:, None, None] * 0.35 * covered
+        edge = (covered + F.max_pool2d(-covered[None, None], 3, 1, 1)[0, 0]).clamp(0, 1)  # inner silhouette ring
+        overlay = image * (1 - 0.35 * covered) + torch.tensor([0.0, 0.8, 0.2])[:, None, None] * 0.35 * covered
         overlay = torch.where(edge > 0, torch.tensor([1.0, 1.0, 0.0])[:, None, None], overlay)
-        panels += [s["image"], runtime.colorize_depth(activation), overlay]
-    runtime.save_png(out / f"preview_{name}.png", panels)
+        truth = names[int(split["labels"][n])] if int(split["labels"][n]) < len(names) else "held out"
+        panels += [(f"input ({truth})", image), ("vertex activation", runtime.colorize_depth(1 - activation)),
+                   (f"pose of {names[y]}", overlay)]
+    runtime.save_panels(path, panels, size=256, columns=3)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------
 
-if args.data is None:
-    all_classes = list(range(args.num_classes))
-    heldout = [args.num_classes - 1 - 2 * k for k in range(args.num_heldout)]  # odd members of the last pairs
-    known = [c for c in all_classes if c not in heldout]
-    meshes_all = synthetic_meshes()
-    relabel = {c: i for i, c in enumerate(known)}
 
-    def split(name, classes, per_class, **kw):
-        return synthetic_split(name, classes, per_class, **kw)
+def load_data(cfg: argparse.Namespace) -> tuple[dict, dict, dict, dict | None, list[Mesh], list[str]]:
+    """train, calib, test splits (IID + occlusion + corruption), held-out-class split, meshes, class names."""
+    if cfg.data is None:
+        known, heldout = synthetic_classes(cfg.num_classes, cfg.num_heldout)
+        names = [f"class{c}" for c in known]
+        train = synthetic_split("train", known, cfg.train_per_class, cfg.image_size, cfg.seed)
+        calib = synthetic_split("calib", known, cfg.calib_per_class, cfg.image_size, cfg.seed)
+        iid = synthetic_split("test", known, cfg.test_per_class, cfg.image_size, cfg.seed)
+        relabel = torch.full((max(known + heldout) + 1,), -1, dtype=torch.long)
+        relabel[torch.tensor(known)] = torch.arange(len(known))
+        for split in (train, calib, iid):
+            split["labels"] = relabel[split["labels"]]
+        unknown = synthetic_split("test", heldout, cfg.test_per_class, cfg.image_size, cfg.seed) if heldout else None
+        if unknown is not None:
+            unknown["labels"] = torch.full_like(unknown["labels"], len(known))  # outside the known classes
+        meshes = synthetic_meshes(known, cfg.vertices)
+    else:
+        root = Path(cfg.data)
+        all_names = cfg.classes or sorted(p.name for p in (root / "CAD").iterdir())
+        if cfg.num_heldout >= len(all_names):
+            raise ValueError(f"--num-heldout {cfg.num_heldout} leaves no known class of {len(all_names)}")
+        names = all_names[:len(all_names) - cfg.num_heldout]
+        meshes = real_meshes(root, names, cfg.vertices)
+        everything = real_split(root, cfg.dataset, "train", names, list(range(len(names))), cfg.image_size)
+        train = with_cuboid_masks([s for i, s in enumerate(everything) if i % 10 != 9], meshes, cfg.image_size)
+        calib = with_cuboid_masks([s for i, s in enumerate(everything) if i % 10 == 9] or everything[:1], meshes,
+                                  cfg.image_size)
+        iid = with_cuboid_masks(real_split(root, cfg.dataset, "val", names, list(range(len(names))), cfg.image_size),
+                                meshes, cfg.image_size)
+        heldout_names = all_names[len(names):]
+        unknown = None
+        if heldout_names:
+            held_meshes = real_meshes(root, heldout_names, cfg.vertices)
+            samples = real_split(root, cfg.dataset, "val", heldout_names, list(range(len(heldout_names))), cfg.image_size)
+            unknown = with_cuboid_masks(samples, held_meshes, cfg.image_size)
+            unknown["labels"] = torch.full_like(unknown["labels"], len(names))
+    tests = {"iid": iid}
+    for level in OCCLUSION_LEVELS:
+        tests[f"occlusion_L{level}"] = occluded_split(iid, level, cfg.seed)
+    for corruption in IMAGENET_C:
+        tests[corruption] = corrupted_split(iid, corruption, cfg.severity, cfg.seed)
+    return train, calib, tests, unknown, meshes, names
 
-    train = split("train", known, args.train_per_class)
-    calib = split("calib", known, max(1, args.train_per_class // 4))
-    tests = {"iid": split("test", known, args.test_per_class)}
-    for level in (1, 2, 3):
-        tests[f"occlusion_L{level}"] = split("test", known, args.test_per_class, occlusion=level)
-    tests["corruption"] = split("test", known, args.test_per_class, corruption=True)
-    unknown = split("test", heldout, args.test_per_class) if heldout else []
-else:
-    names = args.classes or sorted(p.name for p in (Path(args.data) / "CAD").iterdir())
-    heldout = list(range(len(names) - args.num_heldout, len(names)))
-    known = [c for c in range(len(names)) if c not in heldout]
-    meshes_all = real_meshes(names)
-    relabel = {c: i for i, c in enumerate(known)}
-    val_split = "val"
-    everything = real_split("train", [names[c] for c in known])
-    calib_mask = torch.arange(len(everything)) % 10 == 9
-    train = [s for s, m in zip(everything, calib_mask) if not m]
-    calib = [s for s, m in zip(everything, calib_mask) if m]
-    tests = {"iid": real_split(val_split, [names[c] for c in known])}
-    unknown = real_split(val_split, [names[c] for c in heldout]) if heldout else []
-    for s in unknown:  # labels of the held-out classes follow the known ones (only used for the true pose)
-        s["label"] = torch.tensor(len(known))
 
-if args.data is None:  # labels 0..|known|-1 for the models; held-out images keep an out-of-range label
-    for group in [train, calib, *tests.values()]:
-        for s in group:
-            s["label"] = torch.tensor(relabel[int(s["label"])])
-    for s in unknown:
-        s["label"] = torch.tensor(len(known))
-meshes = [meshes_all[c] for c in known]
-if dist.is_main:
-    print(f"{len(known)} known classes, {len(heldout)} held out; {len(train)} train, {len(calib)} calib, "
-          f"{sum(len(t) for t in tests.values())} test, {len(unknown)} unknown-class images; device {device}")
-
-if args.full_contrast:
-    args.models = ["full"]
-modes = [m for m in ("grouped", "full") if m in args.models]
-results, loss_times, grid_cache = {}, {}, {}
-trained = {}
-for mode in modes:
-    model, memory, seconds, omega = train_compnet(mode, train, calib, meshes)
-    trained[mode] = (model, memory)
-    loss_times[mode] = float(np.median(seconds)) if seconds else float("nan")
-    if dist.is_main:
-        results[mode] = {}
-        for name, samples in tests.items():
-            results[mode][name], angles = evaluate_compnet(model, memory, meshes, samples, grid_cache)
-            if name in ("iid", "occlusion_L2"):
-                previews(model, memory, meshes, samples[:4], angles[:4], f"{mode}_{name}")
-        if unknown:
-            metrics_unknown, _ = evaluate_compnet(model, memory, meshes, unknown, grid_cache, closest=True)
-            results[mode]["unknown_class_pose"] = {k: v for k, v in metrics_unknown.items() if k != "accuracy"}
-        runtime.write_metrics(out, dict(results=results, partial=True))  # kept if a later model fails
-if "plain" in args.models:
-    plain = train_plain(train, len(known))
-    if dist.is_main:
-        results["plain"] = {name: evaluate_plain(plain, samples, len(known)) for name, samples in tests.items()}
-        if unknown:
-            metrics_unknown = evaluate_plain(plain, unknown, len(known))
-            results["plain"]["unknown_class_pose"] = {k: v for k, v in metrics_unknown.items() if k != "accuracy"}
-
-if dist.is_main:
+def summary_rows(results: dict) -> list[dict]:
     rows = []
     for model_name, per_split in results.items():
         for split_name, values in per_split.items():
             rows.append(dict(model=model_name, split=split_name, accuracy=values.get("accuracy", float("nan")),
-                             pose_acc_pi6=values["pose_accuracy"], median_err_deg=values["median_pose_error_deg"]))
-    print(runtime.format_table(rows))
-    print("median contrast-loss forward time per step: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in loss_times.items()))
-    runtime.write_metrics(out, dict(results=results, loss_seconds_per_step=loss_times, known_classes=known,
-                                    heldout_classes=heldout, args=vars(args)))
+                             pose_pi6=values.get("pose_accuracy_pi6", float("nan")),
+                             pose_pi18=values.get("pose_accuracy_pi18", float("nan")),
+                             median_err_deg=values.get("median_pose_error_deg", float("nan"))))
+    return rows
+
+
+def add_means(per_split: dict) -> None:
+    """occlusion_mean over L1-L3 and corruption_mean over the four ImageNet-C types (every metric)."""
+    for name, members in (("occlusion_mean", [f"occlusion_L{level}" for level in OCCLUSION_LEVELS]),
+                          ("corruption_mean", list(IMAGENET_C))):
+        present = [per_split[m] for m in members if m in per_split]
+        if present:
+            per_split[name] = {key: float(np.mean([p[key] for p in present])) for key in present[0]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
+    dist = runtime.init_distributed(device)
+    device = dist.device
+    runtime.seed_everything(args.seed, dist.rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    train, calib, tests, unknown, meshes, names = load_data(args)
+    Y = len(meshes)
+    for split in (train, calib, tests["iid"]):  # labels are checked once here, not per step
+        if int(split["labels"].min()) < 0 or int(split["labels"].max()) >= Y:
+            raise ValueError(f"labels must lie in [0, {Y}) for the known classes")
+    if dist.is_main:
+        print(f"{Y} known classes, {0 if unknown is None else len(unknown['labels'])} held-out-class images; "
+              f"{len(train['labels'])} train, {len(calib['labels'])} calib, {len(tests['iid']['labels'])} test "
+              f"images per split ({len(tests)} splits); device {device}")
+
+    results, logs, grid_cache, preview_data = {}, {}, {}, {}
+    for mode in [m for m in ("grouped", "full") if m in args.models]:
+        model, memory, logs[mode] = train_compnet(args, mode, train, calib, meshes, device, dist, out)
+        if dist.is_main:
+            results[mode] = {}
+            for split_name, split in tests.items():
+                results[mode][split_name], maps, estimates = evaluate_compnet(args, model, memory, meshes, split,
+                                                                             device, grid_cache)
+                if split_name in ("iid", "occlusion_L2", "snow"):  # keep the first 3 images for the previews
+                    preview_data[(mode, split_name)] = (model, memory, subset(split, slice(0, 3)), maps[:3], estimates)
+            if unknown is not None:
+                results[mode]["unknown_class_pose"] = evaluate_unknown(args, model, memory, meshes, unknown, device,
+                                                                       grid_cache)
+            add_means(results[mode])
+            print(f"{mode}: " + ", ".join(f"{k} {v.get('accuracy', float('nan')):.3f} / pose {v.get('pose_accuracy_pi6', float('nan')):.3f}"
+                                          for k, v in results[mode].items()))
+    if "plain" in args.models:
+        plain, logs["plain"] = train_plain(args, train, Y, device, dist, out)
+        if dist.is_main:
+            results["plain"] = {name: evaluate_plain(args, plain, split, device) for name, split in tests.items()}
+            if unknown is not None:
+                results["plain"]["unknown_class_pose"] = evaluate_plain(args, plain, unknown, device, with_class=False)
+            add_means(results["plain"])
+    if not dist.is_main:
+        return {}
+
+    loss_seconds = time_contrast_losses(args, device)
+    for (mode, split_name), (model, memory, split, maps, estimates) in preview_data.items():
+        previews(out / f"preview_{mode}_{split_name}.png", model, memory, meshes, split, maps, estimates, names)
+    claims = []
+    if "grouped" in results and "plain" in results:
+        claims.append(runtime.claim(
+            "3D-CompNets classify occluded objects (mean over L1-L3) better than the plain backbone + head",
+            "occluded_accuracy", True, ("plain head", results["plain"]["occlusion_mean"]["accuracy"]),
+            ("3D-CompNets", results["grouped"]["occlusion_mean"]["accuracy"])))
+    if "grouped" in results and "full" in results:
+        claims.append(runtime.claim(
+            "the grouped contrast (Eq. 5) classifies IID images as well as NOVUM's full contrast (within 5 points)",
+            "iid_accuracy", True, ("full contrast", results["full"]["iid"]["accuracy"]),
+            ("grouped", results["grouped"]["iid"]["accuracy"]), margin=0.05))
+    claims.append(runtime.claim(
+        f"the grouped loss is cheaper per step than the full contrast (forward + backward, Y={args.timing_classes}, "
+        f"K={args.timing_vertices}, N={args.num_sampled}, D=128, B=8)",
+        "loss_seconds", False, ("full contrast", loss_seconds["full"]), ("grouped", loss_seconds["grouped"])))
+    print(runtime.format_table(summary_rows(results)))
+    print(runtime.format_claims(claims))
+    seconds = time.perf_counter() - start
+    print(f"total {seconds:.0f} s")
+    metrics = dict(config=vars(args), claims=claims, results=results, loss_seconds=loss_seconds, training=logs,
+                   class_names=names, chance_accuracy=1.0 / Y, seconds=seconds)
+    runtime.write_metrics(out, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

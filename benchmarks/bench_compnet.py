@@ -6,8 +6,9 @@ Three implementations run on the same inputs in one process:
   novum    the naive baseline written here as NOVUM's train.py does it: padded memory (Y*K_max + N_b rows),
            logits of every slot against every row (B, K_max, Y*K_max + N_b), a dense (B, K_max, Y*K_max)
            near mask, cross-entropy over the visible slots;
-  full     ours, grouped_vmf_contrast(num_sampled=None, omega=1) (same loss, gathered per class);
-  grouped  ours, grouped_vmf_contrast(num_sampled=N, omega=1): K + N_b + N (Y - 1) columns per vertex.
+  full     ours, grouped_vmf_contrast(form="novum", num_sampled=None, omega=1) (NOVUM's loss, gathered per class);
+  grouped  ours, grouped_vmf_contrast(num_sampled=N, omega=1), the paper's Eq. 5 (L_in over K + N_b columns,
+           L_cross over 1 + N (Y - 1) columns per vertex).
 
 Counted loss FLOPs (per visible vertex row, per column): 2D for the logit matmul, 2D for the gradient to the
 feature (the memory is not differentiated), ~6 for exp/sum/log/softmax-gradient, i.e. V * columns * (4D + 6).
@@ -132,9 +133,10 @@ for Y in args.ys:
     padded = torch.cat([memory.vertices, memory.background])
     sample_gen = torch.Generator(device=device).manual_seed(1) if device.type == "cuda" else torch.Generator().manual_seed(1)
     variants = {
-        "full": lambda f: grouped_vmf_contrast(f, keypoints, visible, labels, memory, num_sampled=None),
+        "full": lambda f: grouped_vmf_contrast(f, keypoints, visible, labels, memory, num_sampled=None, form="novum",
+                                               check=False),
         "grouped": lambda f: grouped_vmf_contrast(f, keypoints, visible, labels, memory, num_sampled=args.sampled,
-                                                  generator=sample_gen),
+                                                  generator=sample_gen, check=False),
     }
     if Y <= args.novum_max_y:
         variants["novum"] = lambda f: novum_full_contrast(f, keypoints, visible, labels, padded, args.vertices)
@@ -147,7 +149,7 @@ for Y in args.ys:
         start = reset_peak()
         both = timed(lambda: loss_fn(leaf).backward(), args.repeats)
         memory_mb = peak_mb(start)
-        columns = {"grouped": args.vertices + args.background + args.sampled * (Y - 1)}.get(
+        columns = {"grouped": args.vertices + args.background + 1 + args.sampled * (Y - 1)}.get(
             name, Y * args.vertices + args.background)
         rows_out.append((Y, name, columns, flops(columns, V), forward, both, memory_mb, losses[name]))
     if "novum" in losses:
@@ -169,7 +171,7 @@ for Y in args.ys:
 print("\ncounted loss-FLOP reduction of grouped vs full at the largest Y, by number of kept classes Y_w (omega > 0):")
 Y, K, N, Nb = max(args.ys), args.vertices, args.sampled, args.background
 for kept in sorted({Y - 1, Y // 2, Y // 4, Y // 10}, reverse=True):
-    grouped_cols = K + Nb + N * kept
+    grouped_cols = K + Nb + 1 + N * kept
     with_background = 1 - grouped_cols / (Y * K + Nb)
     vertex_only = 1 - (K + N * kept) / (Y * K)
     print(f"  Y_w={kept:>4}: columns {grouped_cols:>6} vs {Y * K + Nb}: {100 * with_background:.1f} % "

@@ -293,6 +293,17 @@ def estimate_pose(
         raise ValueError(f"feature_map must be ({memory.vertices.shape[1]}, H, W), got {tuple(feature_map.shape)}")
     if len(meshes) != memory.num_classes:
         raise ValueError(f"meshes must hold one mesh per class ({memory.num_classes}), got {len(meshes)}")
+    if not isinstance(K, Tensor) or K.shape != (3, 3):
+        raise ValueError(f"K must be (3, 3), got {tuple(getattr(K, 'shape', ()))}")
+    if candidates is not None and (len(candidates) == 0 or any(not 0 <= int(y) < memory.num_classes for y in candidates)):
+        raise ValueError(f"candidates must list classes in [0, {memory.num_classes}), got {candidates}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    for name, value in (("lr", lr), ("distance", distance)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
     D, H, W = feature_map.shape
     feature_map = feature_map.detach()
     if candidates is None:
@@ -307,10 +318,11 @@ def estimate_pose(
     for y in candidates:
         mesh = Mesh(meshes[y].vertices.to(feature_map), meshes[y].faces.to(feature_map.device))
         similarity = (memory.class_vertices(y).to(feature_map) @ feature_map.flatten(1)).reshape(-1, H, W)
-        if (y, H, W, distance) not in grid_cache:
+        key = (y, H, W, distance, tuple(K.flatten().tolist()))  # the grid renders depend on the intrinsics
+        if key not in grid_cache:
             with torch.no_grad():
-                grid_cache[(y, H, W, distance)] = rasterize(mesh, pose_from_angles(*grid, distance), K.to(feature_map), H, W)
-        face_index, weights = grid_cache[(y, H, W, distance)]
+                grid_cache[key] = rasterize(mesh, pose_from_angles(*grid, distance), K.to(feature_map), H, W)
+        face_index, weights = grid_cache[key]
         with torch.no_grad():
             init_loss = render_compare_loss(_object_score(similarity, mesh, face_index, weights), clutter)  # (144,)
         best = int(init_loss.argmin())

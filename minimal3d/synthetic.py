@@ -854,6 +854,17 @@ def class_parts(num_classes: int, class_index: int) -> list[dict]:
     return [dict(kind=kind, center=torch.tensor(center), half_size=torch.tensor(half)) for kind, center, half in parts]
 
 
+def _class_part_texture(class_index: int, part: int, hue: float, rng: _Random) -> Texture:
+    """The texture of part ``part`` of class ``class_index``: pattern, frequency, axis and offset fixed per
+    class and part (never solid), colours jittered per image by +-15 % brightness from ``rng``."""
+    fixed = _random_texture(_Random("object-part-texture", class_index, part), hue=hue, frequency=(2.0, 6.0),
+                            patterns=("stripes", "checkers", "noise"))
+    gain_a, gain_b = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
+    return Texture(pattern=fixed.pattern, color_a=tuple(min(1.0, c * gain_a) for c in fixed.color_a),
+                   color_b=tuple(min(1.0, c * gain_b) for c in fixed.color_b), frequency=fixed.frequency,
+                   axis=fixed.axis, offset=fixed.offset, seed=fixed.seed)
+
+
 def _occluder_rectangle(remaining: Tensor, want: float, rng: _Random) -> tuple[int, int, int, int]:
     """Pixel rectangle [u0, u1) x [v0, v1) around a random pixel of ``remaining`` (H, W) whose overlap with
     it is closest to ``want`` pixels: 96 candidate sizes are scored at once with a summed-area table."""
@@ -941,9 +952,166 @@ def corrupt_image(image: Tensor, depth: Tensor, corruption: str, severity: int,
     return image.clamp(0, 1)
 
 
+# ---------------------------------------------------------------------------------------------------
+# 3D-CompNets OOD protocol: pasted occluders (OccludedPASCAL3D+ levels L1-L3) and ImageNet-C corruptions
+# (brightness, fog, frost, snow) written in torch. Both work on any image batch (synthetic or real).
+# ---------------------------------------------------------------------------------------------------
+
+OCCLUSION_LEVELS = {1: (0.1, 0.3), 2: (0.3, 0.5), 3: (0.5, 0.7)}  # covered fraction of (object, background)
+IMAGENET_C = ("brightness", "fog", "frost", "snow")
+
+
+def _fractal_noise(height: int, width: int, decay: float, generator: torch.Generator | None,
+                   octaves: int = 7) -> Tensor:
+    """(H, W) noise in [0, 1]: octave o is uniform noise on a 2^o grid, bilinearly upsampled, weighted by
+    decay^-o (the per-level amplitude decay of ImageNet-C's diamond-square plasma fractal)."""
+    total = torch.zeros(1, 1, height, width)
+    for o in range(octaves):
+        cells = 2 ** (o + 1)
+        grid = torch.rand(1, 1, cells + 1, cells + 1, generator=generator)
+        total = total + F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=True) * decay ** -o
+    total = total[0, 0]
+    return (total - total.min()) / (total.max() - total.min()).clamp_min(1e-12)
+
+
+def occluder_texture(height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+    """(3, H, W) procedural occluder texture: two random colours mixed by stripes, checkers or blobs."""
+    colours = torch.rand(2, 3, 1, 1, generator=generator)
+    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                          indexing="ij")
+    angle, frequency, kind = torch.rand(3, generator=generator).tolist()
+    period = 3.0 + 9.0 * frequency
+    if kind < 1 / 3:  # stripes
+        mix = ((u * math.cos(math.pi * angle) + v * math.sin(math.pi * angle)) / period).floor() % 2
+    elif kind < 2 / 3:  # checkers
+        mix = ((u / period).floor() + (v / period).floor()) % 2
+    else:  # blobs: thresholded coarse noise
+        coarse = torch.rand(1, 1, max(2, round(height / period)), max(2, round(width / period)), generator=generator)
+        mix = (F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0, 0] > 0.5).float()
+    return colours[0] * mix + colours[1] * (1 - mix)
+
+
+def paste_occluders(image: Tensor, object_mask: Tensor, object_fraction: float, background_fraction: float,
+                    generator: torch.Generator | None = None, max_occluders: int = 12) -> tuple[Tensor, Tensor]:
+    """Paste textured rectangles on image (3, H, W) until about `object_fraction` of `object_mask` (H, W)
+    and `background_fraction` of the rest are covered (OccludedPASCAL3D+ L1-L3: 10/30/50 % of the object
+    and 30/50/70 % of the background). Greedy: each occluder is the rectangle, among 16 centres on
+    uncovered pixels x 32 sizes (scored at once with summed-area tables), that minimises
+    2 |object coverage - target| + |background coverage - target|. Returns (image, occluder_mask (H, W)).
+    """
+    if image.ndim != 3 or image.shape[0] != 3 or object_mask.shape != image.shape[1:]:
+        raise ValueError(f"image must be (3, H, W) and object_mask (H, W), got {tuple(image.shape)}, "
+                         f"{tuple(object_mask.shape)}")
+    for name, value in (("object_fraction", object_fraction), ("background_fraction", background_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    height, width = object_mask.shape
+    inside = object_mask.bool().cpu()
+    regions = (inside, ~inside)
+    counts = [max(int(r.sum()), 1) for r in regions]
+    targets, weights = (object_fraction, background_fraction), (2.0, 1.0)
+    covered = torch.zeros(height, width, dtype=torch.bool)
+    image = image.clone()
+    sizes = torch.linspace(2.0, float(max(height, width)), 32, dtype=torch.float64)
+    current = sum(w * t for w, t in zip(weights, targets))
+    for _ in range(max_occluders):
+        rows, cols = torch.nonzero(~covered, as_tuple=True)
+        if len(rows) == 0:
+            break
+        pick = torch.randint(len(rows), (16,), generator=generator)
+        cv, cu = rows[pick].double()[:, None] + 0.5, cols[pick].double()[:, None] + 0.5  # (16, 1)
+        aspect = torch.exp(torch.rand(16, 1, generator=generator, dtype=torch.float64) * 1.4 - 0.7).sqrt()
+        u0 = (cu - sizes * aspect / 2).round().clamp(0, width).long()  # (16, 32)
+        u1 = (cu + sizes * aspect / 2).round().clamp(0, width).long()
+        v0 = (cv - sizes / aspect / 2).round().clamp(0, height).long()
+        v1 = (cv + sizes / aspect / 2).round().clamp(0, height).long()
+        cost = torch.zeros(16, 32, dtype=torch.float64)
+        for region, n, target, weight in zip(regions, counts, targets, weights):
+            table = F.pad((region & ~covered).double().cumsum(0).cumsum(1), (1, 0, 1, 0))
+            new = table[v1, u1] - table[v0, u1] - table[v1, u0] + table[v0, u0]
+            cost = cost + weight * (float((covered & region).sum()) / n + new / n - target).abs()
+        best = int(cost.argmin())
+        if float(cost.flatten()[best]) >= current - 1e-9:  # no rectangle brings both coverages closer
+            break
+        current = float(cost.flatten()[best])
+        a, b = int(v0.flatten()[best]), int(v1.flatten()[best])
+        c, d = int(u0.flatten()[best]), int(u1.flatten()[best])
+        image[:, a:b, c:d] = occluder_texture(b - a, d - c, generator).to(image)
+        covered[a:b, c:d] = True
+    return image, covered.to(object_mask.device)
+
+
+def imagenet_c(image: Tensor, corruption: str, severity: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """ImageNet-C corruption (Hendrycks & Dietterich, ICLR 2019) of image (3, H, W) in [0, 1], severity 1..5,
+    with the constants of the reference code (imagecorruptions), written in torch:
+
+    brightness: V += c in HSV, c = .1 .2 .3 .4 .5 (done as rgb * min(V + c, 1) / V, which keeps hue and
+        saturation).
+    fog: x += c0 * plasma, x *= max(x) / (max(x) + c0), (c0, decay) = (1.5, 2) (2, 2) (2.5, 1.7) (2.5, 1.5)
+        (3, 1.4); the plasma fractal is octave value noise with the same per-octave amplitude decay.
+    frost: x = c0 x + c1 frost, (c0, c1) = (1, .4) (.8, .6) (.7, .7) (.65, .7) (.6, .75). ImageNet-C
+        blends one of six frost photographs; with no download, the frost layer is synthesised: fractal
+        noise (decay 1.3, fine crystals) sharpened by a power 1.5, plus its thresholded high-frequency
+        part as bright needles, tinted ice-blue (0.85, 0.93, 1.0), mean about 0.45 like the photographs.
+    snow: flakes = N(loc, scale) noise on an H/zoom grid, upsampled by zoom, zero below a threshold,
+        motion-blurred along a random angle in [-135, -45] degrees; x = b x + (1 - b) max(x, 1.5 gray + .5);
+        x = x + flakes + flakes rotated by 180 degrees; constants (loc, scale, zoom, threshold, radius,
+        sigma, b) per level as the reference (level 4: .55 .3 4.5 .85 12 8 .65), radius and sigma scaled by
+        min(H, W) / 224 (ImageNet-C images are 224 px).
+    The result is clamped to [0, 1].
+    """
+    if corruption not in IMAGENET_C:
+        raise ValueError(f"corruption must be one of {IMAGENET_C}, got {corruption!r}")
+    if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"severity must be an int in 1..5, got {severity!r}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    level, (height, width) = severity - 1, image.shape[1:]
+    if corruption == "brightness":
+        value = image.max(0, keepdim=True).values
+        new_value = (value + (0.1, 0.2, 0.3, 0.4, 0.5)[level]).clamp(max=1.0)
+        image = torch.where(value > 0, image * new_value / value.clamp_min(1e-12), new_value.expand_as(image))
+    elif corruption == "fog":
+        strength, decay = ((1.5, 2.0), (2.0, 2.0), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))[level]
+        peak = image.max()
+        image = image + strength * _fractal_noise(height, width, decay, generator).to(image)
+        image = image * peak / (peak + strength)
+    elif corruption == "frost":
+        keep, weight = ((1.0, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))[level]
+        base = _fractal_noise(height, width, 1.3, generator) ** 1.5
+        fine = base - F.avg_pool2d(base[None, None], 5, 1, 2, count_include_pad=False)[0, 0]
+        needles = (fine > fine.quantile(0.9)).float()
+        frost = (0.7 * base + 0.5 * needles).clamp(0, 1)
+        tint = torch.tensor([0.85, 0.93, 1.0]).view(3, 1, 1)
+        image = keep * image + weight * (frost * tint).to(image)
+    else:
+        loc, scale, zoom, threshold, radius, sigma, blend = (
+            (0.1, 0.3, 3.0, 0.5, 10, 4, 0.8), (0.2, 0.3, 2.0, 0.5, 12, 4, 0.7), (0.55, 0.3, 4.0, 0.9, 12, 8, 0.7),
+            (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[level]
+        small = (max(1, round(height / zoom)), max(1, round(width / zoom)))
+        flakes = loc + scale * torch.randn(1, 1, *small, generator=generator)
+        flakes = F.interpolate(flakes, size=(height, width), mode="bilinear", align_corners=False)
+        flakes = torch.where(flakes < threshold, torch.zeros_like(flakes), flakes)
+        factor = min(height, width) / 224
+        length, spread = max(2, round(radius * factor)), max(0.5, sigma * factor)
+        angle = math.radians(-135 + 90 * float(torch.rand((), generator=generator)))
+        steps = torch.arange(length, dtype=torch.float32)
+        taps = torch.exp(-0.5 * (steps / spread) ** 2)
+        kernel = torch.zeros(2 * length + 1, 2 * length + 1)  # one-sided Gaussian line along the angle
+        rows = (length + steps * math.sin(angle)).round().long()
+        cols = (length + steps * math.cos(angle)).round().long()
+        kernel.index_put_((rows, cols), taps, accumulate=True)
+        kernel = kernel / kernel.sum()
+        flakes = F.conv2d(flakes, kernel[None, None], padding=length)[0, 0].to(image)
+        gray = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1).to(image)).sum(0, keepdim=True)
+        image = blend * image + (1 - blend) * torch.maximum(image, gray * 1.5 + 0.5)
+        image = image + flakes + flakes.flip(0, 1)
+    return image.clamp(0, 1)
+
+
 def object_sample(index: int, num_classes: int = 10, split: str = "train", occlusion: int = 0,
                   corruption: str | None = None, severity: int = 2, height: int = 128, width: int = 128,
-                  seed: int = 0) -> dict[str, Tensor]:
+                  seed: int = 0, class_textures: bool = False) -> dict[str, Tensor]:
     """One object-centric image of class ``index % num_classes`` at a random ImageNet3D-like pose.
 
     Pose prior: azimuth U[0, 2 pi), elevation U[-pi/6, pi/3], theta U[-pi/6, pi/6], distance
@@ -953,7 +1121,10 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
     ``occlusion`` 1..3 adds camera-facing textured quads between camera and object covering about
     20/40/60 % of the object mask (measured: ``occlusion_fraction``); ``corruption`` is applied last.
     The pose, scene and occluders depend only on (seed, split, index), so the occluded and corrupted
-    variants of a test index show the same object at the same pose.
+    variants of a test index show the same object at the same pose. Part textures are drawn per image
+    (default) or, with ``class_textures=True``, fixed per class and part up to a per-image colour jitter
+    (``_class_part_texture``: every instance of a class shows the same parts where the same vertices are,
+    as real categories do).
     Returns image (3, H, W), depth (H, W), mask (H, W) bool visible object pixels, amodal_mask (H, W)
     bool, occluder_mask (H, W) bool, occlusion_fraction (), label () int64, azimuth, elevation, theta,
     distance (), viewmat (4, 4), K (3, 3), cuboid (3,) full extents (``class_cuboid``).
@@ -979,8 +1150,11 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
 
     half, parts, hue = _object_class(label)
     builder = SceneBuilder()
-    for kind, center, half_size in parts:
-        texture = _random_texture(rng, hue=hue + rng.uniform(-0.04, 0.04), frequency=(2.0, 6.0))
+    for part, (kind, center, half_size) in enumerate(parts):
+        if class_textures:
+            texture = _class_part_texture(label, part, hue, rng)
+        else:
+            texture = _random_texture(rng, hue=hue + rng.uniform(-0.04, 0.04), frequency=(2.0, 6.0))
         builder.add(kind, center, half_size, texture, label=1, instance=1)
     builder.add("box", (0.0, 0.0, 0.0), (20.0, 20.0, 20.0), _random_texture(rng, frequency=(0.2, 1.0)))
     eye = cameras.camera_center(viewmat.double())

@@ -5,7 +5,8 @@ Conventions converted at the boundary:
   class_offsets[c] + k. Padded rows are masked with -1e5 in NOVUM's loss (exactly zero weight), enter the
   regulariser mean (we pass NOVUM's padded row set to `background_repulsion`) and the classifier's argmax
   (we pass them with class -1 and NOVUM's normaliser Y*max_n).
-- The full NOVUM contrast is our grouped loss with num_sampled=None (all vertices) and omega = 1.
+- The full NOVUM contrast is our loss with form="novum", num_sampled=None (all vertices) and omega = 1
+  (the default form="paper" is Eq. 5, two softmax terms, tested in test_vmf_contrast.py).
 - PASCAL pixel coordinates put pixel centres on integers, ours at +0.5: K gets cx = px + 0.5 and
   projected coordinates are compared as uv - 0.5. NOVUM's camera_position is -C (sign quirk).
 - Our OpenCV rotation is diag(1, -1, -1) times the PASCAL rotation.
@@ -54,7 +55,7 @@ def test_contrast_loss_gradients_memory_and_scores(name):
         loss_main, groups = grouped_vmf_contrast(
             features[:, :max_n], d[p + "keypoints"], d[p + "visible"], d[p + "labels"], memory, omega=None,
             num_sampled=None, temperature=float(d["T"]), distance_threshold=float(d["distance_thr"]),
-            background_weight=float(d["weight_noise"]), return_logits=True)
+            background_weight=float(d["weight_noise"]), return_logits=True, form="novum")
         loss_reg = background_repulsion(features[:, max_n:], novum_memory[: Y * max_n])  # padded rows included
         loss = loss_main + loss_reg
         loss.backward()

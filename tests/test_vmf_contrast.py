@@ -33,8 +33,12 @@ def make_case(seed=0, sizes=SIZES, batch=3, dim=4, num_background=3, dtype=torch
 
 
 def naive_loss(memory, features, keypoints, visible, labels, omega, sampled, temperature=0.07,
-               threshold=48.0, background_weight=0.005, scale="none"):
-    """Explicit loops over images and vertices: one cross-entropy per visible vertex (Eq. 5)."""
+               threshold=48.0, background_weight=0.005, scale="none", form="paper"):
+    """Explicit loops over images and vertices (float64).
+
+    form="paper": Eq. 5 = mean over visible vertices of L_in (Eq. 2) + L_cross (Eq. 4), two softmaxes;
+    form="novum": one softmax over own class, background and the other classes' columns.
+    """
     total, count = 0.0, 0
     for b in range(features.shape[0]):
         y = int(labels[b])
@@ -43,21 +47,28 @@ def naive_loss(memory, features, keypoints, visible, labels, omega, sampled, tem
             if visible[b, k] <= 0:
                 continue
             f = features[b, k]
-            denominator = 0.0
+            positive = torch.exp(f @ own[k] / temperature)
+            own_sum = 0.0  # Eq. 2: own class (near vertices dropped, k kept) + weighted background
             for j in range(own.shape[0]):
                 near = (keypoints[b, k] - keypoints[b, j]).norm() <= threshold
                 if j == k or not near:
-                    denominator = denominator + torch.exp(f @ own[j] / temperature)
+                    own_sum = own_sum + torch.exp(f @ own[j] / temperature)
             for n in range(memory.background.shape[0]):
-                denominator = denominator + background_weight * torch.exp(f @ memory.background[n] / temperature)
+                own_sum = own_sum + background_weight * torch.exp(f @ memory.background[n] / temperature)
+            cross_sum = 0.0  # Eq. 4: N sampled vertices of every other class, weighted by omega
             for other in range(memory.num_classes):
                 if other == y or omega[y, other] <= 0:
                     continue
                 rows = sampled[other]
                 weight = omega[y, other] * (memory.num_vertices[other] / len(rows) if scale == "k_over_n" else 1.0)
                 for row in rows:
-                    denominator = denominator + weight * torch.exp(f @ memory.vertices[row] / temperature)
-            total = total - torch.log(torch.exp(f @ own[k] / temperature) / denominator)
+                    cross_sum = cross_sum + weight * torch.exp(f @ memory.vertices[row] / temperature)
+            if form == "paper":
+                loss_in = -torch.log(positive / own_sum)  # Eq. 2
+                loss_cross = -torch.log(positive / (positive + cross_sum))  # Eq. 4
+                total = total + loss_in + loss_cross  # Eq. 5
+            else:
+                total = total - torch.log(positive / (own_sum + cross_sum))
             count += 1
     return total / count
 
@@ -72,50 +83,81 @@ def sampled_rows(memory, num_sampled, seed):
     return {c: rows[c, :int(count[c])].tolist() for c in range(memory.num_classes)}
 
 
-def test_full_contrast_matches_naive_loops():
+@pytest.mark.parametrize("form", ["paper", "novum"])
+def test_full_contrast_matches_naive_loops(form):
     memory, features, keypoints, visible, labels, omega = make_case()
-    loss = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
-    expected = naive_loss(memory, features, keypoints, visible, labels, omega, all_rows(memory))
+    loss = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None, form=form)
+    expected = naive_loss(memory, features, keypoints, visible, labels, omega, all_rows(memory), form=form)
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["paper", "novum"])
 @pytest.mark.parametrize("scale", ["none", "k_over_n"])
-def test_grouped_contrast_matches_naive_loops(scale):
+def test_grouped_contrast_loss_and_gradient_match_naive_loops(scale, form):
     memory, features, keypoints, visible, labels, omega = make_case(seed=1)
-    loss = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=2,
-                                cross_class_scale=scale, generator=torch.Generator().manual_seed(7))
-    expected = naive_loss(memory, features, keypoints, visible, labels, omega, sampled_rows(memory, 2, 7), scale=scale)
+    ours = features.clone().requires_grad_(True)
+    loss = grouped_vmf_contrast(ours, keypoints, visible, labels, memory, omega=omega, num_sampled=2,
+                                cross_class_scale=scale, generator=torch.Generator().manual_seed(7), form=form)
+    dense = features.clone().requires_grad_(True)
+    expected = naive_loss(memory, dense, keypoints, visible, labels, omega, sampled_rows(memory, 2, 7), scale=scale,
+                          form=form)
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(ours.grad, dense.grad, rtol=0, atol=1e-12)
 
 
-def test_grouped_with_all_vertices_and_unit_omega_equals_full():
+def test_paper_form_is_not_the_single_softmax():
+    """Eq. 5 is two softmax terms; it exceeds NOVUM's one-softmax value on the same columns."""
+    memory, features, keypoints, visible, labels, omega = make_case(seed=2)
+    paper = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    novum = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None,
+                                 form="novum")
+    assert float(paper) > float(novum) + 1e-3
+
+
+@pytest.mark.parametrize("form", ["paper", "novum"])
+def test_grouped_with_all_vertices_and_unit_omega_equals_full(form):
     memory, features, keypoints, visible, labels, _ = make_case(seed=2, sizes=[6, 6, 6])
-    full = grouped_vmf_contrast(features, keypoints, visible, labels, memory, num_sampled=None)
+    full = grouped_vmf_contrast(features, keypoints, visible, labels, memory, num_sampled=None, form=form)
     for scale in ("none", "k_over_n"):  # N = K: sampling is a permutation, both scales agree
         grouped = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=torch.ones(3, 3).double(),
-                                       num_sampled=6, cross_class_scale=scale, generator=torch.Generator().manual_seed(3))
+                                       num_sampled=6, cross_class_scale=scale, form=form,
+                                       generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(grouped, full, rtol=0, atol=1e-13)
 
 
-def test_zero_omega_removes_class_columns_exactly():
+@pytest.mark.parametrize("form", ["paper", "novum"])
+def test_zero_omega_removes_class_columns_exactly(form):
     memory, features, keypoints, visible, labels, omega = make_case(seed=3)
     omega[:, 1] = 0.0  # nobody contrasts with class 1 (and class 1 is not in the batch: labels 0, 2, 2)
     loss, groups = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None,
-                                        return_logits=True)
+                                        return_logits=True, form=form)
     class1 = set(range(int(memory.class_offsets[1]), int(memory.class_offsets[2])))
     assert all(not (set(g["columns"].tolist()) & class1) for g in groups)
     memory.vertices[sorted(class1)] = F.normalize(torch.randn(len(class1), 4, dtype=torch.float64), dim=-1)
-    changed = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    changed = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None, form=form)
     assert torch.equal(loss, changed)  # bitwise: the class's rows never enter
+    expected = naive_loss(memory, features, keypoints, visible, labels, omega, all_rows(memory), form=form)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
 
 
-def test_gradcheck_float64():
+def test_zero_omega_row_leaves_only_eq2():
+    """A class with no kept other class has L_cross = -log 1 = 0: the loss is Eq. 2 alone."""
+    memory, features, keypoints, visible, labels, _ = make_case(seed=3)
+    only_in = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=torch.zeros(3, 3).double())
+    expected = naive_loss(memory, features, keypoints, visible, labels, torch.zeros(3, 3), all_rows(memory))
+    torch.testing.assert_close(only_in, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["paper", "novum"])
+def test_gradcheck_float64(form):
     memory, features, keypoints, visible, labels, omega = make_case(seed=4)
     features.requires_grad_(True)
 
     def loss_of(f):
-        return grouped_vmf_contrast(f, keypoints, visible, labels, memory, omega=omega, num_sampled=2,
-                                    generator=torch.Generator().manual_seed(0))
+        return grouped_vmf_contrast(f, keypoints, visible, labels, memory, omega=omega, num_sampled=2, form=form,
+                                    generator=torch.Generator().manual_seed(0), check=False)
 
     assert torch.autograd.gradcheck(loss_of, (features,), eps=1e-6, atol=1e-7)
 
@@ -229,3 +271,58 @@ def test_empty_batch_is_a_zero_loss():
     memory, features, keypoints, visible, labels, _ = make_case(seed=9)
     loss = grouped_vmf_contrast(features[:0], keypoints[:0], visible[:0], labels[:0], memory)
     assert float(loss) == 0.0
+
+
+def test_nan_in_invisible_or_padded_slots_does_not_reach_the_loss():
+    memory, features, keypoints, visible, labels, omega = make_case(seed=10)
+    clean = grouped_vmf_contrast(features, keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    poisoned = features.clone()
+    poisoned[visible <= 0] = float("nan")  # invisible slots
+    poisoned[:, -1] = float("nan")  # the padded slot (K_max = max K + 1)
+    poisoned_keypoints = keypoints.clone()
+    poisoned_keypoints[:, -1] = float("nan")
+    poisoned.requires_grad_(True)
+    loss = grouped_vmf_contrast(poisoned, poisoned_keypoints, visible, labels, memory, omega=omega, num_sampled=None)
+    torch.testing.assert_close(loss, clean, rtol=0, atol=1e-14)
+    loss.backward()
+    assert torch.isfinite(poisoned.grad).all() and float(poisoned.grad[visible <= 0].abs().max()) == 0.0
+
+
+def test_memory_update_never_absorbs_non_finite_features():
+    memory, features, _, visible, labels, _ = make_case(seed=11)
+    reference = VertexMemory(SIZES, dim=4, num_background=3, vertices=memory.vertices, background=memory.background)
+    reference = reference.double()
+    poisoned = features.clone()
+    poisoned[0, 0] = float("nan")  # treated as invisible
+    skipped = visible.clone()
+    skipped[0, 0] = 0.0
+    background = F.normalize(torch.randn(3, 1, 4, dtype=torch.float64), dim=-1)
+    bad_background = background.clone()
+    bad_background[1] = float("inf")  # leaves its FIFO row unchanged
+    before = memory.background.clone()
+    memory.update(poisoned, visible, labels, bad_background)
+    reference.update(features, skipped, labels, background)
+    assert torch.isfinite(memory.vertices).all() and torch.isfinite(memory.background).all()
+    torch.testing.assert_close(memory.vertices, reference.vertices, rtol=0, atol=1e-15)
+    torch.testing.assert_close(memory.background[1], before[1], rtol=0, atol=0)
+    torch.testing.assert_close(memory.background[[0, 2]], reference.background[[0, 2]], rtol=0, atol=1e-15)
+
+
+def test_memory_state_dict_keeps_the_fifo_pointer():
+    memory, features, _, visible, labels, _ = make_case(seed=12)
+    memory.update(features, visible, labels, F.normalize(torch.randn(3, 1, 4, dtype=torch.float64), dim=-1))
+    copy = VertexMemory(SIZES, dim=4, num_background=3).double()
+    copy.load_state_dict(memory.state_dict())
+    assert copy.pointer == memory.pointer == 0 and torch.equal(copy.background, memory.background)
+
+
+def test_confusion_weights_normalisations():
+    confusion = torch.tensor([[80.0, 15.0, 5.0], [0.0, 10.0, 0.0], [1.0, 0.0, 99.0]])
+    rates = confusion_weights(confusion, threshold=0.05)
+    torch.testing.assert_close(rates, torch.tensor([[0.0, 0.15, 0.05], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    mean = confusion_weights(confusion, threshold=0.05, normalize="mean")
+    torch.testing.assert_close(mean, torch.tensor([[0.0, 1.5, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    top = confusion_weights(confusion, threshold=0.05, normalize="max")
+    torch.testing.assert_close(top, torch.tensor([[0.0, 1.0, 1 / 3], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="normalize"):
+        confusion_weights(confusion, normalize="sum")
