@@ -52,8 +52,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # Flags whose default depends on --quick (None in the parser, filled in after parsing; never overriding).
 PROFILES = {
-    "normal": dict(steps=150, pretrain_steps=150, batch_size=8, pretrain_batch_size=32, image_size=56,
-                   render_size=32, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
+    "normal": dict(steps=300, pretrain_steps=150, batch_size=8, pretrain_batch_size=32, image_size=56,
+                   render_size=16, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
                    importance=16, train_images=400, test_images=150, num_classes=5, depth_patch=4),
     "quick": dict(steps=3, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
                   plane_res=8, plane_channels=8, embed_res=4, generator_dim=32, samples=8, importance=4,
@@ -101,9 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method = parser.add_argument_group("3D prior (paper values unless noted)")
     method.add_argument("--steps", type=int, help="3D-prior fine-tuning steps")
     method.add_argument("--batch-size", type=int, help="paper 64; CPU default 8")
-    method.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
+    method.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the backbone (paper)")
+    method.add_argument("--decoder-lr", type=float, default=1e-3, help="Adam learning rate of Φ and the point "
+                        "decoder (paper: 1e-4 like the backbone; 1e-3 because a CPU run has only a few hundred "
+                        "steps in which Φ must learn to render)")
     method.add_argument("--image-size", type=int, help="ViT input side, a multiple of 14 (paper 224; CPU 56)")
-    method.add_argument("--render-size", type=int, help="rendered image side (paper 256; CPU 32)")
+    method.add_argument("--render-size", type=int, help="rendered image side (paper 256; CPU 16)")
     method.add_argument("--plane-res", type=int, help="triplane side (paper 128; CPU 32)")
     method.add_argument("--plane-channels", type=int, help="triplane channels D (paper: D, not given; CPU 16)")
     method.add_argument("--embed-res", type=int, help="side of Φ's learnable embedding grid per plane "
@@ -130,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--no-distill", action="store_true", help="ablation: no distillation to the teacher")
     method.add_argument("--from-scratch", action="store_true", help="ablation (paper's from-scratch): the student "
                         "starts from random weights and is trained with the image and depth losses only")
+    method.add_argument("--depth-weighting", choices=("none", "opacity"), default="none",
+                        help="none: plain MSE over pixels with depth; opacity: weight each ray's error by its "
+                        "detached opacity (collapses to empty renders here, see docs/triplane.md)")
+    method.add_argument("--clip-grad", type=float, default=1.0, help="clip the gradient norm of each step "
+                        "(paper: not stated; 0 = off)")
     method.add_argument("--chunk-rays", type=int, help="render that many rays at a time (bounded memory)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/triplane", help="output folder")
@@ -161,9 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num-classes must be in [2, {len(synthetic.SHAPE_TEXTURE_CLASSES)}], got {args.num_classes}")
     if not 0.0 <= args.texture_agreement <= 1.0:
         parser.error(f"--texture-agreement must be in [0, 1], got {args.texture_agreement}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    for name in ("w_image", "w_depth", "w_distill", "w_density"):
+    for name in ("lr", "decoder_lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("w_image", "w_depth", "w_distill", "w_density", "clip_grad"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.chunk_rays is not None and args.chunk_rays <= 0:
@@ -541,7 +550,7 @@ def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, imag
     if cfg.pseudo_depth == "per-image":
         target_z = map_pseudo_depth(target_z)
     terms = {"image": F.mse_loss(out["rgb"], target_rgb)}
-    weight = out["opacity"].detach() * (target_z > 0)  # rays the model leaves empty, pixels without depth
+    weight = (out["opacity"].detach() if cfg.depth_weighting == "opacity" else 1.0) * (target_z > 0)  # rays the model leaves empty, pixels without depth
     terms["depth"] = (weight * (out["depth_z"] - target_z).square()).sum() / weight.sum().clamp_min(1e-6)
     if teacher is not None:
         with torch.no_grad():
@@ -734,8 +743,8 @@ def main(argv: list[str] | None = None) -> dict:
                     args.embed_res, args.generator_dim, args.generator_layers, not args.no_self_attention,
                     args.samples, args.importance, not args.no_triplane, args.chunk_rays).to(device)
     student_ddp, prior_ddp = runtime.wrap_ddp(Representation(student), dist), runtime.wrap_ddp(prior, dist)
-    optimizer = torch.optim.Adam([p for p in [*student.parameters(), *prior.parameters()] if p.requires_grad],
-                                 lr=args.lr)
+    optimizer = torch.optim.Adam([{"params": [p for p in student.parameters() if p.requires_grad], "lr": args.lr},
+                                  {"params": list(prior.parameters()), "lr": args.decoder_lr}])
     start_step = 0
     if resume is not None:
         student.load_state_dict(resume["student"])
@@ -753,11 +762,17 @@ def main(argv: list[str] | None = None) -> dict:
                                    batch_depth.to(device), args)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if args.clip_grad > 0:
+            nn.utils.clip_grad_norm_([*student.parameters(), *prior.parameters()], args.clip_grad)
         optimizer.step()
-        history.append({"total": total.detach(), **{k: v.detach() for k, v in terms.items()}})
-    history = [{k: float(v) for k, v in h.items()} for h in history]  # one host sync, after the loop
-    if history and not all(math.isfinite(v) for v in history[-1].values()):
-        raise FloatingPointError(f"the loss is not finite at the last step: {history[-1]}")
+        history.append({"total": total.detach(), **{k: v.detach() for k, v in terms.items()},
+                        "opacity": out["opacity"].detach().mean()})  # diagnostics: is anything rendered?
+        if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:  # a host sync 10 times a run
+            values = {k: float(v) for k, v in history[-1].items()}
+            progress.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(f"the loss is not finite at step {step + 1}: {values}")
+    history = [{k: float(v) for k, v in h.items()} for h in history]
 
     if not dist.is_main:
         return {}
