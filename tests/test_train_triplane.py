@@ -74,7 +74,7 @@ def test_quick_never_overrides_explicit_flags():
 def test_from_scratch_uses_only_image_and_depth_losses(tmp_path):
     metrics = script.main(["--quick", "--out", str(tmp_path), "--from-scratch", "--steps", "1",
                            "--pretrain-steps", "1"])
-    assert set(metrics["train_losses_last"]) == {"total", "image", "depth"}
+    assert set(metrics["train_losses_last"]) == {"total", "image", "depth", "opacity"}  # opacity: a diagnostic
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,7 +89,8 @@ def test_from_scratch_uses_only_image_and_depth_losses(tmp_path):
     (["--num-classes", "9"], "--num-classes"), (["--texture-agreement", "1.5"], "--texture-agreement"),
     (["--lr", "0"], "--lr"), (["--w-depth", "-1"], "--w-depth"), (["--weights", "/no/such.pth"], "--weights"),
     (["--eval-data", "nameless"], "--eval-data"), (["--eval-data", "a=/no/such/dir"], "--eval-data"),
-    (["--data", "/no/such/dir"], "--data"), (["--samples", "2"], "--samples"), (["--chunk-rays", "0"], "--chunk-rays"),
+    (["--data", "/no/such/dir"], "--data"), (["--decoder-lr", "-1"], "--decoder-lr"),
+    (["--clip-grad", "-1"], "--clip-grad"), (["--depth-weighting", "alpha"], "--depth-weighting"), (["--samples", "2"], "--samples"), (["--chunk-rays", "0"], "--chunk-rays"),
 ])
 def test_nonsense_flags_are_rejected_before_work(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
