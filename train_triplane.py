@@ -708,15 +708,23 @@ def main(argv: list[str] | None = None) -> dict:
     log = print if dist.is_main else (lambda *a, **k: None)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # The 2D teacher: an official DINOv2 checkpoint (read first: a wrong file fails before any work), or a
+    # small ViT trained here with cross-entropy.
+    vit_overrides = QUICK_VIT if args.quick and args.weights is None else {}
+    if args.weights is not None:
+        try:
+            teacher = vit.load_dinov2(runtime.load_checkpoint(args.weights)).to(device)
+        except ValueError as error:
+            raise ValueError(f"--weights must be an official DINOv2 .pth: {error}") from None
+    else:
+        teacher = vit.build_backbone(None, args.arch, **vit_overrides).to(device)
+
     data = load_data(args)
     log(f"data: {len(data['train']['labels'])} training images, {len(data['classes'])} classes "
         f"({'folder ' + args.data if args.data else 'synthetic shape-texture world'}); test sets: "
         + ", ".join(f"{k} {len(v['labels'])}" for k, v in data["class_sets"].items()))
     metrics: dict = {"config": vars(args)}
 
-    # The 2D teacher: an official DINOv2 checkpoint, or a small ViT trained here with cross-entropy.
-    vit_overrides = QUICK_VIT if args.quick and args.weights is None else {}
-    teacher = vit.build_backbone(args.weights, args.arch, **vit_overrides).to(device)
     checkpoint_path = out_dir / "triplane.pt"
     resume = runtime.load_checkpoint(checkpoint_path, ("student", "prior", "teacher", "optimizer", "step",
                                                        "config")) if args.resume else None

@@ -99,6 +99,16 @@ def test_nonsense_flags_are_rejected_before_work(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_weights_that_are_not_a_dinov2_checkpoint_fail_before_work(tmp_path):
+    (tmp_path / "bad.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="--weights.*not a valid checkpoint"):
+        script.main(["--quick", "--weights", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "out")])
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="--weights"):
+        script.main(["--quick", "--weights", str(tmp_path / "other.pth"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_eval_data_pairs(tmp_path):
     (tmp_path / "r").mkdir()
     assert script.parse_eval_data([f"imagenet_r={tmp_path / 'r'}"]) == {"imagenet_r": tmp_path / "r"}
