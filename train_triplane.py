@@ -1,44 +1,29 @@
-"""3D-Prior: fine-tune a ViT so that its representation can be rendered as a 3D scene.
+"""3D-Prior: Aygün, Dhar, Yan, Mac Aodha, Ranjan, "Enhancing 2D Representation Learning with a 3D Prior",
+CVPR Workshops 2024, arXiv:2406.02535 (no official code; the renderer follows EG3D, minimal3d/triplane.py).
 
-Paper: Aygün, Dhar, Yan, Mac Aodha, Ranjan, "Enhancing 2D Representation Learning with a 3D Prior",
-2024, arXiv:2406.02535 (no official code; the renderer follows EG3D, see minimal3d/triplane.py).
-The backbone f (DINOv2 ViT) gives h = class + patch tokens of its last 4 layers; the decoder Φ
-(TriplaneGenerator) turns h into triplanes; an MLP (TriplaneDecoder) decodes sampled features into
-density and colour; volume rendering from ONE fixed camera reconstructs the image and its (pseudo) depth.
-Eq. 5: L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e-3 L1(densities),
-f_teach a frozen copy of the starting backbone. Adam, lr 1e-4, random crop + horizontal flip.
-Only the backbone is kept (DINOv2 key layout).
+A ViT f is fine-tuned so that its representation h can be decoded into a triplane (decoder Φ, §3.4), which,
+volume-rendered from ONE fixed camera, reconstructs the image and its (pseudo) depth (Eq. 5):
+L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e-3 L1(densities),
+with f_teach a frozen copy of the starting backbone (the "2D teacher"). Only the backbone is kept.
+Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
+distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
+and a linear depth probe. The default run (synthetic shape-texture world, about 2.5 CPU minutes) writes
+the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
+the depth-probe RMSE of the 2D teacher (whether it does at this scale, over seeds, and why:
+docs/triplane.md). All decisions and deviations: docs/triplane.md.
 
-Decisions where the paper is silent (all flags):
-- camera: OpenCV pinhole at (0, 0, -2.7) looking at the origin (EG3D's FFHQ radius), horizontal field of
-  view 2 atan(0.55 / 2.7) ~ 23 degrees so the cube [-0.5, 0.5]^3 (box_size 1) fills the image;
-  rays from cameras.pixel_rays; near/far 2.2 / 3.2 (the cube's depth range); 16 + 16 samples.
-- rgb: the renderer's [0, 1] range against images in [0, 1], black background (no white_back).
-- pseudo depth: camera z-depth of unknown scale (ZoeDepth-like); each image is mapped affinely
-  (its min/max) into z in [2.3, 3.1] (inside the cube, away from its faces); the rendered ray distance t
-  is converted to z = t <d, forward> before the loss.
-- low-opacity rays: the depth MSE is weighted by the detached opacity, so rays the model leaves empty do
-  not pull depths around (their expected depth is undefined).
-- distillation: mean squared error between student and teacher h (all tokens, all 4 layers).
-- density L1: mean of softplus(raw - 1) over every queried sample (coarse + fine).
-- h: per layer [class; patches] after the final norm, the 4 layers concatenated along channels.
-- --from-scratch: the student starts from random weights; there is no meaningful frozen copy, so
-  distillation is off.
-- sizes: the paper renders 256 x 256 from 224 inputs with 128 x 128 x 32 triplanes; the defaults here are
-  CPU-sized (see --image-size, --render-size, --plane-res); pass the paper's values on a GPU.
+Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: DIR/<class>/<name>.png
+(.jpg/.jpeg) with the pseudo depth beside each image as <name>.npy (float32 (H, W), camera z) or
+<name>_depth.png (16-bit, millimetres); 80 % train / 20 % test. --weights loads an official DINOv2 .pth
+(vit.load_dinov2) as the 2D teacher and the student's start; without it a small ViT is trained here in
+2D (cross-entropy) on the training images, and that is the 2D teacher. Evaluation folders:
+--eval-data NAME=DIR (class folders), --cue-conflict DIR, --depth-data DIR (see --help).
 
-Data: synthetic single images with metric depth (minimal3d.synthetic) by default, or --data DIR with
-DIR/<class>/<name>.{png,jpg,jpeg} and the pseudo depth beside each image as DIR/<class>/<name>.npy
-(float (H, W)) or DIR/<class>/<name>_depth.png (16-bit). Class folders give the probe labels.
-Without --weights, a small ViT is first pretrained on the synthetic classes with plain 2D supervision
-(cross-entropy) for --pretrain-steps: that is the 2D "teacher" the 3D prior should improve.
-
-    python train_triplane.py                      # synthetic, a few minutes on CPU
+    python train_triplane.py                       # synthetic miniature, about 2.5 CPU minutes
     python train_triplane.py --quick --out /tmp/t  # seconds (smoke test)
-    python train_triplane.py --weights dinov2_vits14_pretrain.pth --data DIR --image-size 224 \\
-        --render-size 256 --plane-res 128 --batch-size 64 --steps 20000 --device cuda
-    torchrun --nproc_per_node=2 train_triplane.py ...
-    python train_triplane.py --eval --out DIR      # probes of DIR/teacher_dinov2.pth vs DIR/backbone_dinov2.pth
+    python train_triplane.py --weights dinov2_vits14_pretrain.pth --data IMAGENET_DIR --image-size 224 \\
+        --render-size 256 --plane-res 128 --batch-size 64 --steps 20000 --device cuda \\
+        --eval-data imagenet_r=IMAGENET_R_DIR sketch=SKETCH_DIR --cue-conflict CUE_DIR --depth-data NYU_DIR
 """
 
 import argparse
@@ -50,103 +35,325 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from minimal3d import cameras, runtime, synthetic, vit
-from minimal3d.probes import depth_metrics, fit_linear_classifier, fit_linear_regressor
-from minimal3d.triplane import TriplaneDecoder, TriplaneGenerator, render_triplane
+from minimal3d.probes import depth_metrics, fit_linear_classifier, fit_linear_regressor, shape_bias
+from minimal3d.triplane import TriplaneDecoder, render_triplane
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--data", help="image folder DIR/<class>/<image> with pseudo depth beside each image")
-parser.add_argument("--weights", help="official DINOv2 .pth (else a small random ViT, pretrained in 2D first)")
-parser.add_argument("--arch", default="vit_tiny", help="ViT when no --weights (vit_tiny, vit_small, ...)")
-parser.add_argument("--device", default="auto")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--steps", type=int, default=120, help="3D-prior fine-tuning steps")
-parser.add_argument("--pretrain-steps", type=int, default=250, help="2D pretraining steps (no --weights)")
-parser.add_argument("--batch-size", type=int, default=8)
-parser.add_argument("--lr", type=float, default=1e-4)  # paper
-parser.add_argument("--image-size", type=int, default=112, help="ViT input (paper 224)")
-parser.add_argument("--render-size", type=int, default=32, help="rendered image side (paper 256)")
-parser.add_argument("--plane-res", type=int, default=64, help="triplane resolution (paper 128)")
-parser.add_argument("--plane-channels", type=int, default=32)
-parser.add_argument("--generator-dim", type=int, default=128, help="width of the decoder Φ (ours; paper n/a)")
-parser.add_argument("--samples", type=int, default=16)  # paper
-parser.add_argument("--importance", type=int, default=16)  # EG3D default N = S
-parser.add_argument("--w-image", type=float, default=0.1)  # Eq. 5
-parser.add_argument("--w-depth", type=float, default=1.0)
-parser.add_argument("--w-distill", type=float, default=1.0)
-parser.add_argument("--w-density", type=float, default=1e-3)
-parser.add_argument("--no-triplane", action="store_true", help="ablation: conv decoder predicts image + depth")
-parser.add_argument("--no-distill", action="store_true", help="ablation: no distillation to the frozen copy")
-parser.add_argument("--from-scratch", action="store_true", help="ablation: the student starts from random weights")
-parser.add_argument("--num-classes", type=int, default=10)
-parser.add_argument("--train-images", type=int, default=240)
-parser.add_argument("--test-images", type=int, default=120)
-parser.add_argument("--chunk-rays", type=int, default=None, help="render rays in chunks (bounded memory)")
-parser.add_argument("--eval", action="store_true", help="only run the probes on --out's saved backbones")
-parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-parser.add_argument("--out", default="out/triplane")
-parser.add_argument("--quick", action="store_true", help="tiny sizes, a run of seconds")
-args = parser.parse_args()
-if args.quick:
-    args.steps, args.pretrain_steps, args.batch_size = 4, 6, 4
-    args.image_size, args.render_size, args.plane_res, args.plane_channels = 56, 12, 32, 8
-    args.generator_dim, args.samples, args.importance = 32, 8, 8
-    args.train_images, args.test_images, args.num_classes = 24, 12, 4
-
+# The one fixed camera (EG3D's FFHQ radius) and the cube it looks at; the shape-texture world is rendered
+# from the same camera, so its metric depth can be used as it is.
 CAMERA_DISTANCE, BOX_SIZE, NEAR, FAR = 2.7, 1.0, 2.2, 3.2
-DEPTH_RANGE = (2.3, 3.1)  # pseudo depth is mapped into this camera-z range
-out_dir = Path(args.out)
-device = runtime.pick_device(args.device)
-dist = runtime.init_distributed(device)
-device = dist.device
-runtime.seed_everything(args.seed, dist.rank)
-log = print if dist.is_main else (lambda *a, **k: None)
+FIELD_OF_VIEW = 2 * math.atan(0.55 / CAMERA_DISTANCE)  # the cube [-0.5, 0.5]^3 fills the image
+MAPPED_DEPTH_RANGE = (2.3, 3.1)  # --pseudo-depth per-image maps each image's depth into this z range
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# Flags whose default depends on --quick (None in the parser, filled in after parsing; never overriding).
+PROFILES = {
+    "normal": dict(steps=300, pretrain_steps=150, batch_size=8, pretrain_batch_size=32, image_size=56,
+                   render_size=16, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
+                   importance=16, train_images=400, test_images=150, num_classes=5, depth_patch=4),
+    "quick": dict(steps=3, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
+                  plane_res=8, plane_channels=8, embed_res=4, generator_dim=32, samples=8, importance=4,
+                  train_images=30, test_images=15, num_classes=3, depth_patch=2),
+}
+QUICK_VIT = {"embed_dim": 64, "depth": 4, "num_heads": 2}  # --quick without --weights: a tiny ViT
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: images (N, 3, S, S) in [0, 1], pseudo depth (N, S, S) > 0, labels (N,)
+# Command line
 # ---------------------------------------------------------------------------------------------------
 
 
-def synthetic_split(split: str, count: int, size: int, texture_swap: bool = False) -> dict:
-    samples = [synthetic.single_image_sample(i, split, size, size, args.num_classes, args.seed, texture_swap)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags; defaults are the paper's unless CPU forces smaller (each such flag says so)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data and evaluation")
+    data.add_argument("--data", help="training images DIR/<class>/<name>.png with pseudo depth beside each image "
+                      "(<name>.npy float camera z, or <name>_depth.png 16-bit millimetres); 80/20 train/test split. "
+                      "Default: the synthetic shape-texture world")
+    data.add_argument("--eval-data", nargs="+", default=[], metavar="NAME=DIR",
+                      help="extra test sets DIR/<class>/<image> (classes of --data, e.g. ImageNet-R), each "
+                      "reported as linear-probe accuracy with the probe trained on the --data train split")
+    data.add_argument("--cue-conflict", metavar="DIR", help="cue-conflict images DIR/<shape_class>/"
+                      "<texture_class>_<name>.png for the shape bias (default: the synthetic cue-conflict split)")
+    data.add_argument("--depth-data", metavar="DIR", help="depth-probe set with DIR/train and DIR/test, each "
+                      "holding rgb_<id>.jpg + sync_depth_<id>.png (NYUv2 as in BTS: 16-bit millimetres) or "
+                      "<name>.png + <name>.npy (float metres), in any subfolders; 0 = no depth. Default: "
+                      "the synthetic world's true depth")
+    data.add_argument("--num-classes", type=int, help="synthetic classes (2-5: sphere, cube, cylinder, "
+                      "dumbbell, cross)")
+    data.add_argument("--train-images", type=int, help="synthetic training images")
+    data.add_argument("--test-images", type=int, help="synthetic images per test split (test, ood, cue-conflict)")
+    data.add_argument("--texture-agreement", type=float, default=0.9,
+                      help="synthetic train/test: probability that an object wears its own class's texture")
+    model = parser.add_argument_group("backbone")
+    model.add_argument("--weights", help="official DINOv2 .pth (vit.load_dinov2) loaded into the student and the "
+                       "frozen teacher ViT; without it a random --arch ViT is first trained here in 2D "
+                       "(cross-entropy on the training images): that is the 2D teacher")
+    model.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHITECTURES),
+                       help="ViT when no --weights")
+    model.add_argument("--pretrain-steps", type=int, help="2D teacher training steps (no --weights)")
+    model.add_argument("--pretrain-batch-size", type=int, help="2D teacher batch size")
+    method = parser.add_argument_group("3D prior (paper values unless noted)")
+    method.add_argument("--steps", type=int, help="3D-prior fine-tuning steps")
+    method.add_argument("--batch-size", type=int, help="paper 64; CPU default 8")
+    method.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the backbone (paper)")
+    method.add_argument("--decoder-lr", type=float, default=1e-3, help="Adam learning rate of Φ and the point "
+                        "decoder (paper: 1e-4 like the backbone; 1e-3 because a CPU run has only a few hundred "
+                        "steps in which Φ must learn to render)")
+    method.add_argument("--image-size", type=int, help="ViT input side, a multiple of 14 (paper 224; CPU 56)")
+    method.add_argument("--render-size", type=int, help="rendered image side (paper 256; CPU 16)")
+    method.add_argument("--plane-res", type=int, help="triplane side (paper 128; CPU 32)")
+    method.add_argument("--plane-channels", type=int, help="triplane channels D (paper: D, not given; CPU 16)")
+    method.add_argument("--embed-res", type=int, help="side of Φ's learnable embedding grid per plane "
+                        "(paper: not given; CPU 8); --plane-res must be --embed-res * 2^k")
+    method.add_argument("--generator-dim", type=int, help="width of Φ's attention blocks (paper: not given)")
+    method.add_argument("--generator-layers", type=int, default=2, help="attention blocks in Φ (paper: not given)")
+    method.add_argument("--no-self-attention", action="store_true", help="Φ without self-attention among the "
+                        "embeddings (default: self-attention then cross-attention, paper §3.4)")
+    method.add_argument("--samples", type=int, help="stratified samples per ray (paper 16; quick 8)")
+    method.add_argument("--importance", type=int, help="importance samples per ray (paper: 'importance "
+                        "sampling as in EG3D', whose default N = S = 16)")
+    method.add_argument("--pseudo-depth", choices=("as-is", "per-image"), default="as-is",
+                        help="as-is: pseudo depth is camera z in the renderer's units (paper); per-image: each "
+                        f"image's min/max mapped into z in {MAPPED_DEPTH_RANGE} (for depth of unknown scale)")
+    method.add_argument("--density-reduction", choices=("mean", "sum"), default="mean",
+                        help="L_norm as the mean |density| over all samples (default) or the sum the paper writes "
+                        "(weight 1e-3 on the sum = 1e-3 * B * R * (S + N) on the mean); see docs/triplane.md")
+    method.add_argument("--w-image", type=float, default=0.1, help="Eq. 5")
+    method.add_argument("--w-depth", type=float, default=1.0, help="Eq. 5")
+    method.add_argument("--w-distill", type=float, default=1.0, help="Eq. 5")
+    method.add_argument("--w-density", type=float, default=1e-3, help="Eq. 5")
+    method.add_argument("--no-triplane", action="store_true", help="ablation: a conv decoder predicts image and "
+                        "depth directly from h (no triplane, no rendering)")
+    method.add_argument("--no-distill", action="store_true", help="ablation: no distillation to the teacher")
+    method.add_argument("--from-scratch", action="store_true", help="ablation (paper's from-scratch): the student "
+                        "starts from random weights and is trained with the image and depth losses only")
+    method.add_argument("--depth-weighting", choices=("none", "opacity"), default="none",
+                        help="none: plain MSE over pixels with depth; opacity: weight each ray's error by its "
+                        "detached opacity (collapses to empty renders here, see docs/triplane.md)")
+    method.add_argument("--clip-grad", type=float, default=1.0, help="clip the gradient norm of each step "
+                        "(paper: not stated; 0 = off)")
+    method.add_argument("--chunk-rays", type=int, help="render that many rays at a time (bounded memory)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/triplane", help="output folder")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--quick", action="store_true", help="tiny sizes, a run of seconds (explicit flags win)")
+    run.add_argument("--resume", action="store_true", help="continue from --out/triplane.pt")
+    args = parser.parse_args(argv)
+
+    for name, value in PROFILES["quick" if args.quick else "normal"].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    positive = ("steps", "batch_size", "pretrain_batch_size", "image_size", "render_size", "plane_res",
+                "plane_channels", "embed_res", "generator_dim", "generator_layers", "train_images", "test_images",
+                "depth_patch")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.pretrain_steps < 0:
+        parser.error(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+    if args.image_size % 14:
+        parser.error(f"--image-size must be a multiple of the ViT patch size 14, got {args.image_size}")
+    if args.samples < 3 or args.importance < 0:
+        parser.error(f"--samples must be >= 3 and --importance >= 0, got {args.samples}, {args.importance}")
+    levels = math.log2(args.plane_res / args.embed_res)
+    if levels < 0 or levels != int(levels):
+        parser.error(f"--plane-res must be --embed-res * 2^k, got {args.plane_res} and {args.embed_res}")
+    if not 2 <= args.num_classes <= len(synthetic.SHAPE_TEXTURE_CLASSES):
+        parser.error(f"--num-classes must be in [2, {len(synthetic.SHAPE_TEXTURE_CLASSES)}], got {args.num_classes}")
+    if not 0.0 <= args.texture_agreement <= 1.0:
+        parser.error(f"--texture-agreement must be in [0, 1], got {args.texture_agreement}")
+    for name in ("lr", "decoder_lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("w_image", "w_depth", "w_distill", "w_density", "clip_grad"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.chunk_rays is not None and args.chunk_rays <= 0:
+        parser.error(f"--chunk-rays must be a positive integer, got {args.chunk_rays}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        parser.error(f"--weights must be an official DINOv2 .pth file, got {args.weights!r} (no such file)")
+    for flag, folder in (("--data", args.data), ("--cue-conflict", args.cue_conflict),
+                         ("--depth-data", args.depth_data)):
+        if folder is not None and not Path(folder).is_dir():
+            parser.error(f"{flag} must be a folder, got {folder!r}")
+    try:
+        parse_eval_data(args.eval_data)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def parse_eval_data(items: list[str]) -> dict[str, Path]:
+    """``["NAME=DIR", ...]`` -> {NAME: Path(DIR)}; names unique, folders existing."""
+    sets = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--eval-data expects NAME=DIR, got {item!r}")
+        if name in sets:
+            raise ValueError(f"--eval-data names must be unique, got {name!r} twice")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--eval-data {name}: {folder!r} is not a folder")
+        sets[name] = Path(folder)
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: a split is a dict of images (N, 3, S, S) in [0, 1], labels (N,), and where known depth (N, S, S)
+# (camera z, 0 = unknown) and texture_labels (N,)
+# ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_split(split: str, count: int, size: int, num_classes: int, seed: int,
+                    texture_agreement: float) -> dict:
+    """``count`` images of the shape-texture world (see minimal3d.synthetic.shape_texture_sample)."""
+    samples = [synthetic.shape_texture_sample(i, split, size, num_classes, seed, texture_agreement)
                for i in range(count)]
-    return {"images": torch.stack([s["image"] for s in samples]), "depth": torch.stack([s["depth"] for s in samples]),
-            "labels": torch.stack([s["label"] for s in samples])}
+    return {key: torch.stack([s[key_] for s in samples])
+            for key, key_ in (("images", "image"), ("depth", "depth"), ("labels", "label"),
+                              ("texture_labels", "texture_label"))}
 
 
-def read_depth(image_path: Path) -> np.ndarray:
-    npy, png = image_path.with_suffix(".npy"), image_path.with_name(image_path.stem + "_depth.png")
-    if npy.exists():
-        return np.load(npy).astype(np.float32)
-    if png.exists():
-        return np.asarray(Image.open(png), dtype=np.float32)
-    raise FileNotFoundError(f"no pseudo depth for {image_path}: expected {npy.name} or {png.name}")
+def read_image(path: Path, size: int) -> Tensor:
+    """An RGB file -> (3, size, size) in [0, 1] (area-resized, aspect ratio not kept)."""
+    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+    return F.interpolate(image.permute(2, 0, 1)[None], (size, size), mode="area")[0].clamp(0, 1)
 
 
-def folder_split(root: Path, size: int) -> tuple[dict, list[str]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, depths, labels = [], [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in (".png", ".jpg", ".jpeg") or path.stem.endswith("_depth"):
-                continue
-            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
-            depth = torch.from_numpy(read_depth(path))
-            images.append(F.interpolate(image.permute(2, 0, 1)[None], (size, size), mode="area")[0])
-            depths.append(F.interpolate(depth[None, None], (size, size), mode="area")[0, 0])
-            labels.append(label)
+def read_depth(path: Path, size: int) -> Tensor:
+    """A depth file -> (size, size) metres (nearest resize, 0 = no depth): .npy float metres, or a 16-bit
+    PNG in millimetres."""
+    if path.suffix == ".npy":
+        depth = np.load(path).astype(np.float32)
+    else:
+        depth = np.asarray(Image.open(path), dtype=np.float32) / 1000.0
+    if depth.ndim != 2:
+        raise ValueError(f"depth file {path} must hold an (H, W) map, got shape {depth.shape}")
+    depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0)
+    return F.interpolate(torch.from_numpy(depth)[None, None], (size, size), mode="nearest")[0, 0]
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and
+                  not p.stem.endswith("_depth"))
+
+
+def read_class_folder(root: Path, size: int, classes: list[str] | None = None,
+                      with_depth: bool = False) -> tuple[dict, list[str]]:
+    """DIR/<class>/<image> -> split, class names. With ``classes`` (those of --data) every subfolder must be
+    one of them (labels follow that list); ``with_depth`` reads <name>.npy or <name>_depth.png beside each."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise ValueError(f"{root}: expected class folders {root}/<class>/<image>, found none")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: class folders {unknown} are not classes of the training data {classes}")
+    images, labels, depths = [], [], []
+    for name in found:
+        for path in image_files(root / name):
+            images.append(read_image(path, size))
+            labels.append(classes.index(name))
+            if with_depth:
+                candidates = [path.with_suffix(".npy"), path.with_name(path.stem + "_depth.png")]
+                depth_path = next((p for p in candidates if p.exists()), None)
+                if depth_path is None:
+                    raise ValueError(f"no pseudo depth for {path}: expected {candidates[0].name} or {candidates[1].name}")
+                depths.append(read_depth(depth_path, size))
     if not images:
-        raise ValueError(f"--data {root}: no images found in {root}/<class>/")
-    return {"images": torch.stack(images), "depth": torch.stack(depths), "labels": torch.tensor(labels)}, classes
+        raise ValueError(f"{root}: no {'/'.join(IMAGE_EXTENSIONS)} images in {root}/<class>/")
+    split = {"images": torch.stack(images), "labels": torch.tensor(labels)}
+    if with_depth:
+        split["depth"] = torch.stack(depths)
+    return split, classes
 
 
-def augment(images: torch.Tensor, depth: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crop (60-100% of the side) + horizontal flip, applied to image and depth alike."""
+def texture_class_of(stem: str, classes: list[str]) -> int:
+    """The class named by the file stem ``<texture_class>_<name>`` (the longest class name that matches)."""
+    matches = [c for c in classes if stem.startswith(c + "_")]
+    if not matches:
+        raise ValueError(f"cue-conflict image {stem!r} must be named <texture_class>_<name> with a class of {classes}")
+    return classes.index(max(matches, key=len))
+
+
+def read_cue_conflict_folder(root: Path, size: int, classes: list[str]) -> dict:
+    """DIR/<shape_class>/<texture_class>_<name>.png (Geirhos et al.'s layout) -> split with texture_labels."""
+    split, _ = read_class_folder(root, size, classes)
+    stems = [p.stem for name in sorted(p.name for p in root.iterdir() if p.is_dir()) for p in image_files(root / name)]
+    split["texture_labels"] = torch.tensor([texture_class_of(stem, classes) for stem in stems])
+    return split
+
+
+def depth_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, depth) file pairs anywhere below ``folder``: rgb_<id>.jpg + sync_depth_<id>.png (NYUv2 as in
+    BTS) or <name>.<png|jpg> + <name>.npy."""
+    pairs = []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if image.stem.startswith("sync_depth_"):
+            continue
+        if image.stem.startswith("rgb_"):
+            depth = image.with_name("sync_depth_" + image.stem[4:] + ".png")
+        else:
+            depth = image.with_suffix(".npy")
+        if depth.exists():
+            pairs.append((image, depth))
+    if not pairs:
+        raise ValueError(f"--depth-data: no image+depth pairs in {folder} (rgb_<id>.jpg + sync_depth_<id>.png, "
+                         f"or <name>.png + <name>.npy)")
+    return pairs
+
+
+def read_depth_folder(root: Path, size: int) -> dict[str, dict]:
+    """DIR/train and DIR/test of image+depth pairs -> {"train": split, "test": split} (depth in metres)."""
+    splits = {}
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            raise ValueError(f"--depth-data must hold {root / part}")
+        pairs = depth_pairs(root / part)
+        splits[part] = {"images": torch.stack([read_image(i, size) for i, _ in pairs]),
+                        "depth": torch.stack([read_depth(d, size) for _, d in pairs])}
+    return splits
+
+
+def load_data(args: argparse.Namespace) -> dict:
+    """Training split, probe splits and evaluation sets, all at the generation size (ViT input + 1/7)."""
+    size = args.image_size + args.image_size // 7  # a bit larger than the ViT input: room for random crops
+    generate = lambda split: synthetic_split(split, args.train_images if split == "train" else args.test_images,  # noqa: E731
+                                             size, args.num_classes, args.seed, args.texture_agreement)
+    if args.data:
+        full, classes = read_class_folder(Path(args.data), size, with_depth=True)
+        order = torch.randperm(len(full["labels"]), generator=torch.Generator().manual_seed(args.seed))
+        cut = max(1, int(0.8 * len(order)))
+        data = {"train": {k: v[order[:cut]] for k, v in full.items()},
+                "class_sets": {"test": {k: v[order[cut:]] for k, v in full.items()}}}
+    else:
+        classes = list(synthetic.SHAPE_TEXTURE_CLASSES[:args.num_classes])
+        data = {"train": generate("train"), "class_sets": {"test": generate("test"), "ood": generate("ood")}}
+        data["cue_conflict"] = generate("cue_conflict")
+        data["depth"] = {"train": data["train"], "test": data["class_sets"]["test"]}
+    data["classes"] = classes
+    for name, folder in parse_eval_data(args.eval_data).items():
+        data["class_sets"][name], _ = read_class_folder(folder, size, classes)
+    if args.cue_conflict:
+        data["cue_conflict"] = read_cue_conflict_folder(Path(args.cue_conflict), size, classes)
+    if args.depth_data:
+        data["depth"] = read_depth_folder(Path(args.depth_data), size)
+    elif args.data:
+        data["depth"] = {"train": data["train"], "test": data["class_sets"]["test"]}
+    return data
+
+
+def augment(images: Tensor, depth: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Random crop (60-100 % of the side) + horizontal flip (paper), alike for image and depth."""
     side = images.shape[-1]
     out_images, out_depth = [], []
     for image, d in zip(images, depth):
@@ -155,22 +362,23 @@ def augment(images: torch.Tensor, depth: torch.Tensor, size: int) -> tuple[torch
         image, d = image[:, top:top + crop, left:left + crop], d[top:top + crop, left:left + crop]
         if torch.rand(()).item() < 0.5:
             image, d = image.flip(-1), d.flip(-1)
-        out_images.append(F.interpolate(image[None], (size, size), mode="bilinear", antialias=True, align_corners=False)[0])
-        out_depth.append(F.interpolate(d[None, None], (size, size), mode="bilinear", align_corners=False)[0, 0])
-    return torch.stack(out_images).clamp(0, 1), torch.stack(out_depth)
+        out_images.append(resize(image[None], size)[0])
+        out_depth.append(F.interpolate(d[None, None], (size, size), mode="nearest")[0, 0])
+    return torch.stack(out_images), torch.stack(out_depth)
 
 
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize(images: Tensor, size: int) -> Tensor:
     return F.interpolate(images, (size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model pieces
+# §3.1-3.3: the representation h and the fixed camera
 # ---------------------------------------------------------------------------------------------------
 
 
-def representation(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """h: [class; patches] of the last 4 layers, concatenated along channels -> (B, 1 + P, 4 D)."""
+def representation(backbone: nn.Module, images: Tensor) -> Tensor:
+    """h: [class; patches] of the last 4 layers, concatenated along channels: images (B, 3, S, S) ->
+    (B, 1 + P, 4 D)."""
     layers = backbone.get_intermediate_layers(vit.normalize_image(images), 4, return_class_token=True)
     return torch.cat([torch.cat([cls[:, None], patches], 1) for patches, cls in layers], -1)
 
@@ -182,29 +390,91 @@ class Representation(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: Tensor) -> Tensor:
         return representation(self.backbone, images)
 
 
-def probe_features(backbone: nn.Module, images: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features: class token + mean patch token (N, 2D), and patch tokens (N, P, D), last layer."""
-    pooled, patches = [], []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            x = vit.normalize_image(images[start:start + batch].to(device))
-            ((tokens, cls),) = backbone.get_intermediate_layers(x, 1, return_class_token=True)
-            pooled.append(torch.cat([cls, tokens.mean(1)], -1).cpu())
-            patches.append(tokens.cpu())
-    return torch.cat(pooled), torch.cat(patches)
+def fixed_camera(size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The one camera at (0, 0, -2.7) looking at the cube's centre: origins, unit directions (R, 3) and each
+    ray's cosine to the optical axis (R,) (camera z = ray distance * cosine)."""
+    eye = torch.tensor([0.0, 0.0, -CAMERA_DISTANCE])
+    viewmat = cameras.look_at(eye, torch.zeros(3), torch.tensor([0.0, -1.0, 0.0]))
+    K = cameras.fov_intrinsics(FIELD_OF_VIEW, size, size)
+    origins, directions = cameras.pixel_rays(viewmat, K, size, size)
+    return origins, directions, directions @ viewmat[2, :3]
+
+
+# ---------------------------------------------------------------------------------------------------
+# §3.4: the decoder Φ (h -> triplanes) and the --no-triplane ablation
+# ---------------------------------------------------------------------------------------------------
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm block on the plane embeddings x (B, N, W) given the memory h (B, T, W):
+    x += SelfAttn(x) (unless ``self_attention`` is False); x += CrossAttn(x, h); x += MLP(x)."""
+
+    def __init__(self, width: int, num_heads: int, self_attention: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.self_attention = self_attention
+        if self_attention:
+            self.norm_self, self.qkv, self.proj_self = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm_q, self.norm_memory = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.to_q, self.to_kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        heads = self.num_heads
+        if self.self_attention:
+            q, k, v = rearrange(self.qkv(self.norm_self(x)), "b n (three h d) -> three b h n d", three=3, h=heads)
+            x = x + self.proj_self(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        q = rearrange(self.to_q(self.norm_q(x)), "b n (h d) -> b h n d", h=heads)
+        k, v = rearrange(self.to_kv(self.norm_memory(memory)), "b m (two h d) -> two b h m d", two=2, h=heads)
+        x = x + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class TriplaneGeneratorPhi(nn.Module):
+    """Φ (§3.4): learnable embeddings of the three planes (3 x E x E tokens of ``width``) attend to
+    themselves and to h (``num_layers`` blocks), then each plane is upsampled by (bilinear x2, 3x3 conv,
+    GELU) blocks from E to ``plane_resolution`` and projected to ``plane_channels`` (D); the planes share
+    the conv weights. tokens (B, T, token_dim) -> planes (B, 3, D, H, W)."""
+
+    def __init__(self, token_dim: int, plane_channels: int, plane_resolution: int, embed_resolution: int,
+                 width: int, num_heads: int, num_layers: int, self_attention: bool = True):
+        super().__init__()
+        num_upsamples = round(math.log2(plane_resolution / embed_resolution))
+        self.embed_resolution = embed_resolution
+        self.embeddings = nn.Parameter(torch.randn(3 * embed_resolution ** 2, width) * 0.02)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.blocks = nn.ModuleList(AttentionBlock(width, num_heads, self_attention) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(width)
+        layers, channels = [], width
+        for _ in range(num_upsamples):
+            out_channels = max(channels // 2, plane_channels)
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                       nn.Conv2d(channels, out_channels, 3, padding=1), nn.GELU()]
+            channels = out_channels
+        layers.append(nn.Conv2d(channels, plane_channels, 1))
+        self.upsample = nn.Sequential(*layers)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        memory = self.input_proj(tokens)  # (B, T, width)
+        x = self.embeddings.expand(tokens.shape[0], -1, -1)  # (B, 3 E^2, width)
+        for block in self.blocks:
+            x = block(x, memory)
+        x = rearrange(self.norm(x), "b (k h w) c -> (b k) c h w", k=3, h=self.embed_resolution)
+        return rearrange(self.upsample(x), "(b k) c h w -> b k c h w", k=3)
 
 
 class ConvImageDecoder(nn.Module):
-    """--no-triplane ablation: patch tokens (as a grid) + class token -> image (3) and depth (1) directly."""
+    """--no-triplane ablation: patch tokens (a grid) + class token -> image (3) and camera z (1) directly."""
 
-    def __init__(self, input_dim: int, grid: int, out_size: int, width: int):
+    def __init__(self, token_dim: int, grid: int, out_size: int, width: int):
         super().__init__()
         self.grid, self.out_size = grid, out_size
-        self.proj = nn.Linear(2 * input_dim, width)
+        self.proj = nn.Linear(2 * token_dim, width)
         layers, size = [], grid
         while size < out_size:
             layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
@@ -212,158 +482,215 @@ class ConvImageDecoder(nn.Module):
             size *= 2
         self.body = nn.Sequential(*layers, nn.Conv2d(width, 4, 1))
 
-    def forward(self, tokens: torch.Tensor) -> dict:
+    def forward(self, tokens: Tensor) -> dict:
         cls, patches = tokens[:, :1], tokens[:, 1:]
         x = self.proj(torch.cat([patches, cls.expand_as(patches)], -1))  # (B, P, width)
         x = x.transpose(1, 2).unflatten(-1, (self.grid, self.grid))
         x = F.interpolate(self.body(x), (self.out_size, self.out_size), mode="bilinear", align_corners=False)
-        depth_z = DEPTH_RANGE[0] + (DEPTH_RANGE[1] - DEPTH_RANGE[0]) * torch.sigmoid(x[:, 3])
+        depth_z = NEAR + (FAR - NEAR) * torch.sigmoid(x[:, 3])
         return {"rgb": torch.sigmoid(x[:, :3]), "depth_z": depth_z, "opacity": torch.ones_like(depth_z)}
 
 
-def fixed_camera(size: int):
-    """The one fixed camera: rays (R, 3) and each ray's cos to the optical axis (z = t * cos)."""
-    eye = torch.tensor([0.0, 0.0, -CAMERA_DISTANCE])
-    viewmat = cameras.look_at(eye, torch.zeros(3), torch.tensor([0.0, -1.0, 0.0]))
-    K = cameras.fov_intrinsics(2 * math.atan(0.55 / CAMERA_DISTANCE), size, size)
-    origins, directions = cameras.pixel_rays(viewmat, K, size, size)
-    forward = viewmat[2, :3]  # the camera's z axis in world coordinates
-    return origins.to(device), directions.to(device), (directions @ forward).to(device)
+class Prior3D(nn.Module):
+    """Φ + point decoder + renderer from the fixed camera (or the conv ablation): h -> rendered image
+    (B, 3, R, R), camera z (B, R, R), opacity (B, R, R) and the activated densities of all samples."""
+
+    def __init__(self, token_dim: int, grid: int, render_size: int, plane_channels: int, plane_res: int,
+                 embed_res: int, width: int, num_layers: int, self_attention: bool, samples: int, importance: int,
+                 use_triplane: bool = True, chunk_rays: int | None = None):
+        super().__init__()
+        self.render_size, self.samples, self.importance = render_size, samples, importance
+        self.use_triplane, self.chunk_rays = use_triplane, chunk_rays
+        if use_triplane:
+            self.generator = TriplaneGeneratorPhi(token_dim, plane_channels, plane_res, embed_res, width,
+                                                  max(1, width // 32), num_layers, self_attention)
+            self.decoder = TriplaneDecoder(plane_channels)
+        else:
+            self.image_decoder = ConvImageDecoder(token_dim, grid, render_size, width)
+        origins, directions, cosine = fixed_camera(render_size)
+        self.register_buffer("origins", origins, persistent=False)
+        self.register_buffer("directions", directions, persistent=False)
+        self.register_buffer("cosine", cosine, persistent=False)
+
+    def forward(self, tokens: Tensor) -> dict:
+        if not self.use_triplane:
+            return self.image_decoder(tokens)
+        planes = self.generator(tokens)  # (B, 3, D, H, W)
+        batch, size = tokens.shape[0], self.render_size
+        out = render_triplane(planes, self.decoder, self.origins.expand(batch, -1, -1),
+                              self.directions.expand(batch, -1, -1), NEAR, FAR, self.samples, self.importance,
+                              BOX_SIZE, chunk_rays=self.chunk_rays)
+        return {"rgb": out["rgb"].transpose(1, 2).unflatten(-1, (size, size)),
+                "depth_z": (out["depth"][..., 0] * self.cosine).unflatten(-1, (size, size)),  # ray distance -> z
+                "opacity": out["opacity"][..., 0].unflatten(-1, (size, size)),
+                "density": F.softplus(out["raw_sigma"] - 1.0)}  # every queried sample, EG3D's activation
 
 
-def map_pseudo_depth(depth: torch.Tensor) -> torch.Tensor:
-    """Per image, affinely map (min, max) of the pseudo z-depth to DEPTH_RANGE: (B, H, W)."""
+# ---------------------------------------------------------------------------------------------------
+# Eq. 5: the loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def map_pseudo_depth(depth: Tensor) -> Tensor:
+    """--pseudo-depth per-image: each image's (min, max) affinely to MAPPED_DEPTH_RANGE: (B, H, W)."""
     low = depth.flatten(1).min(1).values.view(-1, 1, 1)
     high = depth.flatten(1).max(1).values.view(-1, 1, 1)
     unit = (depth - low) / (high - low).clamp_min(1e-6)
-    return DEPTH_RANGE[0] + (DEPTH_RANGE[1] - DEPTH_RANGE[0]) * unit
+    return MAPPED_DEPTH_RANGE[0] + (MAPPED_DEPTH_RANGE[1] - MAPPED_DEPTH_RANGE[0]) * unit
 
 
-class Prior3D(nn.Module):
-    """Φ + point decoder + renderer (or the conv ablation): h -> rendered image, depth, opacity, densities."""
-
-    def __init__(self, token_dim: int, grid: int):
-        super().__init__()
-        if args.no_triplane:
-            self.image_decoder = ConvImageDecoder(token_dim, grid, args.render_size, args.generator_dim)
-        else:
-            self.generator = TriplaneGenerator(token_dim, args.plane_channels, args.plane_res, embed_resolution=16,
-                                               dim=args.generator_dim, num_heads=max(1, args.generator_dim // 32))
-            self.decoder = TriplaneDecoder(args.plane_channels)
-        self.rays = fixed_camera(args.render_size)
-
-    def forward(self, tokens: torch.Tensor) -> dict:
-        if args.no_triplane:
-            return self.image_decoder(tokens)
-        planes = self.generator(tokens)  # (B, 3, C, H, W)
-        origins, directions, cosine = self.rays
-        batch = tokens.shape[0]
-        out = render_triplane(planes, self.decoder, origins.expand(batch, -1, -1), directions.expand(batch, -1, -1),
-                              NEAR, FAR, args.samples, args.importance, BOX_SIZE, chunk_rays=args.chunk_rays)
-        size = args.render_size
-        return {"rgb": out["rgb"].transpose(1, 2).unflatten(-1, (size, size)),  # (B, 3, H, W)
-                "depth_z": (out["depth"][..., 0] * cosine).unflatten(-1, (size, size)),  # ray distance -> z
-                "opacity": out["opacity"][..., 0].unflatten(-1, (size, size)),
-                "density": F.softplus(out["raw_sigma"] - 1.0)}  # all queried samples, EG3D's activation
-
-
-def losses(prior: nn.Module, student: nn.Module, teacher, images, depth) -> tuple[torch.Tensor, dict, dict]:
-    """Eq. 5 on a batch of augmented images (B, 3, S, S) and raw pseudo depth (B, S, S).
-
-    student: a ``Representation`` (maybe DDP-wrapped); teacher: the frozen backbone or None."""
+def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, images: Tensor, depth: Tensor,
+           cfg: argparse.Namespace) -> tuple[Tensor, dict, dict]:
+    """Eq. 5 on augmented images (B, 3, S, S) and their pseudo depth (B, S, S): total, the terms (tensors)
+    and the render. student: a ``Representation`` (maybe DDP-wrapped); teacher: frozen backbone or None."""
     tokens = student(images)
     out = prior(tokens)
-    target_rgb = resize(images, args.render_size)
-    target_z = map_pseudo_depth(F.interpolate(depth[:, None], (args.render_size,) * 2, mode="area")[:, 0])
+    size = cfg.render_size
+    target_rgb = resize(images, size)
+    target_z = F.interpolate(depth[:, None], (size, size), mode="area")[:, 0]
+    if cfg.pseudo_depth == "per-image":
+        target_z = map_pseudo_depth(target_z)
     terms = {"image": F.mse_loss(out["rgb"], target_rgb)}
-    weight = out["opacity"].detach()
+    weight = (out["opacity"].detach() if cfg.depth_weighting == "opacity" else 1.0) * (target_z > 0)  # rays the model leaves empty, pixels without depth
     terms["depth"] = (weight * (out["depth_z"] - target_z).square()).sum() / weight.sum().clamp_min(1e-6)
     if teacher is not None:
         with torch.no_grad():
             teacher_tokens = representation(teacher, images)
         terms["distill"] = F.mse_loss(tokens, teacher_tokens)
-    if "density" in out:
-        terms["density"] = out["density"].abs().mean()
-    weights = {"image": args.w_image, "depth": args.w_depth, "distill": args.w_distill, "density": args.w_density}
+    if "density" in out and not cfg.from_scratch:
+        density = out["density"].abs()
+        terms["density"] = density.sum() if cfg.density_reduction == "sum" else density.mean()
+    weights = {"image": cfg.w_image, "depth": cfg.w_depth, "distill": cfg.w_distill, "density": cfg.w_density}
     total = sum(weights[name] * value for name, value in terms.items())
-    return total, {name: value.item() for name, value in terms.items()}, {**out, "target_z": target_z,
-                                                                          "target_rgb": target_rgb}
+    return total, terms, {**out, "target_z": target_z, "target_rgb": target_rgb, "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation: linear probes on frozen features, teacher vs 3D-prior backbone
+# The 2D teacher (no --weights): a ViT trained with cross-entropy on the training images
 # ---------------------------------------------------------------------------------------------------
 
 
-def evaluate(backbones: dict, data: dict) -> dict:
-    """Linear classifier (class + mean patch token) on clean train -> clean / texture-swapped test accuracy;
-    linear depth probe (patch token -> the patch's mean depth, metres) -> RMSE on the clean test images."""
+def train_2d_teacher(backbone: nn.Module, train: dict, num_classes: int, cfg: argparse.Namespace,
+                     dist: runtime.Dist) -> nn.Module:
+    """Cross-entropy on the class token (AdamW 1e-3, wd 0.05, warm-up + cosine decay, the paper's
+    augmentation). Returns the classifier (backbone + linear head)."""
+    backbone.mask_token.requires_grad_(False)  # unused here; DDP needs every trainable parameter used
+    classifier = nn.Sequential(backbone, nn.Linear(backbone.embed_dim, num_classes)).to(dist.device)
+    model = runtime.wrap_ddp(classifier, dist)
+    optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad], lr=1e-3,
+                                  weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
+    images, depth, labels = train["images"], train["depth"], train["labels"]
+    backbone.train()
+    for _ in tqdm(range(cfg.pretrain_steps), desc="2D teacher", disable=not dist.is_main):
+        index = torch.randint(0, len(labels), (cfg.pretrain_batch_size,))
+        batch, _ = augment(images[index], depth[index], cfg.image_size)
+        loss = F.cross_entropy(model(vit.normalize_image(batch.to(dist.device))), labels[index].to(dist.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return classifier.eval()
+
+
+@torch.no_grad()
+def teacher_head_metrics(classifier: nn.Module, data: dict, image_size: int, device: torch.device) -> dict:
+    """The 2D teacher's own classifier: accuracy on the training images (no augmentation) and on each class
+    set, and its shape bias on the cue-conflict set."""
+    def predict(images: Tensor) -> Tensor:
+        return torch.cat([classifier(vit.normalize_image(resize(images[i:i + 64], image_size).to(device))).argmax(1)
+                          .cpu() for i in range(0, len(images), 64)])
+
+    metrics = {"train_accuracy": (predict(data["train"]["images"]) == data["train"]["labels"]).double().mean().item()}
+    for name, split in data["class_sets"].items():
+        metrics[f"accuracy_{name}"] = (predict(split["images"]) == split["labels"]).double().mean().item()
+    if "cue_conflict" in data:
+        split = data["cue_conflict"]
+        metrics["shape_bias"] = shape_bias(predict(split["images"]), split["labels"], split["texture_labels"])["shape_bias"]
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# §4: evaluation with frozen linear probes, teacher and 3D-prior backbones side by side
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def probe_features(backbone: nn.Module, images: Tensor, image_size: int, device: torch.device,
+                   batch: int = 64) -> tuple[Tensor, Tensor]:
+    """Frozen last-layer features of images (N, 3, S, S): [class token; mean patch token] (N, 2 D) for
+    classification and [patch; class token] (N, P, 2 D) for the depth probe."""
+    backbone.eval()
+    pooled, patches = [], []
+    for start in range(0, len(images), batch):
+        x = vit.normalize_image(resize(images[start:start + batch], image_size).to(device))
+        ((tokens, cls),) = backbone.get_intermediate_layers(x, 1, return_class_token=True)
+        pooled.append(torch.cat([cls, tokens.mean(1)], -1).cpu())
+        patches.append(torch.cat([tokens, cls[:, None].expand_as(tokens)], -1).cpu())
+    return torch.cat(pooled), torch.cat(patches)
+
+
+def patch_depth_targets(depth: Tensor, grid: int, per_patch: int) -> Tensor:
+    """Depth (N, S, S) -> per patch the (per_patch x per_patch) depth block it predicts: (N, P, per_patch^2)
+    (nearest resize, so 0 = no depth stays 0)."""
+    side = grid * per_patch
+    small = F.interpolate(depth[:, None], (side, side), mode="nearest")[:, 0]
+    return rearrange(small, "n (gy py) (gx px) -> n (gy gx) (py px)", gy=grid, gx=grid)
+
+
+def evaluate(backbones: dict[str, nn.Module], data: dict, cfg: argparse.Namespace,
+             device: torch.device) -> dict[str, dict]:
+    """Per backbone: accuracy on each class set, shape bias on the cue-conflict set, depth-probe RMSE/AbsRel.
+
+    Classification: a linear classifier on [class; mean patch] of the --data train split (probes.py).
+    Depth: a linear head from each [patch; class] token to its (depth_patch x depth_patch) block of depth
+    (ridge regression, fitted on the depth set's train split), RMSE/AbsRel in metres on its test split."""
     results = {}
+    grid = cfg.image_size // 14
     for name, backbone in backbones.items():
-        backbone.eval()
-        train_x, train_patches = probe_features(backbone, resize(data["train"]["images"], args.image_size))
-        classifier = fit_linear_classifier(train_x, data["train"]["labels"], data["num_classes"])
+        train_x, _ = probe_features(backbone, data["train"]["images"], cfg.image_size, device)
+        classifier = fit_linear_classifier(train_x, data["train"]["labels"], len(data["classes"]))
         metrics = {}
-        for split in ("test", "test_swap"):
-            if split in data:
-                x, _ = probe_features(backbone, resize(data[split]["images"], args.image_size))
-                metrics[f"accuracy_{split}"] = (classifier(x).argmax(1) == data[split]["labels"]).double().mean().item()
-        grid = args.image_size // 14
-        patch_depth = lambda d: F.adaptive_avg_pool2d(d[:, None], grid).flatten(1)  # (N, P)  # noqa: E731
-        regressor = fit_linear_regressor(train_patches.flatten(0, 1), patch_depth(data["train"]["depth"]).flatten())
-        _, test_patches = probe_features(backbone, resize(data["test"]["images"], args.image_size))
-        predicted = regressor(test_patches.flatten(0, 1))[:, 0].float()
-        metrics["depth_probe_RMSE"] = depth_metrics(predicted, patch_depth(data["test"]["depth"]).flatten())["RMSE"]
+        for set_name, split in data["class_sets"].items():
+            x, _ = probe_features(backbone, split["images"], cfg.image_size, device)
+            metrics[f"accuracy_{set_name}"] = (classifier(x).argmax(1).cpu() == split["labels"]).double().mean().item()
+        if "cue_conflict" in data:
+            split = data["cue_conflict"]
+            x, _ = probe_features(backbone, split["images"], cfg.image_size, device)
+            bias = shape_bias(classifier(x).argmax(1).cpu(), split["labels"], split["texture_labels"])
+            metrics.update({k: bias[k] for k in ("shape_bias", "shape_fraction", "texture_fraction")})
+        if "depth" in data:
+            _, train_patches = probe_features(backbone, data["depth"]["train"]["images"], cfg.image_size, device)
+            targets = patch_depth_targets(data["depth"]["train"]["depth"], grid, cfg.depth_patch)
+            valid = (targets > 0).all(-1).flatten()  # patches with depth everywhere
+            regressor = fit_linear_regressor(train_patches.flatten(0, 1)[valid], targets.flatten(0, 1)[valid])
+            _, test_patches = probe_features(backbone, data["depth"]["test"]["images"], cfg.image_size, device)
+            test_targets = patch_depth_targets(data["depth"]["test"]["depth"], grid, cfg.depth_patch)
+            predicted = regressor(test_patches.flatten(0, 1)).float().cpu()
+            errors = depth_metrics(predicted, test_targets.flatten(0, 1))
+            metrics["depth_rmse"], metrics["depth_absrel"] = errors["RMSE"], errors["AbsRel"]
         results[name] = metrics
     return results
 
 
-def load_data() -> dict:
-    if args.data:
-        full, classes = folder_split(Path(args.data), args.image_size + args.image_size // 7)
-        order = torch.randperm(len(full["labels"]), generator=torch.Generator().manual_seed(args.seed))
-        cut = int(0.8 * len(order))
-        split = lambda idx: {k: v[idx] for k, v in full.items()}  # noqa: E731
-        return {"train": split(order[:cut]), "test": split(order[cut:]), "num_classes": len(classes)}
-    size = args.image_size + args.image_size // 7  # generated a bit larger than the ViT input: room to crop
-    return {"train": synthetic_split("train", args.train_images, size),
-            "test": synthetic_split("test", args.test_images, size),
-            "test_swap": synthetic_split("test", args.test_images, size, texture_swap=True),
-            "num_classes": args.num_classes}
+# ---------------------------------------------------------------------------------------------------
+# Previews
+# ---------------------------------------------------------------------------------------------------
 
 
-def pretrain_2d(backbone: nn.Module, data: dict) -> float:
-    """Plain 2D supervision (cross-entropy on the class token) to get a 2D teacher; returns train accuracy."""
-    log(f"No --weights: pretraining a random {args.arch} on the synthetic classes with plain 2D supervision "
-        f"for {args.pretrain_steps} steps, to get a 2D teacher.")
-    backbone.mask_token.requires_grad_(False)  # unused here; DDP needs every trainable parameter used
-    classifier = nn.Sequential(backbone, nn.Linear(backbone.embed_dim, data["num_classes"])).to(device)
-    model = runtime.wrap_ddp(classifier, dist)  # DDP also broadcasts rank 0's initial weights
-    optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
-    images, labels = data["train"]["images"], data["train"]["labels"]
-    correct = []
-    backbone.train()
-    for step in tqdm(range(args.pretrain_steps), desc="2D pretraining", disable=not dist.is_main):
-        index = torch.randint(0, len(labels), (args.batch_size * 2,))
-        batch, _ = augment(images[index], data["train"]["depth"][index], args.image_size)
-        logits = model(vit.normalize_image(batch.to(device)))
-        loss = F.cross_entropy(logits, labels[index].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        correct.append((logits.argmax(1).cpu() == labels[index]).float().mean().item())
-    return float(np.mean(correct[-20:]))
-
-
-def save_preview(path: Path, images, out: dict) -> None:
-    rows = []
+def save_preview(path: Path, out: dict, images: Tensor, grid: int) -> None:
+    """Labelled panels per image: input, rendered image, rendered depth, pseudo depth, PCA of patch features."""
+    panels = []
     for i in range(min(2, len(images))):
-        low, high = DEPTH_RANGE
-        rows.append([resize(images[i:i + 1].cpu(), args.render_size)[0], out["rgb"][i].detach().cpu(),
-                     runtime.colorize_depth(out["depth_z"][i].detach().cpu().clamp(low, high)),
-                     runtime.colorize_depth(out["target_z"][i].detach().cpu())])
-    for i, row in enumerate(rows):
-        runtime.save_png(path.with_name(f"{path.stem}_{i}.png"), row)
+        target = out["target_z"][i].detach().cpu()
+        valid = target > 0
+        low, high = (target[valid].min(), target[valid].max()) if bool(valid.any()) else (NEAR, FAR)
+        features = out["tokens"][i, 1:].detach().cpu().T.unflatten(-1, (grid, grid))  # (4 D, g, g)
+        panels += [("input", images[i].cpu()), ("rendered image", out["rgb"][i].detach().cpu().clamp(0, 1)),
+                   ("rendered depth", runtime.colorize_depth(out["depth_z"][i].detach().cpu().clamp(low, high))),
+                   ("pseudo depth", runtime.colorize_depth(target)), ("features (PCA)", runtime.pca_rgb(features))]
+    runtime.save_panels(path, panels, size=256, columns=5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,93 +698,132 @@ def save_preview(path: Path, images, out: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started, started_cpu = time.time(), time.process_time()
+    out_dir = Path(args.out)
+    device = runtime.pick_device(args.device)
+    dist = runtime.init_distributed(device)
+    device = dist.device
+    runtime.seed_everything(args.seed, dist.rank)
+    log = print if dist.is_main else (lambda *a, **k: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    data = load_data()
-    log(f"data: {len(data['train']['labels'])} train / {len(data['test']['labels'])} test images, "
-        f"{data['num_classes']} classes ({'folder ' + args.data if args.data else 'synthetic'})")
-    metrics = {"args": vars(args)}
 
-    if args.eval:
-        backbones = {"teacher_2d": vit.load_dinov2(out_dir / "teacher_dinov2.pth").to(device),
-                     "prior_3d": vit.load_dinov2(out_dir / "backbone_dinov2.pth").to(device)}
-        metrics["eval"] = evaluate(backbones, data)
-        log(runtime.format_table([{"backbone": k, **v} for k, v in metrics["eval"].items()]))
-        runtime.write_metrics(out_dir, metrics)
-        return
+    # The 2D teacher: an official DINOv2 checkpoint (read first: a wrong file fails before any work), or a
+    # small ViT trained here with cross-entropy.
+    vit_overrides = QUICK_VIT if args.quick and args.weights is None else {}
+    if args.weights is not None:
+        try:
+            teacher = vit.load_dinov2(runtime.load_checkpoint(args.weights)).to(device)
+        except ValueError as error:
+            raise ValueError(f"--weights must be an official DINOv2 .pth: {error}") from None
+    else:
+        teacher = vit.build_backbone(None, args.arch, **vit_overrides).to(device)
 
-    # 2D teacher: an official checkpoint, or a small ViT pretrained here with plain 2D supervision
-    quick_arch = {"embed_dim": 128, "depth": 4, "num_heads": 2} if args.quick and not args.weights else {}
-    teacher = vit.build_backbone(args.weights, args.arch, **quick_arch).to(device)
-    resume = torch.load(out_dir / "checkpoint.pt", map_location=device) if args.resume else None
+    data = load_data(args)
+    log(f"data: {len(data['train']['labels'])} training images, {len(data['classes'])} classes "
+        f"({'folder ' + args.data if args.data else 'synthetic shape-texture world'}); test sets: "
+        + ", ".join(f"{k} {len(v['labels'])}" for k, v in data["class_sets"].items()))
+    metrics: dict = {"config": vars(args)}
+
+    checkpoint_path = out_dir / "triplane.pt"
+    resume = runtime.load_checkpoint(checkpoint_path, ("student", "prior", "teacher", "optimizer", "step",
+                                                       "config")) if args.resume else None
     if resume is not None:
         teacher.load_state_dict(resume["teacher"])
     elif args.weights is None:
-        metrics["pretrain_2d_train_accuracy"] = pretrain_2d(teacher, data)
+        log(f"No --weights: training a random {args.arch} in 2D (cross-entropy) for {args.pretrain_steps} steps: "
+            f"the 2D teacher.")
+        classifier = train_2d_teacher(teacher, data["train"], len(data["classes"]), args, dist)
+        metrics["teacher_head"] = teacher_head_metrics(classifier, data, args.image_size, device)
+        log("2D teacher's own classifier: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["teacher_head"].items()))
     teacher.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    if args.from_scratch:
-        student = vit.build_backbone(None, args.arch, **quick_arch).to(device).train()
-    student.mask_token.requires_grad_(False)  # iBOT's mask token takes no part here (DDP needs every grad used)
-    distill = not (args.no_distill or args.from_scratch)
-    if dist.is_main:
-        vit.save_dinov2(teacher, out_dir / "teacher_dinov2.pth")
 
-    token_dim = 4 * student.embed_dim
-    prior = Prior3D(token_dim, args.image_size // 14).to(device)
+    # The student: a copy of the teacher (or random weights for --from-scratch) and Φ + renderer.
+    if args.from_scratch:  # random initialisation of the teacher's architecture
+        student = vit.DinoVisionTransformer(teacher.config).to(device)
+    else:
+        student = copy.deepcopy(teacher)
+    student.requires_grad_(True).train()
+    student.mask_token.requires_grad_(False)  # iBOT's mask token takes no part (DDP needs every grad used)
+    distill_teacher = None if (args.no_distill or args.from_scratch) else teacher
+    grid = args.image_size // 14
+    prior = Prior3D(4 * student.embed_dim, grid, args.render_size, args.plane_channels, args.plane_res,
+                    args.embed_res, args.generator_dim, args.generator_layers, not args.no_self_attention,
+                    args.samples, args.importance, not args.no_triplane, args.chunk_rays).to(device)
     student_ddp, prior_ddp = runtime.wrap_ddp(Representation(student), dist), runtime.wrap_ddp(prior, dist)
-    optimizer = torch.optim.Adam([p for p in [*student.parameters(), *prior.parameters()] if p.requires_grad],
-                                 lr=args.lr)
+    optimizer = torch.optim.Adam([{"params": [p for p in student.parameters() if p.requires_grad], "lr": args.lr},
+                                  {"params": list(prior.parameters()), "lr": args.decoder_lr}])
     start_step = 0
     if resume is not None:
-        student.load_state_dict(resume["student"]), prior.load_state_dict(resume["prior"])
+        student.load_state_dict(resume["student"])
+        prior.load_state_dict(resume["prior"])
         optimizer.load_state_dict(resume["optimizer"])
-        start_step = resume["step"]
+        start_step = int(resume["step"])
 
     images, depth = data["train"]["images"], data["train"]["depth"]
-    history, bad_steps = [], 0
+    history = []
     progress = tqdm(range(start_step, args.steps), desc="3D prior", disable=not dist.is_main)
     for step in progress:
         index = torch.randint(0, len(images), (args.batch_size,))
         batch, batch_depth = augment(images[index], depth[index], args.image_size)
-        total, terms, out = losses(prior_ddp, student_ddp, teacher if distill else None,
-                                   batch.to(device), batch_depth.to(device))
-        if not torch.isfinite(total):
-            bad_steps += 1
-            if bad_steps > 5:
-                raise FloatingPointError(f"loss is not finite for {bad_steps} steps in a row: {terms}")
-            log(f"step {step}: non-finite loss {terms}, step skipped")
-            continue
-        bad_steps = 0
+        total, terms, out = losses(prior_ddp, student_ddp, distill_teacher, batch.to(device),
+                                   batch_depth.to(device), args)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if args.clip_grad > 0:
+            nn.utils.clip_grad_norm_([*student.parameters(), *prior.parameters()], args.clip_grad)
         optimizer.step()
-        history.append({"total": total.item(), **terms})
-        progress.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
-        if dist.is_main and (step + 1) % max(1, args.steps // 4) == 0:
-            save_preview(out_dir / f"preview_step{step + 1}", batch, out)
-            torch.save({"student": student.state_dict(), "prior": prior.state_dict(), "teacher": teacher.state_dict(),
-                        "optimizer": optimizer.state_dict(), "step": step + 1, "args": vars(args)},
-                       out_dir / "checkpoint.pt")
+        history.append({"total": total.detach(), **{k: v.detach() for k, v in terms.items()},
+                        "opacity": out["opacity"].detach().mean()})  # diagnostics: is anything rendered?
+        if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:  # a host sync 10 times a run
+            values = {k: float(v) for k, v in history[-1].items()}
+            progress.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(f"the loss is not finite at step {step + 1}: {values}")
+    history = [{k: float(v) for k, v in h.items()} for h in history]
 
     if not dist.is_main:
-        return
-    vit.save_dinov2(student, out_dir / "backbone_dinov2.pth")  # only the backbone is kept
+        return {}
     window = history[-max(1, len(history) // 5):]
-    metrics["train_losses_last"] = {k: float(np.mean([h[k] for h in window])) for k in window[0]} if window else {}
     metrics["train_losses_first"] = history[0] if history else {}
+    metrics["train_losses_last"] = {k: float(np.mean([h[k] for h in window])) for k in window[0]} if window else {}
     with torch.no_grad():
         student.eval(), prior.eval()
-        preview = data["test"]["images"][:2]
-        _, _, out = losses(prior, Representation(student), None, resize(preview, args.image_size).to(device),
-                           data["test"]["depth"][:2].to(device))
-    save_preview(out_dir / "preview_test", preview, out)
-    metrics["eval"] = evaluate({"teacher_2d": teacher, "prior_3d": student}, data)
+        preview = data["class_sets"]["test"]
+        if "depth" in preview:
+            _, _, out = losses(prior, Representation(student), None, resize(preview["images"][:2], args.image_size)
+                               .to(device), preview["depth"][:2].to(device), args)
+            save_preview(out_dir / "preview_test.png", out, resize(preview["images"][:2], args.image_size), grid)
+
+    results = evaluate({"2D teacher": teacher, "3D prior": student}, data, args, device)
+    metrics["eval"] = results
+    claims = []
+    if "cue_conflict" in data:
+        claims.append(runtime.claim(
+            "The 3D prior raises the shape bias of the 2D backbone (§4.3, Fig. 4): linear probe trained on the "
+            "training images, Geirhos' shape bias on cue-conflict images", "shape_bias", True,
+            ("2D teacher", results["2D teacher"]["shape_bias"]), ("3D prior", results["3D prior"]["shape_bias"])))
+    if "depth" in data:
+        claims.append(runtime.claim(
+            "The 3D prior improves depth estimation with a frozen backbone (§4, NYUv2 linear probe): RMSE in "
+            "metres of a linear depth head on held-out images", "depth_rmse", False,
+            ("2D teacher", results["2D teacher"]["depth_rmse"]), ("3D prior", results["3D prior"]["depth_rmse"])))
+    metrics["claims"] = claims
     metrics["seconds"] = time.time() - started
+    metrics["cpu_seconds"] = time.process_time() - started_cpu
+
+    vit.save_dinov2(teacher, out_dir / "teacher_dinov2.pth")
+    vit.save_dinov2(student, out_dir / "backbone_dinov2.pth")  # only the backbone is kept (DINOv2 layout)
+    torch.save({"config": vars(args), "student": student.state_dict(), "prior": prior.state_dict(),
+                "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "step": args.steps},
+               checkpoint_path)
     runtime.write_metrics(out_dir, metrics)
-    log(runtime.format_table([{"backbone": k, **v} for k, v in metrics["eval"].items()]))
-    log(f"wrote {out_dir}/backbone_dinov2.pth, previews and metrics.json in {metrics['seconds']:.0f} s")
+    log(runtime.format_table([{"backbone": name, **values} for name, values in results.items()]))
+    log(runtime.format_claims(claims))
+    log(f"wrote {out_dir}/metrics.json, backbone_dinov2.pth, teacher_dinov2.pth, triplane.pt, preview_test.png "
+        f"in {metrics['seconds']:.0f} s ({metrics['cpu_seconds']:.0f} s CPU)")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -72,6 +72,39 @@ def depth_metrics(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> d
             "AbsRel": float(((pred - target).abs() / target).mean())}
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# 3D-Prior: cue-conflict shape bias (Geirhos et al., ICLR 2019)
+# ---------------------------------------------------------------------------------------------------
+
+
+def shape_bias(predictions: Tensor, shape_labels: Tensor, texture_labels: Tensor) -> dict:
+    """Shape bias of class predictions (N,) on cue-conflict images with shape and texture labels (N,).
+
+    Geirhos et al.: images whose shape and texture class agree are left out; among the remaining images
+    whose prediction is the shape or the texture class, shape bias = (# shape) / (# shape + # texture).
+    Returns shape_bias (nan when no prediction matches either cue), shape_fraction and texture_fraction
+    (of the conflicting images) and the counts.
+    """
+    for name, tensor in (("predictions", predictions), ("shape_labels", shape_labels),
+                         ("texture_labels", texture_labels)):
+        if not isinstance(tensor, Tensor) or tensor.ndim != 1 or tensor.is_floating_point() or tensor.is_complex():
+            raise ValueError(f"{name} must be an integer tensor (N,), got "
+                             f"{tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__}")
+    if not predictions.shape == shape_labels.shape == texture_labels.shape:
+        raise ValueError(f"predictions, shape_labels and texture_labels must have the same length, got "
+                         f"{len(predictions)}, {len(shape_labels)}, {len(texture_labels)}")
+    conflict = shape_labels != texture_labels
+    predictions, shape_labels, texture_labels = predictions[conflict], shape_labels[conflict], texture_labels[conflict]
+    shape_hits = int((predictions == shape_labels).sum())
+    texture_hits = int((predictions == texture_labels).sum())
+    count = int(conflict.sum())
+    decided = shape_hits + texture_hits
+    return {"shape_bias": shape_hits / decided if decided else float("nan"),
+            "shape_fraction": shape_hits / count if count else float("nan"),
+            "texture_fraction": texture_hits / count if count else float("nan"),
+            "conflicting_images": count, "shape_decisions": shape_hits, "texture_decisions": texture_hits}
+
 @dataclass
 class LinearProbe:
     """A standardise-then-linear map fitted by ``fit_linear_classifier`` / ``fit_linear_regressor``."""

@@ -641,6 +641,120 @@ class SingleImageDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------
+# World 1b (3D-Prior): one object whose class is its 3D shape, with a texture shortcut and cue conflict
+# ---------------------------------------------------------------------------------------------------
+
+SHAPE_TEXTURE_CLASSES = ("sphere", "cube", "cylinder", "dumbbell", "cross")
+SHAPE_TEXTURE_SPLITS = ("train", "test", "ood", "cue_conflict")
+SHAPE_TEXTURE_DISTANCE = 2.7  # camera to object centre; the backdrop is 3.1 in front of the camera
+SHAPE_TEXTURE_FOV = 2 * math.atan(0.55 / 2.7)  # horizontal field of view: the cube [-0.5, 0.5]^3 fills it
+_CLASS_PATTERNS = ("stripes", "checkers", "noise", "solid", "stripes")
+
+
+def shape_texture_camera(size: int = 64) -> tuple[Tensor, Tensor]:
+    """The fixed camera of the shape-texture world: viewmat (4, 4) at (0, -2.7, 0) looking at the origin
+    (world z up), K (3, 3) square ``size`` images with field of view ``SHAPE_TEXTURE_FOV``."""
+    _check_size(size, size)
+    eye, target, up = torch.tensor([0.0, -SHAPE_TEXTURE_DISTANCE, 0.0]), torch.zeros(3), torch.tensor([0.0, 0.0, 1.0])
+    return cameras.look_at(eye, target, up), cameras.fov_intrinsics(SHAPE_TEXTURE_FOV, size, size)
+
+
+def _random_rotation(rng: _Random) -> list:
+    """A uniformly random rotation (3, 3) from a random unit quaternion."""
+    w, x, y, z = torch.randn(4, generator=rng.generator, dtype=torch.float64).div_(1.0).tolist()
+    norm = math.sqrt(w * w + x * x + y * y + z * z) or 1.0
+    w, x, y, z = w / norm, x / norm, y / norm, z / norm
+    return [[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]]
+
+
+def _class_texture(rng: _Random, texture_class: int, num_classes: int) -> Texture:
+    """The texture of ``texture_class``: its own hue (evenly spaced) and pattern, random details."""
+    hue = texture_class / num_classes + rng.uniform(-0.03, 0.03)
+    saturation, value = rng.uniform(0.6, 0.9), rng.uniform(0.7, 0.95)
+    return Texture(pattern=_CLASS_PATTERNS[texture_class % len(_CLASS_PATTERNS)], color_a=_hsv(hue, saturation, value),
+                   color_b=_hsv(hue + rng.uniform(-0.05, 0.05), saturation, value * rng.uniform(0.35, 0.6)),
+                   frequency=rng.uniform(5.0, 9.0), axis=rng.unit_vector(),
+                   offset=(rng.uniform(0, 10), rng.uniform(0, 10), rng.uniform(0, 10)), seed=rng.integer(2**31))
+
+
+def _shape_parts(shape: str, rng: _Random) -> list[tuple[str, tuple, tuple]]:
+    """(kind, centre, half size) of the primitives of one object in its own frame (bounding radius < 0.42)."""
+    if shape == "sphere":
+        radius = rng.uniform(0.27, 0.36)
+        return [("sphere", (0.0, 0.0, 0.0), (radius,) * 3)]
+    if shape == "cube":
+        half = rng.uniform(0.19, 0.23)
+        return [("box", (0.0, 0.0, 0.0), (half,) * 3)]
+    if shape == "cylinder":
+        radius, half_height = rng.uniform(0.16, 0.22), rng.uniform(0.26, 0.33)
+        return [("cylinder", (0.0, 0.0, 0.0), (radius, radius, half_height))]
+    if shape == "dumbbell":
+        radius, offset = rng.uniform(0.14, 0.17), rng.uniform(0.22, 0.25)
+        bar = rng.uniform(0.045, 0.06)
+        return [("sphere", (0.0, 0.0, -offset), (radius,) * 3), ("sphere", (0.0, 0.0, offset), (radius,) * 3),
+                ("cylinder", (0.0, 0.0, 0.0), (bar, bar, offset))]
+    arm, thickness = rng.uniform(0.3, 0.38), rng.uniform(0.06, 0.08)  # cross: three orthogonal bars
+    return [("box", (0.0, 0.0, 0.0), (arm, thickness, thickness)), ("box", (0.0, 0.0, 0.0), (thickness, arm, thickness)),
+            ("box", (0.0, 0.0, 0.0), (thickness, thickness, arm))]
+
+
+def shape_texture_sample(index: int, split: str = "train", size: int = 64, num_classes: int = 5, seed: int = 0,
+                         texture_agreement: float = 0.9) -> dict[str, Tensor]:
+    """One image of the shape-texture world: a single object in front of a grey backdrop.
+
+    The class is the object's 3D shape (``SHAPE_TEXTURE_CLASSES[label]``, label = index % num_classes),
+    seen in a uniformly random 3D orientation, size and small offset, under a random light. Each class
+    also owns a texture (hue evenly spaced over the classes, plus a pattern). In "train" and "test" the
+    object wears its own class's texture with probability ``texture_agreement`` and a uniformly random
+    class's texture otherwise: a texture shortcut that a 2D classifier can take. "ood" draws the texture
+    class uniformly (texture says nothing); "cue_conflict" always draws another class's texture (Geirhos
+    et al. 2019: shape and texture disagree). The depth of a sample does not depend on its texture.
+    Returns image (3, size, size) in [0, 1], depth (size, size) camera z in metres (in [2.3, 3.1]; the
+    backdrop is at 3.1), label () shape class, texture_label () texture class (int64).
+    """
+    _check_index("index", index)
+    _check_size(size, size)
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPE_TEXTURE_CLASSES):
+        raise ValueError(f"num_classes must be an int in [2, {len(SHAPE_TEXTURE_CLASSES)}], got {num_classes!r}")
+    if split not in SHAPE_TEXTURE_SPLITS:
+        raise ValueError(f"split must be one of {SHAPE_TEXTURE_SPLITS}, got {split!r}")
+    if not 0.0 <= texture_agreement <= 1.0:
+        raise ValueError(f"texture_agreement must be in [0, 1], got {texture_agreement!r}")
+    label = index % num_classes
+    layout = _Random("shape-texture", seed, split, index, "layout")
+    textures = _Random("shape-texture", seed, split, index, "texture")
+    if split == "cue_conflict":
+        texture_class = (label + 1 + textures.integer(num_classes - 1)) % num_classes
+    elif split == "ood" or textures.uniform() >= texture_agreement:
+        texture_class = textures.integer(num_classes)
+    else:
+        texture_class = label
+
+    builder = SceneBuilder()
+    grey = textures.uniform(0.35, 0.65)
+    backdrop = Texture(pattern="noise", color_a=_hsv(textures.uniform(), 0.08, grey),
+                       color_b=_hsv(textures.uniform(), 0.08, grey * 0.75), frequency=textures.uniform(2.0, 4.0),
+                       offset=(textures.uniform(0, 10), textures.uniform(0, 10), 0.0), seed=textures.integer(2**31))
+    wall = [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]  # local z -> world -y (faces the camera)
+    builder.add("quad", (0.0, 3.1 - SHAPE_TEXTURE_DISTANCE, 0.0), (1.5, 1.5, 1), backdrop, label=0, instance=0,
+                rotation=wall)
+    rotation = torch.tensor(_random_rotation(layout), dtype=torch.float64)
+    centre = torch.tensor([layout.uniform(-0.06, 0.06), layout.uniform(-0.05, 0.05), layout.uniform(-0.06, 0.06)],
+                          dtype=torch.float64)
+    texture = _class_texture(textures, texture_class, num_classes)
+    for kind, part_centre, half in _shape_parts(SHAPE_TEXTURE_CLASSES[label], layout):
+        world_centre = centre + rotation @ torch.tensor(part_centre, dtype=torch.float64)
+        builder.add(kind, world_centre.tolist(), half, texture, label=1, instance=1, rotation=rotation)
+    viewmat, K = shape_texture_camera(size)
+    light = (layout.uniform(-0.7, 0.7), -1.0, layout.uniform(-0.2, 0.9))
+    render = render_scene(builder.build(), viewmat, K, size, size, light_direction=light)
+    return dict(image=render["image"], depth=render["depth"], label=torch.tensor(label),
+                texture_label=torch.tensor(texture_class))
+
+
+# ---------------------------------------------------------------------------------------------------
 # World 2: rooms with furniture, RGB-D sequences with semantic labels (Pri3D, FiT3D)
 # ---------------------------------------------------------------------------------------------------
 
