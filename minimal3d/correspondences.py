@@ -327,6 +327,23 @@ def point_overlap(points1: Tensor, points2: Tensor, radius: float) -> Tensor:
                          _has_neighbour(points2, points1, radius).to(points1.dtype).mean())
 
 
+def pixel_overlap(depth1: Tensor, depth2: Tensor, K: Tensor, viewmat1: Tensor, viewmat2: Tensor,
+                  max_distance: float = 0.02, convention: str = "minimal3d") -> Tensor:
+    """Overlap of two RGB-D frames as the paper defines it (Sec. 4.1: pairs with >= 30 % overlap): the
+    pixels of either frame that have a correspondence in the other, divided by the valid pixels of both.
+
+    depth1, depth2: (H, W) metres (<= 0 = hole), K: (3, 3), viewmat1/2: (4, 4) world-to-camera.
+    overlap = (M_12 + M_21) / (N_1 + N_2), M_ab = matches of ``pixel_correspondences`` from frame a to b,
+    N_a = valid depth pixels of frame a. Returns a 0-d tensor in [0, 1]; 0 when no pixel has depth.
+    (``frame_overlap`` is the official code's point-cloud rule.)
+    """
+    matches12 = len(pixel_correspondences(depth1, depth2, K, viewmat1, viewmat2, max_distance, convention)[0])
+    matches21 = len(pixel_correspondences(depth2, depth1, K, viewmat2, viewmat1, max_distance, convention)[0])
+    valid = (depth1 > 0).sum() + (depth2 > 0).sum()
+    dtype = depth1.dtype if depth1.is_floating_point() else torch.float32
+    return (torch.as_tensor(matches12 + matches21, dtype=dtype) / valid.clamp_min(1).to(dtype)).to(depth1.device)
+
+
 def frame_overlap(depth1: Tensor, depth2: Tensor, K: Tensor, viewmat1: Tensor, viewmat2: Tensor,
                   voxel_size: float = 0.05, radius_factor: float = 1.5, convention: str = "minimal3d",
                   K2: Tensor | None = None) -> Tensor:
