@@ -1,30 +1,39 @@
-"""Pri3D: pretrain a 2D U-Net with 3D priors from RGB-D sequences, then fine-tune it for segmentation.
+"""Pri3D: pretrain a 2D U-Net with 3D priors from unlabelled RGB-D sequences, fine-tune it for segmentation.
 
 Paper: Ji Hou, Saining Xie, Benjamin Graham, Angela Dai, Matthias Nießner, "Pri3D: Can 3D Priors Help 2D
-Representation Learning?", ICCV 2021, arXiv:2104.11225. Official code: Sekunde/Pri3D (pretrain/pri3d,
-downstream/semseg/unet). Conventions follow the official code; where the paper differs the flag says so.
+Representation Learning?", ICCV 2021, arXiv:2104.11225. Official code: Sekunde/Pri3D. Every choice where
+the paper and the official code differ is a flag; the default is the paper's (see --help, docs/pri3d.md).
 
-    python train_pri3d.py                                  # synthetic rooms: pretrain, then fine-tune table
+    python train_pri3d.py                                  # synthetic rooms: pretrain, fine-tune, claims table
+    python train_pri3d.py --weights resnet18.pth           # + the ImageNet rows (torchvision state dict)
     python train_pri3d.py --data /path/scannet_export      # ScanNet SensReader export (layout below)
-    python train_pri3d.py --finetune --checkpoint out/pri3d/pri3d.pt   # downstream only
+    python train_pri3d.py --finetune --checkpoint runs/pri3d/pri3d.pt   # downstream only
     torchrun --nproc_per_node=2 train_pri3d.py ...          # data-parallel pretraining (gradient all-reduce)
 
+Data (default): 12 unlabelled synthetic rooms give the pretraining pairs (frames with >= 30 % overlap),
+2 other rooms the labelled fine-tuning frames, 3 more rooms the held-out evaluation frames.
 Pretraining (per pair of overlapping frames, batch of B pairs):
   View: pixels of both frames that see the same 3D point (depth re-projection within --max-distance) are
-        positives, the other matched pixels negatives: PointInfoNCE on 1024 sampled matches of the
+        positives, the other matched pixels negatives: PointInfoNCE (Eq. 1) on 1024 sampled matches of the
         half-resolution feature maps (p // 2), loss / B.
-  Geo:  each frame's chunk of the scene geometry (voxels) goes through a sparse 3D U-Net; voxels seen by a
-        pixel are positives of that pixel: PointInfoNCE after linear heads w2d, w3d, loss / (2B) per frame.
-  Depth: an auxiliary 1x1-conv depth head with Pri3D's depth loss (on by default, as in scripts/scannet.sh).
-Fine-tuning: the pretrained U-Net (all but its last 1x1 conv) + 1x1 conv to classes, cross-entropy,
-mIoU on held-out frames; from scratch vs from the Pri3D checkpoint, at 100 % and --label-fraction labels.
+  Geo:  each frame's chunk of the scene geometry (voxels: occupancy, or colour with --geo-input colour) goes
+        through a sparse 3D U-Net; voxels seen by a pixel are positives of that pixel: PointInfoNCE after
+        linear heads w2d, w3d, loss / (2B) per frame.
+  Depth: an auxiliary 1x1-conv depth head with Pri3D's depth loss (official default; --no-depth-loss).
+  Run for View+Geo and, with --ablations (default), View only and Geo only.
+Fine-tuning: each initialisation (scratch = random; ImageNet with --weights; each Pri3D checkpoint) gets the
+same frames, steps and lr: the U-Net (all but its last 1x1 conv) + 1x1 conv to classes, cross-entropy, at
+--label-fraction (the small budget) and 100 % of the labelled frames; mIoU on the held-out rooms.
+Claims (metrics.json): miou_low_labels and miou, scratch vs Pri3D View+Geo.
+Outputs in --out: metrics.json, pri3d.pt (config + 2D backbone; pri3d_view.pt, pri3d_geo.pt for the
+ablations), *_last.pt (--resume), pretrain_*.png and segmentation_*.png (labelled panels).
 
 ScanNet layout (``reader.py`` export, one folder per scene): <scene>/color/<id>.jpg|png,
 <scene>/depth/<id>.png (uint16 mm, 0 = hole), <scene>/pose/<id>.txt (4x4 camera-to-world),
 <scene>/intrinsic/intrinsic_depth.txt (4x4), optional <scene>/label/<id>.png (NYU40 ids; mapped to the 20
-ScanNet benchmark classes, others ignored). Frames with id % --frame-skip == 0 and finite poses are used,
-resized to --height x --width (depth/labels nearest). The pair list (overlap >= --min-overlap) is
-computed once per scene and cached in <data>/pri3d_pairs/.
+ScanNet benchmark classes, others ignored). The last ~20 % of scene folders are held out. Pretraining uses
+frames with id % --frame-skip == 0, fine-tuning id % --finetune-frame-skip == 0, all with finite poses,
+resized to --height x --width (depth/labels nearest). The pair list is cached in <data>/pri3d_pairs/.
 """
 
 import argparse
