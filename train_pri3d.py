@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", default="view+geo", choices=["view", "geo", "view+geo"],
                         help="the prior(s) of the main Pri3D row")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
-                        help="also pretrain View-only and Geo-only (the paper's ablation rows)")
+                        help="also pretrain View-only and Geo-only (the paper's ablation rows; fine-tuned at the "
+                             "small label budget)")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
     parser.add_argument("--backbone3d", default="minkunet14", choices=["minkunet14", "minkunet34c"],
                         help="official: minkunet34c; minkunet14 = half width, one block per stage (CPU)")
@@ -729,8 +730,11 @@ def main(argv: list[str] | None = None) -> dict:
     train, val = labelled_frames(label_scenes), labelled_frames(val_scenes)
     rows, results, previews = [], {}, {}
     fractions = [args.label_fraction] + ([1.0] if args.label_fraction < 1 else [])
+    ablation_names = [MODE_NAMES[mode] + (" (from ImageNet)" if args.weights else "") for mode in modes[1:]]
     for fraction in fractions:
         for name, init in inits.items():
+            if name in ablation_names and fraction != args.label_fraction:
+                continue  # the View-only / Geo-only rows at the small label budget only (CPU time)
             result, predictions = finetune(args, train, val, num_classes, init, fraction, dist.device)
             results[(name, fraction)] = result
             rows.append(dict(init=name, labels=f"{fraction:.0%}", frames=result["train_frames"],

@@ -33,7 +33,8 @@ def test_quick_run(tmp_path):
         assert all(math.isfinite(value) for key, value in summary["last_loss"].items() if key != "step")
     rows = {(row["init"], row["labels"]): row for row in metrics["finetune"]}
     names = ("scratch", "Pri3D View+Geo", "Pri3D View", "Pri3D Geo")
-    assert set(rows) == {(name, labels) for name in names for labels in ("12%", "100%")}
+    assert set(rows) == {(name, labels) for name in names for labels in ("12%", "100%")
+                         if labels == "12%" or name in names[:2]}  # ablations at the small budget only
     assert all(0.0 <= row["mIoU"] <= 1.0 for row in rows.values())
     assert rows[("scratch", "12%")]["frames"] == 1 and rows[("scratch", "100%")]["frames"] == 5
     claims = {claim["metric"]: claim for claim in metrics["claims"]}
