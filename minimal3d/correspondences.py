@@ -149,8 +149,8 @@ def pixel_correspondences(
     _check_intrinsics(K2, "K2")
     _check_viewmat(viewmat1, "viewmat1")
     _check_viewmat(viewmat2, "viewmat2")
-    if not max_distance > 0:
-        raise ValueError(f"max_distance must be > 0 metres, got {max_distance}")
+    if not (max_distance > 0 and max_distance < float("inf")):
+        raise ValueError(f"max_distance must be finite and > 0 metres, got {max_distance}")
     dtype = _working_dtype(depth1, depth2, K, K2, viewmat1, viewmat2)
     device = depth1.device  # everything follows frame 1's depth map
     depth1, depth2, K, K2 = depth1.to(dtype), depth2.to(device, dtype), K.to(device, dtype), K2.to(device, dtype)
@@ -208,8 +208,8 @@ def voxel_pixel_correspondences(
     _check_depth(depth, "depth")
     _check_intrinsics(K)
     _check_viewmat(viewmat, "viewmat")
-    if not (voxel_size > 0 and max_depth_diff > 0):
-        raise ValueError(f"voxel_size and max_depth_diff must be > 0, got {voxel_size}, {max_depth_diff}")
+    if not (0 < voxel_size < float("inf") and 0 < max_depth_diff < float("inf")):
+        raise ValueError(f"voxel_size and max_depth_diff must be finite and > 0, got {voxel_size}, {max_depth_diff}")
     dtype = _working_dtype(depth, K, viewmat)
     device = depth.device
     depth, K, viewmat = depth.to(dtype), K.to(device, dtype), viewmat.to(device, dtype)
@@ -242,8 +242,8 @@ def voxelize_points(points: Tensor, voxel_size: float = 0.02, features: Tensor |
         raise ValueError("points must have shape (N, 3)")
     if features is not None and (features.ndim != 2 or features.shape[0] != points.shape[0]):
         raise ValueError(f"features must have shape (N, C) with N = {points.shape[0]}")
-    if not voxel_size > 0:
-        raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
+    if not 0 < voxel_size < float("inf"):
+        raise ValueError(f"voxel_size must be finite and > 0, got {voxel_size}")
     scaled = points * (1.0 / voxel_size)  # official: xyz * 50 for 2 cm
     cells = (scaled.floor() if convention == "minimal3d" else scaled.trunc()).long()
     voxels, inverse = torch.unique(cells, dim=0, return_inverse=True)
@@ -325,6 +325,23 @@ def point_overlap(points1: Tensor, points2: Tensor, radius: float) -> Tensor:
         return points1.new_zeros(())
     return torch.maximum(_has_neighbour(points1, points2, radius).to(points1.dtype).mean(),
                          _has_neighbour(points2, points1, radius).to(points1.dtype).mean())
+
+
+def pixel_overlap(depth1: Tensor, depth2: Tensor, K: Tensor, viewmat1: Tensor, viewmat2: Tensor,
+                  max_distance: float = 0.02, convention: str = "minimal3d") -> Tensor:
+    """Overlap of two RGB-D frames as the paper defines it (Sec. 4.1: pairs with >= 30 % overlap): the
+    pixels of either frame that have a correspondence in the other, divided by the valid pixels of both.
+
+    depth1, depth2: (H, W) metres (<= 0 = hole), K: (3, 3), viewmat1/2: (4, 4) world-to-camera.
+    overlap = (M_12 + M_21) / (N_1 + N_2), M_ab = matches of ``pixel_correspondences`` from frame a to b,
+    N_a = valid depth pixels of frame a. Returns a 0-d tensor in [0, 1]; 0 when no pixel has depth.
+    (``frame_overlap`` is the official code's point-cloud rule.)
+    """
+    matches12 = len(pixel_correspondences(depth1, depth2, K, viewmat1, viewmat2, max_distance, convention)[0])
+    matches21 = len(pixel_correspondences(depth2, depth1, K, viewmat2, viewmat1, max_distance, convention)[0])
+    valid = (depth1 > 0).sum() + (depth2 > 0).sum()
+    dtype = depth1.dtype if depth1.is_floating_point() else torch.float32
+    return (torch.as_tensor(matches12 + matches21, dtype=dtype) / valid.clamp_min(1).to(dtype)).to(depth1.device)
 
 
 def frame_overlap(depth1: Tensor, depth2: Tensor, K: Tensor, viewmat1: Tensor, viewmat2: Tensor,

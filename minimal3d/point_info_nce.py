@@ -8,19 +8,25 @@ PointContrast's (Xie et al., ECCV 2020, arXiv:2007.10985; facebookresearch/Point
 The n matched pixels (or pixel/voxel pairs) of one frame pair give q, k (n, D) with row i of q matching row
 i of k. With L2-normalised rows and S = q k^T / T (n, n):
 
-    loss = ( CE(S, arange n) + CE(S^T, arange n) ) / 2                       # Eq. 1 of the paper, symmetric
+    loss = CE(S, arange n) = -1/n sum_i log( exp(S_ii) / sum_j exp(S_ij) )    # Eq. 1 of the paper (q -> k)
+    loss = ( CE(S, arange n) + CE(S^T, arange n) ) / 2                        # official code: symmetric
 
-i.e. every positive q_i . k_i is contrasted against the n - 1 other keys (row softmax) and the n - 1 other
-queries (column softmax). The paper writes the one-directional PointContrast form; the official Pri3D code
-(followed here by default) symmetrises it and normalises inside the loss. Duplicated matches (sampling with
-replacement when fewer than 1024 matches exist) are kept, so a duplicate acts as a negative of itself, as
-in the official code.
+The paper's Eq. 1 (PointContrast's form) contrasts every positive q_i . k_i against the n - 1 other keys
+(row softmax): ``symmetric=False``. The official Pri3D code also contrasts it against the n - 1 other
+queries (column softmax) and averages the two: ``symmetric=True`` (the default here, because the golden
+files and the official training use it; ``train_pri3d.py --loss`` picks the form). Both normalise the rows
+(Pri3D inside the loss, PointContrast in the network). Duplicated matches (sampling with replacement when
+fewer than 1024 matches exist) are kept, so a duplicate acts as a negative of itself, as in the official
+code. n = 0 (no matches) gives a zero loss that is still attached to q and k (the official code skips
+such a pair; dividing by the batch size as it does gives the same total).
 
 ``chunk_size`` switches to a streaming path that never builds the n x n matrix: one pass over column
 blocks of k accumulates the row log-sum-exp (merged with ``logaddexp``) and the column log-sum-exp of each
 block; the backward pass recomputes each block. Memory is O(n * chunk_size) and the result equals the dense
 path to float64 round-off.
 """
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +35,8 @@ from torch import Tensor
 NORMALIZE_EPS = 1e-12  # rows are divided by max(||x||, eps) (F.normalize); a zero row stays zero
 
 
-def _check_pair(q: Tensor, k: Tensor, temperature: float) -> None:
+def _check_pair(q: Tensor, k: Tensor, temperature: float, check_finite: bool) -> None:
+    """Shape/dtype/temperature checks (no host sync); the NaN/inf scan (one sync) only with check_finite."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor):
         raise TypeError("q and k must be torch tensors of shape (n, D)")
     if q.ndim != 2 or k.ndim != 2:
@@ -37,13 +44,15 @@ def _check_pair(q: Tensor, k: Tensor, temperature: float) -> None:
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape (n, D) (row i of q matches row i of k), "
                          f"got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[0] == 0:
-        raise ValueError("q and k have n = 0 rows: no matches to contrast (skip this pair instead)")
     if not q.is_floating_point() or not k.is_floating_point():
         raise TypeError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):  # one sync; a NaN would poison the loss
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature < float("inf")):  # `not >` also refuses NaN
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if check_finite and not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):  # one host sync
         raise ValueError("q or k contains NaN or inf features")
 
 
@@ -92,6 +101,7 @@ def point_info_nce(
     symmetric: bool = True,
     normalize: bool = True,
     chunk_size: int | None = None,
+    check: bool = True,
 ) -> Tensor:
     """PointInfoNCE over the n x n similarities of matched features.
 
@@ -101,18 +111,23 @@ def point_info_nce(
         (PointContrast). normalize: L2-normalise rows first (Pri3D; eps NORMALIZE_EPS, so a zero row gives
         similarity 0, never NaN). chunk_size: stream over column blocks of this size (O(n * chunk_size)
         memory) instead of building the (n, n) logits.
-    Returns the scalar loss (0 exactly for n = 1). Raises ValueError on n = 0, mismatched shapes, NaN/inf.
+    check: scan q and k for NaN/inf (one host sync) and raise ValueError. Training loops pass False: the
+        scan would stall every step, and NaN features then flow through to a NaN loss.
+    Returns the scalar loss (0 exactly for n = 1; 0, attached to q and k, for n = 0). Raises ValueError on
+    mismatched shapes, a non-positive or non-finite temperature and (with check) NaN/inf features.
     """
-    _check_pair(q, k, temperature)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    _check_pair(q, k, temperature, check)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if q.shape[0] == 0:  # no matches: a defined zero (the official code skips the pair)
+        return (q.sum() + k.sum()) * 0.0
     if normalize:
         q = F.normalize(q, dim=1, eps=NORMALIZE_EPS)
         k = F.normalize(k, dim=1, eps=NORMALIZE_EPS)
     if chunk_size is None:
         logits = q @ k.T / temperature  # (n, n), S_ij = q_i . k_j / T
         labels = torch.arange(q.shape[0], device=q.device)
-        loss = F.cross_entropy(logits, labels)  # Eq. 1, q -> k
+        loss = F.cross_entropy(logits, labels)  # Eq. 1: -mean_i log softmax_j(S_ij)[i], q -> k
         if symmetric:
             loss = (loss + F.cross_entropy(logits.T, labels)) / 2  # official code: symmetric
         return loss
@@ -141,19 +156,28 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 def depth_loss(pred: Tensor, target: Tensor, invalid_value: float = 0.0) -> Tensor:
     """Pri3D's auxiliary depth loss (after Hu et al., "Revisiting Single Image Depth Estimation", 2019).
 
-    pred: (B, 1, H, W) predicted depth; target: (B, H, W) depth, ``invalid_value`` marks holes.
+    pred: (B, 1, H, W) predicted depth; target: (B, H, W) depth, ``invalid_value`` marks holes (ScanNet: 0;
+    ``float("nan")`` works too) and non-finite target values are always holes.
     loss = ( mean log(|t - p| + 0.5) + mean (1 - cos(n_t, n_p))
              + mean log(|dx_t - dx_p| + 0.5) + mean log(|dy_t - dy_p| + 0.5) ) / 3,
-    means over valid target pixels, n = (-dx, -dy, 1) from Sobel gradients. A frame without valid pixels
-    contributes 0 (the official code returns NaN there).
+    means over valid target pixels, n = (-dx, -dy, 1) from Sobel gradients. Holes enter the target's Sobel
+    responses as 0 (as the official code's 0 holes do). A frame without valid pixels contributes 0 (the
+    official code returns NaN there). NaN in ``pred`` flows through to a NaN loss.
     """
-    if pred.ndim != 4 or pred.shape[1] != 1:
-        raise ValueError(f"pred must have shape (B, 1, H, W), got {tuple(pred.shape)}")
-    if target.shape != (pred.shape[0],) + pred.shape[2:]:
+    if not isinstance(pred, Tensor) or pred.ndim != 4 or pred.shape[1] != 1:
+        shape = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"pred must have shape (B, 1, H, W), got {shape}")
+    if not isinstance(target, Tensor) or target.shape != (pred.shape[0],) + pred.shape[2:]:
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"target must have shape (B, H, W) = {(pred.shape[0],) + tuple(pred.shape[2:])}, "
-                         f"got {tuple(target.shape)}")
+                         f"got {shape}")
+    if not pred.is_floating_point():
+        raise TypeError(f"pred must be floating point, got {pred.dtype}")
+    if not isinstance(invalid_value, numbers.Real) or isinstance(invalid_value, bool):
+        raise TypeError(f"invalid_value must be a real number (e.g. 0.0 or float('nan')), got {invalid_value!r}")
     target = target[:, None].to(pred.dtype)  # (B, 1, H, W)
-    mask = target != invalid_value
+    mask = torch.isfinite(target) & (target != invalid_value)  # NaN != NaN: a NaN invalid_value masks NaN holes
+    target = torch.where(mask, target, torch.zeros_like(target))  # holes are 0 (no NaN reaches a gradient)
     dx_t, dy_t = _sobel(target)
     dx_p, dy_p = _sobel(pred)
     normal_t = torch.cat([-dx_t, -dy_t, torch.ones_like(dx_t)], dim=1)  # (B, 3, H, W)

@@ -102,6 +102,8 @@ def _unique_coords(coords: Tensor) -> tuple[Tensor, Tensor]:
 
 def kernel_offsets(kernel_size: int, device: torch.device | None = None) -> Tensor:
     """(k^3, 3) int64 offsets, x slowest and z fastest; centred for odd k, 0..k-1 for even k."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be an int >= 1, got {kernel_size!r}")
     start = -(kernel_size // 2) if kernel_size % 2 == 1 else 0
     steps = range(start, start + kernel_size)
     return torch.tensor(list(itertools.product(steps, steps, steps)), dtype=torch.int64, device=device)
@@ -221,8 +223,8 @@ def sparse_quantize(
         raise ValueError(f"points must be a (N, 3) tensor, got {getattr(points, 'shape', type(points))}")
     if points.shape[0] == 0 or not points.dtype.is_floating_point or not torch.isfinite(points).all():
         raise ValueError("points must be a non-empty, finite floating tensor")
-    if not voxel_size > 0:
-        raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
+    if not (voxel_size > 0 and math.isfinite(voxel_size)):
+        raise ValueError(f"voxel_size must be finite and > 0, got {voxel_size}")
     if features is not None and (features.ndim != 2 or features.shape[0] != points.shape[0]):
         raise ValueError(f"features must be (N={points.shape[0]}, C), got {tuple(features.shape)}")
     if rounding not in ("floor", "trunc"):
@@ -422,6 +424,10 @@ class SparseConv3d(nn.Module):
         dilation: int = 1, bias: bool = False,
     ):
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.stride, self.dilation = stride, dilation
         self.kernel = nn.Parameter(torch.empty(kernel_size**3, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None

@@ -9,6 +9,7 @@ from minimal3d.correspondences import (
     frame_chunk_voxels,
     frame_overlap,
     pixel_correspondences,
+    pixel_overlap,
     sample_matches,
     voxel_pixel_correspondences,
     voxelize_points,
@@ -202,6 +203,20 @@ def test_frame_overlap(frame_pair):
     away[:3, 3] += 100.0
     assert frame_overlap(depth1, depth2, K, viewmat1, away).item() == 0.0
     assert frame_overlap(torch.zeros_like(depth1), depth2, K, viewmat1, viewmat2).item() == 0.0
+
+
+def test_pixel_overlap_is_the_papers_ratio(frame_pair):
+    depth1, depth2, K, viewmat1, viewmat2 = frame_pair
+    assert pixel_overlap(depth1, depth1, K, viewmat1, viewmat1).item() == 1.0
+    overlap = pixel_overlap(depth1, depth2, K, viewmat1, viewmat2, 0.05).item()
+    forward = len(naive_pixel_correspondences(depth1, depth2, K, viewmat1, viewmat2, 0.05, "minimal3d")[0])
+    backward = len(naive_pixel_correspondences(depth2, depth1, K, viewmat2, viewmat1, 0.05, "minimal3d")[0])
+    valid = int((depth1 > 0).sum() + (depth2 > 0).sum())
+    assert abs(overlap - (forward + backward) / valid) < 1e-12 and 0 < overlap < 1
+    away = viewmat2.clone()
+    away[:3, 3] += 100.0
+    assert pixel_overlap(depth1, depth2, K, viewmat1, away).item() == 0.0
+    assert pixel_overlap(torch.zeros_like(depth1), torch.zeros_like(depth2), K, viewmat1, viewmat2).item() == 0.0
 
 
 def test_sample_matches_replacement_rule():

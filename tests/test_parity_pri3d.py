@@ -120,6 +120,8 @@ def test_pipeline_view_and_geo():
     batch, K = int(ref["B"]), torch.tensor(ref["K"])
     assert ref["fmap1"].shape[-2:] == (int(ref["H"]) // 2, int(ref["W"]) // 2)
     voxel_size = 1.0 / float(ref["world2grid"][0, 0])
+    # the pipeline was built from the pairs of correspondences.npz (README section 4): its voxel tolerance
+    voxel_depth_tol = float(load_reference("pri3d", "correspondences.npz")["voxel_depth_tol"])
     matches, voxel_features1, voxel_features2 = [], [], []
     for b in range(batch):
         viewmat1, viewmat2 = torch.tensor(ref["world2camera1"][b]), torch.tensor(ref["world2camera2"][b])
@@ -131,7 +133,7 @@ def test_pipeline_view_and_geo():
             in_batch = torch.tensor(ref[f"pointcloud{frame}"][:, 0] == b)
             voxels = torch.tensor(ref[f"pointcloud{frame}"])[in_batch, 1:]
             match[f"pixels{frame}"], match[f"voxel_index{frame}"] = voxel_pixel_correspondences(
-                voxels, depth, K, viewmat, voxel_size, 0.2, "pri3d")
+                voxels, depth, K, viewmat, voxel_size, voxel_depth_tol, "pri3d")
             voxel_features.append(leaves[f"feature3d{frame}"][in_batch])
         matches.append(match)
     draws = {(int(ref["choice_batch"][i]), int(ref["choice_kind"][i])): i for i in range(int(ref["num_choices"]))}
@@ -150,3 +152,25 @@ def test_pipeline_view_and_geo():
     close(loss, ref["loss"])  # measured: 0
     for key, leaf in leaves.items():
         close(leaf.grad, ref[f"grad_{key}"])  # measured: <= 8.3e-18
+
+
+def test_a_wrong_reference_value_fails():
+    """The comparisons above are tight enough to catch a reference off by one part in 1e8 or one pixel."""
+    ref = load_reference("pri3d", "loss_pri3d.npz")
+    p = "case1_"
+    q, k = torch.tensor(ref["F1"])[torch.tensor(ref[p + "idx1"])], torch.tensor(ref["F2"])[torch.tensor(ref[p + "idx2"])]
+    loss = point_info_nce(float(ref[p + "scale1"]) * q, k, float(ref[p + "T"]))
+    close(loss, ref[p + "loss"])
+    with pytest.raises(AssertionError):
+        close(loss, ref[p + "loss"] * (1 + 1e-8))
+    with pytest.raises(AssertionError):  # the paper's one-directional form is not the official loss
+        close(point_info_nce(float(ref[p + "scale1"]) * q, k, float(ref[p + "T"]), symmetric=False), ref[p + "loss"])
+    corr = load_reference("pri3d", "correspondences.npz")
+    depth1, depth2 = torch.tensor(corr["pair0_depth1"]), torch.tensor(corr["pair0_depth2"])
+    viewmat1 = torch.linalg.inv(torch.tensor(corr["pair0_camera2world1"]))
+    viewmat2 = torch.linalg.inv(torch.tensor(corr["pair0_camera2world2"]))
+    pos1, _ = pixel_correspondences(depth1, depth2, torch.tensor(corr["K"]), viewmat1, viewmat2,
+                                    float(corr["thresh"]), "pri3d")
+    wrong = torch.tensor(corr["pair0_pos1"]).clone()
+    wrong[len(wrong) // 2, 1] += 1
+    assert torch.equal(pos1, torch.tensor(corr["pair0_pos1"])) and not torch.equal(pos1, wrong)

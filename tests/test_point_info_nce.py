@@ -89,18 +89,34 @@ def test_bad_inputs():
     q = torch.randn(4, 3)
     with pytest.raises(ValueError, match="same shape"):
         point_info_nce(q, torch.randn(5, 3))
-    with pytest.raises(ValueError, match="n = 0"):
-        point_info_nce(q[:0], q[:0])
     with pytest.raises(ValueError, match="NaN"):
         point_info_nce(q, torch.full((4, 3), float("nan")))
     with pytest.raises(ValueError, match=r"\(n, D\)"):
         point_info_nce(q[0], q[0])
-    with pytest.raises(ValueError, match="temperature"):
-        point_info_nce(q, q, temperature=0.0)
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            point_info_nce(q, q, temperature=temperature)
     with pytest.raises(ValueError, match="chunk_size"):
         point_info_nce(q, q, chunk_size=0)
     with pytest.raises(TypeError):
         point_info_nce(q.long(), q.long())
+
+
+def test_no_matches_give_an_attached_zero():
+    q = torch.randn(0, 3, requires_grad=True)
+    k = torch.randn(0, 3, requires_grad=True)
+    for symmetric in (True, False):
+        loss = point_info_nce(q, k, symmetric=symmetric)
+        loss.backward()
+        assert loss.item() == 0.0 and q.grad.shape == (0, 3)
+
+
+def test_check_false_skips_only_the_nan_scan():
+    q = torch.randn(4, 3)
+    q[1, 0] = float("nan")
+    assert torch.isnan(point_info_nce(q, torch.randn(4, 3), check=False))  # NaN data flows through
+    with pytest.raises(ValueError, match="temperature"):
+        point_info_nce(q, q, temperature=float("nan"), check=False)  # parameter checks stay on
 
 
 def naive_depth_loss(pred, target):
@@ -143,6 +159,23 @@ def test_depth_loss_matches_naive_and_gradcheck():
     pred = torch.rand(2, 1, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     assert abs(depth_loss(pred, target).item() - naive_depth_loss(pred.detach(), target)) < 1e-13
     assert torch.autograd.gradcheck(lambda p: depth_loss(p, target), (pred,))
+
+
+@pytest.mark.parametrize("hole", [float("nan"), float("inf")])
+def test_depth_loss_masks_non_finite_holes(hole):
+    generator = torch.Generator().manual_seed(6)
+    target = torch.rand(2, 5, 6, generator=generator, dtype=torch.float64) + 0.5
+    target[0, 1, 2] = 0
+    target[1, 4, :] = 0
+    pred = torch.rand(2, 1, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    expected = depth_loss(pred, target)  # 0 = hole
+    (grad_expected,) = torch.autograd.grad(expected, pred)
+    holes = torch.where(target == 0, torch.full_like(target, hole), target)
+    for invalid_value in (float("nan"), 0.0):  # non-finite targets are holes whatever invalid_value is
+        loss = depth_loss(pred, holes, invalid_value=invalid_value)
+        (grad,) = torch.autograd.grad(loss, pred)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-15)
+        torch.testing.assert_close(grad, grad_expected, rtol=0, atol=1e-15)
 
 
 def test_depth_loss_without_valid_pixels_is_zero():
