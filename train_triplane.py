@@ -519,7 +519,8 @@ class Prior3D(nn.Module):
         batch, size = tokens.shape[0], self.render_size
         out = render_triplane(planes, self.decoder, self.origins.expand(batch, -1, -1),
                               self.directions.expand(batch, -1, -1), NEAR, FAR, self.samples, self.importance,
-                              BOX_SIZE, chunk_rays=self.chunk_rays)
+                              BOX_SIZE, chunk_rays=self.chunk_rays,
+                              check=False)  # fixed unit rays from cameras.pixel_rays: no value check (host sync) per step
         return {"rgb": out["rgb"].transpose(1, 2).unflatten(-1, (size, size)),
                 "depth_z": (out["depth"][..., 0] * self.cosine).unflatten(-1, (size, size)),  # ray distance -> z
                 "opacity": out["opacity"][..., 0].unflatten(-1, (size, size)),
