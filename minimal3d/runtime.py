@@ -4,6 +4,7 @@ No framework: each function does one small thing and the scripts call them from 
 """
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -364,6 +365,9 @@ def claim(text: str, metric: str, higher_is_better: bool, baseline: tuple[str, f
             raise ValueError(f"{name} must be a (name, value) pair, got {pair!r}")
     (baseline_name, baseline_value), (method_name, method_value) = baseline, method
     baseline_value, method_value = float(baseline_value), float(method_value)
+    for name, value in (("baseline", baseline_value), ("method", method_value)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} value of claim {metric!r} must be finite, got {value}")
     if higher_is_better:
         holds = method_value > baseline_value - margin if margin > 0 else method_value > baseline_value
     else:

@@ -96,3 +96,10 @@ def test_load_checkpoint_names_the_file_and_the_reason(tmp_path):
         assert "weights_only" not in str(info.value)
     with pytest.raises(ValueError, match="missing keys"):
         runtime.load_checkpoint(good, ("config", "optimizer"))
+
+
+def test_claim_refuses_non_finite_values():
+    with pytest.raises(ValueError, match="baseline"):
+        runtime.claim("c", "acc", True, ("base", float("nan")), ("ours", 0.5))
+    with pytest.raises(ValueError, match="method"):
+        runtime.claim("c", "acc", True, ("base", 0.5), ("ours", float("inf")))
