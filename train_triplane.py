@@ -508,6 +508,9 @@ class Prior3D(nn.Module):
         else:
             self.image_decoder = ConvImageDecoder(token_dim, grid, render_size, width)
         origins, directions, cosine = fixed_camera(render_size)
+        # pixel_rays broadcasts the one camera centre over the rays; DDP broadcasts buffers in place, so
+        # each buffer needs memory of its own
+        origins, directions, cosine = origins.contiguous(), directions.contiguous(), cosine.contiguous()
         self.register_buffer("origins", origins, persistent=False)
         self.register_buffer("directions", directions, persistent=False)
         self.register_buffer("cosine", cosine, persistent=False)
