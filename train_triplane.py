@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from minimal3d import cameras, runtime, synthetic, vit
 from minimal3d.probes import depth_metrics, fit_linear_classifier, fit_linear_regressor, shape_bias
-from minimal3d.triplane import TriplaneDecoder, render_triplane
+from minimal3d.triplane import TriplaneDecoder, TriplaneGenerator, render_triplane
 
 # The one fixed camera (EG3D's FFHQ radius) and the cube it looks at; the shape-texture world is rendered
 # from the same camera, so its metric depth can be used as it is.
@@ -409,65 +409,6 @@ def fixed_camera(size: int) -> tuple[Tensor, Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------
 
 
-class AttentionBlock(nn.Module):
-    """Pre-norm block on the plane embeddings x (B, N, W) given the memory h (B, T, W):
-    x += SelfAttn(x) (unless ``self_attention`` is False); x += CrossAttn(x, h); x += MLP(x)."""
-
-    def __init__(self, width: int, num_heads: int, self_attention: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.self_attention = self_attention
-        if self_attention:
-            self.norm_self, self.qkv, self.proj_self = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.norm_q, self.norm_memory = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.to_q, self.to_kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
-        self.norm_mlp = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        heads = self.num_heads
-        if self.self_attention:
-            q, k, v = rearrange(self.qkv(self.norm_self(x)), "b n (three h d) -> three b h n d", three=3, h=heads)
-            x = x + self.proj_self(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
-        q = rearrange(self.to_q(self.norm_q(x)), "b n (h d) -> b h n d", h=heads)
-        k, v = rearrange(self.to_kv(self.norm_memory(memory)), "b m (two h d) -> two b h m d", two=2, h=heads)
-        x = x + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
-        return x + self.mlp(self.norm_mlp(x))
-
-
-class TriplaneGeneratorPhi(nn.Module):
-    """Φ (§3.4): learnable embeddings of the three planes (3 x E x E tokens of ``width``) attend to
-    themselves and to h (``num_layers`` blocks), then each plane is upsampled by (bilinear x2, 3x3 conv,
-    GELU) blocks from E to ``plane_resolution`` and projected to ``plane_channels`` (D); the planes share
-    the conv weights. tokens (B, T, token_dim) -> planes (B, 3, D, H, W)."""
-
-    def __init__(self, token_dim: int, plane_channels: int, plane_resolution: int, embed_resolution: int,
-                 width: int, num_heads: int, num_layers: int, self_attention: bool = True):
-        super().__init__()
-        num_upsamples = round(math.log2(plane_resolution / embed_resolution))
-        self.embed_resolution = embed_resolution
-        self.embeddings = nn.Parameter(torch.randn(3 * embed_resolution ** 2, width) * 0.02)
-        self.input_proj = nn.Linear(token_dim, width)
-        self.blocks = nn.ModuleList(AttentionBlock(width, num_heads, self_attention) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(width)
-        layers, channels = [], width
-        for _ in range(num_upsamples):
-            out_channels = max(channels // 2, plane_channels)
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       nn.Conv2d(channels, out_channels, 3, padding=1), nn.GELU()]
-            channels = out_channels
-        layers.append(nn.Conv2d(channels, plane_channels, 1))
-        self.upsample = nn.Sequential(*layers)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        memory = self.input_proj(tokens)  # (B, T, width)
-        x = self.embeddings.expand(tokens.shape[0], -1, -1)  # (B, 3 E^2, width)
-        for block in self.blocks:
-            x = block(x, memory)
-        x = rearrange(self.norm(x), "b (k h w) c -> (b k) c h w", k=3, h=self.embed_resolution)
-        return rearrange(self.upsample(x), "(b k) c h w -> b k c h w", k=3)
-
-
 class ConvImageDecoder(nn.Module):
     """--no-triplane ablation: patch tokens (a grid) + class token -> image (3) and camera z (1) directly."""
 
@@ -502,8 +443,8 @@ class Prior3D(nn.Module):
         self.render_size, self.samples, self.importance = render_size, samples, importance
         self.use_triplane, self.chunk_rays = use_triplane, chunk_rays
         if use_triplane:
-            self.generator = TriplaneGeneratorPhi(token_dim, plane_channels, plane_res, embed_res, width,
-                                                  max(1, width // 32), num_layers, self_attention)
+            self.generator = TriplaneGenerator(token_dim, plane_channels, plane_res, embed_res, width,
+                                               max(1, width // 32), num_layers, self_attention)
             self.decoder = TriplaneDecoder(plane_channels)
         else:
             self.image_decoder = ConvImageDecoder(token_dim, grid, render_size, width)

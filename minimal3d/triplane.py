@@ -230,35 +230,45 @@ def _check_render_values(origins, directions, near, far, jitter, importance_u) -
 # ---------------------------------------------------------------------------------------------------
 
 
-class _CrossAttentionBlock(nn.Module):
-    """Pre-norm transformer block whose queries attend to a memory: x += attn(x, h); x += mlp(x)."""
+class _AttentionBlock(nn.Module):
+    """Pre-norm transformer block on the plane embeddings x (B, N, dim) given the memory h (B, T, dim):
+    x += SelfAttn(x) (when ``self_attention``); x += CrossAttn(x, h); x += MLP(x)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, self_attention: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.self_attention = self_attention
+        if self_attention:
+            self.norm_self, self.qkv, self.proj_self = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q, self.to_kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        q = rearrange(self.to_q(self.norm_q(x)), "b n (h d) -> b h n d", h=self.num_heads)
-        k, v = rearrange(self.to_kv(self.norm_kv(memory)), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        heads = self.num_heads
+        if self.self_attention:
+            q, k, v = rearrange(self.qkv(self.norm_self(x)), "b n (three h d) -> three b h n d", three=3, h=heads)
+            x = x + self.proj_self(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        q = rearrange(self.to_q(self.norm_q(x)), "b n (h d) -> b h n d", h=heads)
+        k, v = rearrange(self.to_kv(self.norm_kv(memory)), "b m (two h d) -> two b h m d", two=2, h=heads)
         attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim / heads)
         x = x + self.proj(rearrange(attended, "b h n d -> b n (h d)"))
         return x + self.mlp(self.norm_mlp(x))
 
 
 class TriplaneGenerator(nn.Module):
-    """The decoder Φ of 3D-Prior: representation tokens h -> triplanes (B, 3, C, 128, 128).
+    """The decoder Φ of 3D-Prior (§3.4): representation tokens h -> triplanes (B, 3, D, 128, 128).
 
-    Learnable triplane embeddings (3 x 16 x 16 tokens of width ``dim``) cross-attend to h
-    (``num_layers`` blocks), then each plane is upsampled by bilinear x2 + 3x3 conv + GELU blocks from
-    ``embed_resolution`` to ``plane_resolution`` and projected to ``plane_channels``. The three planes share
-    the conv weights. Paper sizes are the defaults; smaller ones are selectable for quick runs.
+    Learnable triplane embeddings (3 x 16 x 16 tokens of width ``dim``) attend to themselves
+    (``self_attention``, as §3.4 describes) and cross-attend to h (``num_layers`` blocks), then each plane
+    is upsampled by bilinear x2 + 3x3 conv + GELU blocks from ``embed_resolution`` to
+    ``plane_resolution`` and projected to ``plane_channels`` (D). The three planes share the conv weights.
+    Paper sizes are the defaults; smaller ones are selectable for quick runs.
     """
 
     def __init__(self, input_dim: int, plane_channels: int = 32, plane_resolution: int = 128,
-                 embed_resolution: int = 16, dim: int = 256, num_heads: int = 8, num_layers: int = 2):
+                 embed_resolution: int = 16, dim: int = 256, num_heads: int = 8, num_layers: int = 2,
+                 self_attention: bool = True):
         super().__init__()
         num_upsamples = round(math.log2(plane_resolution / embed_resolution))
         if embed_resolution * 2 ** num_upsamples != plane_resolution:
@@ -269,7 +279,7 @@ class TriplaneGenerator(nn.Module):
         self.embed_resolution = embed_resolution
         self.embeddings = nn.Parameter(torch.randn(3 * embed_resolution ** 2, dim) * 0.02)
         self.input_proj = nn.Linear(input_dim, dim)
-        self.blocks = nn.ModuleList(_CrossAttentionBlock(dim, num_heads) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(_AttentionBlock(dim, num_heads, self_attention) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         layers, channels = [], dim
         for _ in range(num_upsamples):

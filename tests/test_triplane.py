@@ -482,6 +482,31 @@ def test_generator_shapes_and_token_order_invariance():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in generator.parameters())
 
 
+def _naive_attention(q, k, v, heads):
+    """Multi-head softmax attention written out: q (B, N, W), k, v (B, M, W) -> (B, N, W)."""
+    batch, n, width = q.shape
+    q, k, v = (t.reshape(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width // heads), dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(batch, n, width)
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_generator_block_against_written_out_attention(self_attention):
+    torch.manual_seed(0)
+    block = triplane._AttentionBlock(dim=8, num_heads=2, self_attention=self_attention).double()
+    x, memory = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = x
+    if self_attention:  # x += SelfAttn(x) (§3.4), then the cross-attention of the triplane tokens to h
+        q, k, v = block.qkv(block.norm_self(expected)).chunk(3, dim=-1)
+        expected = expected + block.proj_self(_naive_attention(q, k, v, 2))
+    else:
+        assert not any(name.startswith(("qkv", "proj_self", "norm_self")) for name, _ in block.named_parameters())
+    k, v = block.to_kv(block.norm_kv(memory)).chunk(2, dim=-1)
+    expected = expected + block.proj(_naive_attention(block.to_q(block.norm_q(expected)), k, v, 2))
+    expected = expected + block.mlp(block.norm_mlp(expected))
+    assert_close(block(x, memory), expected, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------
 # torch.compile gives the same numbers (slow)
 # ---------------------------------------------------------------------------------------------------
