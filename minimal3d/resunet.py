@@ -264,6 +264,11 @@ class ResUNet(nn.Module):
         height, width = images.shape[-2:]
         if height < 32 or width < 32:
             raise ValueError(f"images must be at least 32 x 32 pixels (stride-32 encoder), got {height} x {width}")
+        coarsest = images.shape[0] * -(-height // 32) * -(-width // 32)  # values per channel at stride 32
+        if self.training and coarsest < 2:  # BatchNorm's batch statistics need two values per channel
+            raise ValueError(f"images: a training-mode forward needs more than one value per channel at stride 32 "
+                             f"(BatchNorm), got a batch of {images.shape[0]} at {height} x {width}: use a batch of "
+                             f"at least 2, images larger than 32 x 32, or model.eval()")
         half_size = (-(-height // 2), -(-width // 2))  # ceil: the stem's stride-2 grid
         return self.decoder(self.encoder(images), half_size)
 

@@ -157,6 +157,7 @@ def _foundation_cases() -> list[Case]:
         Case("resunet-shape-images-small", lambda: tiny_unet(torch.randn(1, 3, 16, 32)), ValueError, "images"),
         Case("resunet-dtype-images-int", lambda: tiny_unet(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), TypeError, "images"),
         Case("resunet-dtype-images-double", lambda: tiny_unet(torch.zeros(1, 3, 32, 32, dtype=torch.float64)), TypeError, "images"),
+        Case("resunet-batchnorm-batch1", lambda: tiny_unet.train()(torch.randn(1, 3, 32, 32)), ValueError, "images"),
         Case("resunet-config-stride", lambda: ResUNet(18, 4, 3), ValueError, "output_stride"),
         Case("resunet-config-out_channels", lambda: ResUNet(18, 2.5), ValueError, "out_channels"),
         Case("resunet-config-depth", lambda: ResNetEncoder(101), ValueError, "depth"),
