@@ -25,9 +25,10 @@ The file reads in the order of the method:
    over the midpoints ``t_mid[:-1]`` (EG3D's slice, a leftover of NeRF code: the last interval is never
    drawn); fine depths are detached.
 7. ``render_triplane``: coarse pass, importance sampling, fine pass, one march over S + N samples.
-8. The fast path (the same math): a texel-table ``embedding_bag`` lookup with an ``index_add_`` backward,
-   blocks of rows, rays padded to a multiple of RAY_BLOCK, and a hand-written backward of the decoder
-   MLP. ``render_triplane(fast=None)`` takes it whenever no gradient is needed at the sample positions.
+8. The fast path (the same math): a texel-table ``embedding_bag`` lookup whose backward is a product of
+   sparse matrices over sorted cells on CPU (``index_add_`` elsewhere), blocks of rows, rays padded to a
+   multiple of RAY_BLOCK, and a hand-written backward of the decoder MLP. ``render_triplane(fast=None)``
+   takes it whenever no gradient is needed at the sample positions.
 
 Where this file differs from EG3D on purpose: rgb is returned in EG3D's colour range (about [0, 1]),
 not mapped to [-1, 1]; transmittance is computed in log space (EG3D multiplies 1 - alpha + 1e-10; the two
@@ -39,6 +40,7 @@ weight gets depth = far of that ray instead of a clamp to the largest sample dep
 """
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -643,9 +645,11 @@ def _decoded(decoder: Callable, features: Tensor) -> tuple[Tensor, Tensor]:
 # (tests/test_triplane.py). Three changes, all for CPU time and memory (benchmarks/bench_triplane.py):
 # - the lookup: the three bilinear lookups and the plane mean are one weighted ``embedding_bag`` sum of
 #   12 texel rows of a channels-last copy of the planes with a border of zero texels (grid_sample's zero
-#   padding without masks), with an ``index_add_`` backward (CPU grid_sampler_2d_backward scatters
-#   channel by channel and dominates EG3D's CPU time). Sample positions get no gradient (EG3D detaches
-#   the fine ones; the coarse ones come from the rays);
+#   padding without masks). Its backward is a splat: on CPU, sparse products over the points' cells
+#   sorted once per block (``_scatter_by_cells``; CPU grid_sampler_2d_backward scatters channel by
+#   channel and dominates EG3D's CPU time, and CPU ``index_add_`` sorts its indices anew in each of the
+#   12 calls per block), on other devices ``index_add_`` (atomic adds). Sample positions get no gradient
+#   (EG3D detaches the fine ones; the coarse ones come from the rays);
 # - the decoder MLP of a ``TriplaneDecoder`` keeps only its input features for backward and recomputes
 #   the 64-wide hidden layer there, instead of autograd's three (M, 64) tensors;
 # - on CPU both go through the samples block by block (a fresh 32 MiB temporary costs more in page
@@ -659,6 +663,8 @@ def _decoded(decoder: Callable, features: Tensor) -> tuple[Tensor, Tensor]:
 RAY_BLOCK = 64  # rays are processed in multiples of this on the fast path
 CPU_LOOKUP_ROWS = 32768  # points per block of the plane lookup on CPU (see _row_blocks)
 CPU_DECODER_ROWS = 8192  # samples per block of the decoder MLP on CPU
+CPU_SCATTER_ROWS = 131072  # points per block of the lookup's backward on CPU (see _scatter_by_cells)
+SORTED_SCATTER_DEVICES = ("cpu",)  # the lookup's backward: sorted sparse products here, index_add_ elsewhere
 
 
 def _pad_rays(per_ray: list, rays: int, chunk: int) -> tuple[list, int]:
@@ -745,8 +751,9 @@ class _MeanPlaneFeatures(torch.autograd.Function):
     """Features averaged over the 3 planes, (B*M, C): a weighted sum of 12 rows of the bordered table.
 
     The same numbers as ``sample_triplane(...).mean(1)``, block by block of points of one batch element.
-    The forward is one ``embedding_bag`` per block (mode "sum" with per-sample weights), the backward an
-    index_add_ of C-wide rows per corner; nothing but uv (B, M, 3, 2) is kept for it. No gradient to uv.
+    The forward is one ``embedding_bag`` per block (mode "sum" with per-sample weights), the backward the
+    transposed splat (``_scatter_by_cells`` on CPU, an index_add_ of C-wide rows per corner elsewhere);
+    nothing but uv (B, M, 3, 2) is kept for it. No gradient to uv.
     """
 
     @staticmethod
@@ -766,14 +773,52 @@ class _MeanPlaneFeatures(torch.autograd.Function):
         num_rows, height, width = ctx.sizes
         grad_features = grad_features.reshape(uv.shape[0], uv.shape[1], -1)
         grad_table = grad_features.new_zeros(num_rows, grad_features.shape[-1])
-        for batch_index, block, first_row in _lookup_blocks(uv, height, width):
+        if uv.device.type in SORTED_SCATTER_DEVICES:
+            _scatter_by_cells(grad_table, grad_features, uv, height, width)
+            return grad_table, None, None, None
+        for batch_index, block, first_row in _lookup_blocks(uv, height, width):  # atomic adds on GPUs
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
             grad_block = grad_features[batch_index, block]
-            weighted = torch.empty_like(grad_block)  # one buffer for the 12 corners
-            for corner in range(12):  # index_add_ is fastest with a contiguous int64 index
-                torch.mul(grad_block, weights[corner].unsqueeze(-1), out=weighted)
-                grad_table.index_add_(0, rows[corner], weighted)
+            for corner in range(12):
+                grad_table.index_add_(0, rows[corner], grad_block * weights[corner].unsqueeze(-1))
         return grad_table, None, None, None
+
+
+def _scatter_by_cells(grad_table: Tensor, grad_features: Tensor, uv: Tensor, height: int, width: int) -> None:
+    """The lookup's backward on CPU: grad_table (B*3*(H+2)*(W+2), C) += the bilinear splat of
+    grad_features (B, M, C) at uv (B, M, 3, 2), as sparse matrix products over texels sorted once.
+
+    A point's 4 corners on a plane are the texels c, c + 1, c + W+2, c + W+3 of its cell's lower corner
+    c. Per block of points the (plane, point) pairs are sorted by c once; then, for each corner k, a CSR
+    matrix S_k (cells x points) holding that corner's weights gives S_k @ grad_features, which lands on
+    texel c + shift_k. The products run in parallel over cells; a scatter (index_add_) on CPU sorts its
+    indices anew in every call and would do that 12 times per block.
+    """
+    padded_width = width + 2
+    batch_rows = grad_table.shape[0] // uv.shape[0]  # the 3 bordered planes of one batch element
+    corner_shifts = (0, 1, padded_width, padded_width + 1)  # (x, y) = 00 10 01 11, as in _bilinear_rows
+    for batch_index in range(uv.shape[0]):
+        first_row = torch.arange(3) * (height + 2) * padded_width + padded_width + 1  # texel (0, 0) per plane
+        grad_batch = grad_table[batch_index * batch_rows:(batch_index + 1) * batch_rows]
+        for block in _row_blocks(uv.shape[1], uv.device, CPU_SCATTER_ROWS):
+            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
+            points = rows.shape[1]
+            cells = rows[:3].reshape(-1)  # (3 n,): corner 00 of each (plane, point), plane-major
+            order = torch.argsort(cells, stable=True)  # stable: the same sums in the same order every run
+            cell_counts = torch.bincount(cells, minlength=batch_rows)
+            cell_offsets = torch.cat([cell_counts.new_zeros(1), torch.cumsum(cell_counts, 0)])
+            point_of_entry = order % points
+            corner_weights = weights.view(4, 3 * points)[:, order]  # (4, 3 n) in cell order
+            for corner, shift in enumerate(corner_shifts):
+                splat = _csr(cell_offsets, point_of_entry, corner_weights[corner], (batch_rows, points))
+                grad_batch[shift:] += (splat @ grad_features[batch_index, block])[:batch_rows - shift]
+
+
+def _csr(row_offsets: Tensor, columns: Tensor, entries: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix; torch's beta-state notice for CSR is silenced here only, for this call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(row_offsets, columns, entries, size=size, check_invariants=False)
 
 
 class _DecoderMLP(torch.autograd.Function):

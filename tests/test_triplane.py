@@ -231,10 +231,14 @@ def naive_composite_weights(colors, raw_sigma, t):
 
 
 @pytest.mark.parametrize("plane_axes", ["xy_yz_zx", "eg3d"])
-def test_fast_lookup_matches_grid_sample(plane_axes, monkeypatch):
-    """The fast lookup (bordered table, embedding_bag forward, index_add_ backward, in blocks of points)
-    equals grid_sample + mean over planes, forward and backward, also on and beyond the edges."""
+@pytest.mark.parametrize("sorted_scatter", [True, False])
+def test_fast_lookup_matches_grid_sample(plane_axes, sorted_scatter, monkeypatch):
+    """The fast lookup (bordered table, embedding_bag forward, in blocks of points; the backward as sorted
+    sparse products (CPU) or index_add_ (other devices)) equals grid_sample + mean over planes, forward
+    and backward, also on and beyond the edges."""
     monkeypatch.setattr(triplane, "CPU_LOOKUP_ROWS", 7)  # several blocks per batch element, a short last one
+    monkeypatch.setattr(triplane, "CPU_SCATTER_ROWS", 6)
+    monkeypatch.setattr(triplane, "SORTED_SCATTER_DEVICES", ("cpu",) if sorted_scatter else ())
     gen = torch.Generator().manual_seed(11)
     planes = torch.randn(2, 3, 4, 5, 6, generator=gen, dtype=D, requires_grad=True)  # H != W
     edges = torch.tensor([-1.0, -1 + 1 / 6, 1 - 1 / 6, 1.0, -1.2, 1.2, 7.0, -30.0, 0.0], dtype=D)
@@ -260,6 +264,7 @@ def test_fast_path_equals_readable_path(num_importance, white, chunk, monkeypatc
     """render_triplane(fast=True) against fast=False in float64: outputs and every gradient."""
     monkeypatch.setattr(triplane, "CPU_DECODER_ROWS", 50)  # several decoder and lookup blocks
     monkeypatch.setattr(triplane, "CPU_LOOKUP_ROWS", 40)
+    monkeypatch.setattr(triplane, "CPU_SCATTER_ROWS", 90)
     gen = torch.Generator().manual_seed(12)
     planes = torch.randn(2, 3, 5, 7, 6, generator=gen, dtype=D, requires_grad=True)
     decoder = TriplaneDecoder(feature_dim=5, hidden_dim=9).double()
