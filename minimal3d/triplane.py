@@ -804,14 +804,18 @@ def _scatter_by_cells(grad_table: Tensor, grad_features: Tensor, uv: Tensor, hei
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
             points = rows.shape[1]
             cells = rows[:3].reshape(-1)  # (3 n,): corner 00 of each (plane, point), plane-major
-            order = torch.argsort(cells, stable=True)  # stable: the same sums in the same order every run
+            sort_keys = cells.int() if batch_rows < 2**31 else cells  # int32 sorts in half the time
+            order = torch.argsort(sort_keys, stable=True)  # stable: the same sums in the same order every run
             cell_counts = torch.bincount(cells, minlength=batch_rows)
             cell_offsets = torch.cat([cell_counts.new_zeros(1), torch.cumsum(cell_counts, 0)])
             point_of_entry = order % points
             corner_weights = weights.view(4, 3 * points)[:, order]  # (4, 3 n) in cell order
             for corner, shift in enumerate(corner_shifts):
-                splat = _csr(cell_offsets, point_of_entry, corner_weights[corner], (batch_rows, points))
-                grad_batch[shift:] += (splat @ grad_features[batch_index, block])[:batch_rows - shift]
+                # cell c + shift stays inside its plane, so the last `shift` cells hold no point: S_k has
+                # batch_rows - shift rows and adds straight into the texels it lands on
+                splat = _csr(cell_offsets[:batch_rows - shift + 1], point_of_entry, corner_weights[corner],
+                             (batch_rows - shift, points))
+                grad_batch[shift:].addmm_(splat, grad_features[batch_index, block])
 
 
 def _csr(row_offsets: Tensor, columns: Tensor, entries: Tensor, size: tuple[int, int]) -> Tensor:
