@@ -701,10 +701,8 @@ def _fast_query(planes: Tensor, decoder: Callable, box_size: float, plane_axes: 
 def _plane_table(planes: Tensor) -> Tensor:
     """(B, 3, C, H, W) -> (B*3*(H+2)*(W+2), C): one contiguous row of C features per texel, with a border
     of zero texels around each plane (grid_sample's zero padding, so that no corner needs a mask)."""
-    batch, _, channels, height, width = planes.shape
-    table = planes.new_zeros(batch * 3, height + 2, width + 2, channels)
-    table[:, 1:-1, 1:-1] = rearrange(planes, "b k c h w -> (b k) h w c")
-    return table.view(-1, channels)
+    channels_last = rearrange(planes, "b k c h w -> (b k) h w c")
+    return F.pad(channels_last, (0, 0, 1, 1, 1, 1)).view(-1, planes.shape[2])  # backward: a slice, no copy
 
 
 def _row_blocks(num_rows: int, device: torch.device, cpu_rows_per_block: int) -> list[slice]:
@@ -804,11 +802,11 @@ def _scatter_by_cells(grad_table: Tensor, grad_features: Tensor, uv: Tensor, hei
             rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
             points = rows.shape[1]
             cells = rows[:3].reshape(-1)  # (3 n,): corner 00 of each (plane, point), plane-major
-            sort_keys = cells.int() if batch_rows < 2**31 else cells  # int32 sorts in half the time
-            order = torch.argsort(sort_keys, stable=True)  # stable: the same sums in the same order every run
-            cell_counts = torch.bincount(cells, minlength=batch_rows)
-            cell_offsets = torch.cat([cell_counts.new_zeros(1), torch.cumsum(cell_counts, 0)])
-            point_of_entry = order % points
+            index_dtype = torch.int32 if batch_rows < 2**31 and 3 * points < 2**31 else torch.int64
+            order = torch.argsort(cells.to(index_dtype), stable=True)  # int32 sorts in half the time; stable:
+            cell_counts = torch.bincount(cells, minlength=batch_rows)  # the same sums in the same order
+            cell_offsets = torch.cat([cell_counts.new_zeros(1), torch.cumsum(cell_counts, 0)]).to(index_dtype)
+            point_of_entry = (order % points).to(index_dtype)  # (MKL's sparse products take int32 as they are)
             corner_weights = weights.view(4, 3 * points)[:, order]  # (4, 3 n) in cell order
             for corner, shift in enumerate(corner_shifts):
                 # cell c + shift stays inside its plane, so the last `shift` cells hold no point: S_k has
