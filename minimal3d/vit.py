@@ -576,14 +576,17 @@ def build_backbone(
     return ARCHITECTURES[arch](**overrides)
 
 
-def normalize_image(images: Tensor) -> Tensor:
-    """RGB images (..., 3, H, W) in [0, 1] -> ImageNet-normalised (x - mean) / std, as DINOv2 expects."""
+def normalize_image(images: Tensor, check: bool = True) -> Tensor:
+    """RGB images (..., 3, H, W) in [0, 1] -> ImageNet-normalised (x - mean) / std, as DINOv2 expects.
+
+    ``check=True`` verifies the value range, which costs a host sync on GPUs; training loops that checked
+    their data once pass ``check=False``."""
     if not isinstance(images, Tensor) or images.ndim < 3 or images.shape[-3] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must have shape (..., 3, H, W), got {shape}")
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point in [0, 1], got {images.dtype} (divide 8-bit images by 255)")
-    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+    if check and images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):  # host sync
         raise ValueError("images must be RGB values in [0, 1] (not 0..255 and not already normalised)")
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(3, 1, 1)

@@ -141,6 +141,9 @@ def test_normalize_image():
         normalize_image(torch.rand(1, 3, 4, 4) * 255)
     with pytest.raises(TypeError, match="images"):
         normalize_image(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+    scaled = torch.rand(1, 3, 4, 4) * 255  # check=False skips only the value range (no host sync): same formula
+    torch.testing.assert_close(normalize_image(scaled, check=False),
+                               (scaled - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
 
 
 # ---------------------------------------------------------------- outputs
