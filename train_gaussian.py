@@ -3,14 +3,18 @@
 Paper: Yuanwen Yue, Anurag Das, Francis Engelmann, Siyu Tang, Jan Eric Lenssen, "Improving 2D Feature
 Representations by 3D-Aware Fine-Tuning", ECCV 2024, arXiv:2407.20229. Official code: ywyue/FiT3D.
 
+Stage 0  (synthetic default): the original ViT is 2D-pretrained here on single images of other synthetic
+                             rooms (per-pixel class and log depth through linear heads), a stand-in for DINOv2;
+                             --weights loads the real DINOv2 instead, --original random skips it.
 Stage I  (--stage lift):     lift the ViT's features of many views of each scene into feature Gaussians
                              (3DGS with a 64-channel feature per Gaussian and a 3x3 up-projection conv).
 Stage II (--stage finetune): fine-tune the ViT so its patch features match the rendered 3D-aware features.
 Probes   (--stage probe):    the paper's linear probes on frozen features, original vs [original, fine-tuned]:
                              semantic segmentation (linear head on patch features, logits upsampled) and
                              depth (DINOv2 protocol: [CLS] concatenated, 256 bins, classification loss).
-The default run (synthetic rooms, a random ViT, a few minutes on 2 CPU cores) writes the claims table of
-metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on held-out rooms.
+The default run (synthetic rooms, a 2D-pretrained vit_tiny, a few minutes on 2 CPU cores) writes the claims
+table of metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on 8 held-out rooms,
+plus the control [original, random ViT] and diagnostics (cross-view consistency of each feature set).
 Details, every choice the paper leaves open and every deviation (with its flag): docs/gaussian.md.
 
 --data DIR: one sub-folder per scene, either nerfstudio / instant-ngp (<scene>/transforms.json, OpenGL
@@ -20,7 +24,7 @@ labels: ScanNet <scene>/label-filt/<frame>.png (ScanNet label ids, mapped to the
 classes through scannetv2-labels.combined.tsv in DIR or --label-map), or for any other labelled set
 <scene>/label/<frame>.png holding class indices (255 = ignore) with DIR/classes.txt (one name per line).
 --weights loads an official DINOv2 .pth (e.g. dinov2_vits14_pretrain.pth, vit.load_dinov2) as the
-original backbone; without it the original backbone is a seeded random ViT (--arch).
+original backbone; without it the original backbone is a seeded ViT of --arch, 2D-pretrained in Stage 0.
 
 Compiling the rasterizer (on by default on CUDA, --compile): in your own code,
     rasterize = torch.compile(splatting.rasterize_gaussians, dynamic=True)
@@ -99,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None, help="views per lifted scene (24)")
     parser.add_argument("--height", type=int, default=None, help="image height (84; multiples of 14 avoid resizing)")
     parser.add_argument("--width", type=int, default=None, help="image width (112)")
+    parser.add_argument("--camera-jitter", type=float, default=0.0,
+                        help="strength of a per-frame exposure, white-balance and sensor-noise nuisance on the "
+                             "synthetic images (1.0; 0 = clean renders)")
     parser.add_argument("--test-every", type=int, default=8, help="every n-th view is held out (3DGS llffhold)")
     parser.add_argument("--depth-scale", type=float, default=0.001, help="metres per depth-PNG unit (real data)")
     parser.add_argument("--label-map", default=None,
@@ -138,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--assembly", choices=["concat", "add", "linear"], default="concat",
                         help="how original and fine-tuned features are combined (paper: concat)")
     parser.add_argument("--depth-bins", type=int, default=256, help="bins of the depth probe (DINOv2: 256)")
+    parser.add_argument("--probe-weight-decay", type=float, default=1e-4,
+                        help="L2 weight of the paper probes' heads (1e-4; the paper's SGD protocol has no such term)")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also probe [original, untrained random ViT]: what the doubled width alone gives "
                              "(default on; off with --quick)")
@@ -172,9 +181,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("finetune_lr", "depth_scale", "pretrain_lr"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.probe_weight_decay >= 0:
+        parser.error(f"--probe-weight-decay must be >= 0, got {args.probe_weight_decay}")
     if args.feature_lr is not None and not args.feature_lr > 0:
         parser.error(f"--feature-lr must be > 0, got {args.feature_lr}")
-    for name in ("weight_decay", "grad_clip", "feature_init_std"):
+    for name in ("weight_decay", "grad_clip", "feature_init_std", "camera_jitter"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("data", "weights", "label_map"):
@@ -334,12 +345,28 @@ def load_real_scenes(root: Path, cfg: argparse.Namespace) -> tuple[dict, list[st
     return scenes, class_names
 
 
-def synthetic_scenes(seeds: range, frames: int, height: int, width: int, step_degrees: float = 6.0) -> dict:
-    """Synthetic RGB-D rooms with labels (minimal3d.synthetic.room_sequence), one per seed."""
+def camera_response(images: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """A per-frame camera nuisance on (V, 3, H, W) images in [0, 1]: exposure gain exp(U(-0.4, 0.4) s),
+    white balance exp(U(-0.15, 0.15) s) per channel and sensor noise N(0, (0.04 s)^2) per pixel, s = strength
+    (auto exposure and white balance change from frame to frame in ScanNet-like captures)."""
+    views = len(images)
+    gain = (strength * 0.4 * (2 * torch.rand(views, 1, 1, 1, generator=generator) - 1)).exp()
+    balance = (strength * 0.15 * (2 * torch.rand(views, 3, 1, 1, generator=generator) - 1)).exp()
+    noise = strength * 0.04 * torch.randn(images.shape, generator=generator)
+    return (images * gain * balance + noise).clamp(0, 1)
+
+
+def synthetic_scenes(seeds: range, frames: int, height: int, width: int, step_degrees: float = 6.0,
+                     jitter: float = 0.0) -> dict:
+    """Synthetic RGB-D rooms with labels (minimal3d.synthetic.room_sequence), one per seed; ``jitter`` > 0
+    applies camera_response of that strength to every frame."""
     scenes = {}
     for seed in seeds:
         room = room_sequence(seed, frames, height, width, step_degrees=step_degrees)
-        scenes[f"room{seed:05d}"] = {"images": room["images"], "depths": room["depth"], "labels": room["labels"],
+        images = room["images"]
+        if jitter > 0:
+            images = camera_response(images, jitter, torch.Generator().manual_seed(seed))
+        scenes[f"room{seed:05d}"] = {"images": images, "depths": room["depth"], "labels": room["labels"],
                                      "viewmats": room["viewmats"], "Ks": room["K"].expand(frames, 3, 3).clone()}
     return scenes
 
@@ -407,7 +434,7 @@ def pretrain_original(backbone, cfg: argparse.Namespace, device: torch.device, s
     backbone whose features are semantic and geometric, learnt from images one at a time."""
     first = cfg.seed * 1000 + PRETRAIN_ROOM_OFFSET
     rooms = synthetic_scenes(range(first, first + cfg.pretrain_rooms), cfg.pretrain_frames, cfg.height, cfg.width,
-                             step_degrees=min(360.0 / cfg.pretrain_frames, 45.0))
+                             step_degrees=min(360.0 / cfg.pretrain_frames, 45.0), jitter=cfg.camera_jitter)
     images = torch.cat([room["images"] for room in rooms.values()])
     labels = torch.cat([room["labels"] for room in rooms.values()])
     log_depths = torch.cat([room["depths"] for room in rooms.values()]).clamp_min(1e-3).log()
@@ -759,11 +786,13 @@ def fit_probes(train_features: tuple[Tensor, Tensor], labels: Tensor | None, dep
     if cfg.probe == "paper":
         if labels is not None:
             head = fit_segmentation_head(patches, labels, num_classes, ignore_index=IGNORE,
-                                         pixels_per_image=cfg.probe_pixels, generator=generator)
+                                         pixels_per_image=cfg.probe_pixels, weight_decay=cfg.probe_weight_decay,
+                                         generator=generator)
             predictors["segmentation"] = lambda p, c, size: head.predict(p, size)
         if depths is not None:
             depth_head, _ = fit_depth_head(patches, depths, tokens, num_bins=cfg.depth_bins,
-                                           pixels_per_image=cfg.probe_pixels, generator=generator)
+                                           pixels_per_image=cfg.probe_pixels, weight_decay=cfg.probe_weight_decay,
+                                           generator=generator)
             predictors["depth"] = lambda p, c, size: depth_head.predict(with_class_token(p, c), size)
         return predictors
     # fast probes: L-BFGS pixel classifier and closed-form ridge on upsampled patch features (no [CLS])
@@ -991,7 +1020,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # lifted, pretraining and probe rooms never overlap (the *_ROOM_OFFSET constants)
         first_lifted = args.seed * 1000 + LIFT_ROOM_OFFSET
         scenes = synthetic_scenes(range(first_lifted, first_lifted + args.num_scenes), args.frames,
-                                  args.height, args.width)
+                                  args.height, args.width, jitter=args.camera_jitter)
     metrics_path = out_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if (args.resume and metrics_path.exists()) else {}
     metrics["config"] = vars(args)
@@ -1041,7 +1070,8 @@ def main(argv: list[str] | None = None) -> dict:
             first_probe = args.seed * 1000 + PROBE_ROOM_OFFSET
             probe_scenes = synthetic_scenes(range(first_probe, first_probe + args.probe_train_scenes
                                                   + args.probe_test_scenes), args.probe_frames, args.height,
-                                             args.width, step_degrees=360.0 / max(args.probe_frames, 8))
+                                             args.width, step_degrees=360.0 / max(args.probe_frames, 8),
+                                             jitter=args.camera_jitter)
             names = list(probe_scenes)
             every = lambda n: range(args.probe_frames)  # noqa: E731
             train_frames = probe_frames(probe_scenes, names[: args.probe_train_scenes], every)
