@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="Stage II epochs (5 for a short CPU run; paper 1)")
+    parser.add_argument("--target-resize", choices=["bilinear", "area"], default="bilinear",
+                        help="how rendered features are resized to the patch grid for Stage II: bilinear (official "
+                             "code, default) or area (mean over each patch's pixels)")
     parser.add_argument("--grad-clip", type=float, default=0.1,
                         help="gradient-norm clip of Stage II (official code 0.1, not in the paper; 0 = off)")
     # probes
@@ -409,10 +412,13 @@ def original_backbone(cfg: argparse.Namespace, out_dir: Path, dist, device: torc
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(arch=cfg.arch).to(device)
     report = None
-    if cfg.original == "pretrained":
-        report = pretrain_original(backbone, cfg, device, show_progress=dist.is_main)
+    if cfg.original == "pretrained" and dist.is_main:
+        report = pretrain_original(backbone, cfg, device, show_progress=True)
     if dist.is_main:
         save_dinov2(backbone, path)
+    if dist.enabled and cfg.original == "pretrained":  # the other ranks read the pretrained one
+        torch.distributed.barrier()
+        backbone = load_dinov2(path).to(device)
     return backbone.eval(), report
 
 
@@ -637,9 +643,18 @@ class PatchFeatures(torch.nn.Module):
         return vit_features(self.backbone, images)
 
 
+def to_patch_grid(rendered: Tensor, grid: tuple[int, int], mode: str) -> Tensor:
+    """Rendered features (B, D, H, W) -> the patch grid (B, D, h, w): "bilinear" (FiT3D; at 14x it reads about
+    one pixel per patch) or "area" (the mean over each patch's pixels)."""
+    if mode == "area":
+        return F.adaptive_avg_pool2d(rendered, grid)
+    return F.interpolate(rendered, size=grid, mode="bilinear", align_corners=False)
+
+
 def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int, int], rasterize: Callable,
-                     device: torch.device) -> Tensor:
-    """Rendered 3D-aware features of every training view, bilinearly resized to the patch grid (S, D, h, w).
+                     device: torch.device, resize: str = "bilinear") -> Tensor:
+    """Rendered 3D-aware features of every training view, resized to the patch grid (S, D, h, w) by
+    ``to_patch_grid``.
 
     The Gaussians are frozen in Stage II, so rendering each view once equals FiT3D's rendering under
     no_grad in every step; a horizontal flip commutes with the resize (both are symmetric).
@@ -651,7 +666,7 @@ def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int,
             height, width = scene["images"].shape[-2:]
             rendered = render_features(rasterize, models[name], scene["viewmats"][view].to(device),
                                        scene["Ks"][view].to(device), width, height)
-            targets.append(F.interpolate(rendered[None], size=grid, mode="bilinear", align_corners=False)[0])
+            targets.append(to_patch_grid(rendered[None], grid, resize)[0])
     return torch.stack(targets)
 
 
@@ -663,7 +678,7 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]), cfg.test_every)[0]]
     first = scenes[samples[0][0]]["images"]
     grid = (first.shape[-2] // original.patch_size, first.shape[-1] // original.patch_size)
-    targets = rendered_targets(scenes, models, samples, grid, rasterize, device)
+    targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
     finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
@@ -904,7 +919,7 @@ def frames_consistency(patches: Tensor, frames: list[tuple[dict, int]]) -> float
 
 
 def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation_head: Callable | None,
-                       test_every: int, rasterize: Callable, device: torch.device) -> list[dict]:
+                       test_every: int, target_resize: str, rasterize: Callable, device: torch.device) -> list[dict]:
     """What lifting and fine-tuning do to the features of the lifted scenes' views, per feature set
     (original, rendered from the Gaussians, fine-tuned): cross-view consistency (all views), and on the
     held-out views the mean L1 to the rendered features (patch grid) and the mIoU of the original
@@ -920,7 +935,7 @@ def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation
             rendered = torch.stack([render_features(rasterize, models[name], viewmats[v], Ks[v], width, height)
                                     for v in range(len(images))])
         grid = patches["original"].shape[-2:]
-        patches["rendered"] = F.interpolate(rendered, size=grid, mode="bilinear", align_corners=False)
+        patches["rendered"] = to_patch_grid(rendered, grid, target_resize)
         pixels = {key: upsample(p, height, width) for key, p in patches.items()}
         pixels["rendered"] = rendered
         train, held_out = split_views(len(images), test_every)
@@ -1088,7 +1103,7 @@ def main(argv: list[str] | None = None) -> dict:
                       for name in scenes}
             metrics["lifted_features"] = lifted_diagnostics(
                 scenes, models, {"original": original, "fine-tuned": finetuned},
-                heads["original"].get("segmentation"), args.test_every, rasterize, device)
+                heads["original"].get("segmentation"), args.test_every, args.target_resize, rasterize, device)
             print("Features of the lifted rooms' views (consistency: all views; the rest: held-out views)\n"
                   + runtime.format_table(metrics["lifted_features"]))
         base, method = rows[0], rows[2]
