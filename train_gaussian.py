@@ -3,14 +3,18 @@
 Paper: Yuanwen Yue, Anurag Das, Francis Engelmann, Siyu Tang, Jan Eric Lenssen, "Improving 2D Feature
 Representations by 3D-Aware Fine-Tuning", ECCV 2024, arXiv:2407.20229. Official code: ywyue/FiT3D.
 
+Stage 0  (synthetic default): the original ViT is 2D-pretrained here on single images of other synthetic
+                             rooms (per-pixel class and log depth through linear heads), a stand-in for DINOv2;
+                             --weights loads the real DINOv2 instead, --original random skips it.
 Stage I  (--stage lift):     lift the ViT's features of many views of each scene into feature Gaussians
                              (3DGS with a 64-channel feature per Gaussian and a 3x3 up-projection conv).
 Stage II (--stage finetune): fine-tune the ViT so its patch features match the rendered 3D-aware features.
 Probes   (--stage probe):    the paper's linear probes on frozen features, original vs [original, fine-tuned]:
                              semantic segmentation (linear head on patch features, logits upsampled) and
                              depth (DINOv2 protocol: [CLS] concatenated, 256 bins, classification loss).
-The default run (synthetic rooms, a random ViT, a few minutes on 2 CPU cores) writes the claims table of
-metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on held-out rooms.
+The default run (synthetic rooms, a 2D-pretrained vit_tiny, a few minutes on 2 CPU cores) writes the claims
+table of metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on 8 held-out rooms,
+plus the control [original, random ViT] and diagnostics (cross-view consistency of each feature set).
 Details, every choice the paper leaves open and every deviation (with its flag): docs/gaussian.md.
 
 --data DIR: one sub-folder per scene, either nerfstudio / instant-ngp (<scene>/transforms.json, OpenGL
@@ -20,7 +24,7 @@ labels: ScanNet <scene>/label-filt/<frame>.png (ScanNet label ids, mapped to the
 classes through scannetv2-labels.combined.tsv in DIR or --label-map), or for any other labelled set
 <scene>/label/<frame>.png holding class indices (255 = ignore) with DIR/classes.txt (one name per line).
 --weights loads an official DINOv2 .pth (e.g. dinov2_vits14_pretrain.pth, vit.load_dinov2) as the
-original backbone; without it the original backbone is a seeded random ViT (--arch).
+original backbone; without it the original backbone is a seeded ViT of --arch, 2D-pretrained in Stage 0.
 
 Compiling the rasterizer (on by default on CUDA, --compile): in your own code,
     rasterize = torch.compile(splatting.rasterize_gaussians, dynamic=True)
@@ -46,7 +50,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minimal3d import runtime
-from minimal3d.cameras import camera_center, intrinsics, opengl_to_opencv_c2w, unproject_depth
+from minimal3d.cameras import camera_center, intrinsics, opengl_to_opencv_c2w, project, unproject_depth
 from minimal3d.gaussians import (FeatureGaussians, GaussianSchedule, accumulate_densification_stats,
                                  build_optimizer, densification_step, feature_loss, load_scene, psnr, rgb_loss,
                                  save_scene, scene_extent, update_position_lr)
@@ -62,13 +66,16 @@ SCANNET20_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", 
                    "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
                    "bathtub", "otherfurniture")
 IGNORE = -1  # label of pixels left out of the segmentation probe
+# Synthetic room seeds of one run: seed * 1000 + offset + [0, count); the three sets never overlap.
+LIFT_ROOM_OFFSET, PRETRAIN_ROOM_OFFSET, PROBE_ROOM_OFFSET = 0, 200, 500
 
 # Flags whose default depends on --quick: (normal, quick). Explicit flags are never overridden.
 PROFILES = {
     "num_scenes": (2, 1), "frames": (24, 6), "height": (84, 28), "width": (112, 42), "steps": (120, 12),
     "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (5, 1),
-    "probe_train_scenes": (6, 1), "probe_test_scenes": (6, 1), "probe_frames": (12, 3),
-    "probe_pixels": (300, 100), "control": (True, False),
+    "probe_train_scenes": (16, 1), "probe_test_scenes": (8, 1), "probe_frames": (12, 3),
+    "probe_pixels": (150, 100), "control": (True, False),
+    "pretrain_rooms": (32, 2), "pretrain_frames": (8, 4), "pretrain_steps": (300, 4),
 }
 
 
@@ -80,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an official DINOv2 .pth (vit.load_dinov2, e.g. dinov2_vits14_pretrain.pth) used as "
                              "the original backbone; default: a random ViT of --arch, seeded by --seed")
     parser.add_argument("--arch", default="vit_tiny", choices=["vit_tiny", "vit_small", "vit_base"],
-                        help="architecture of the random original ViT (ignored with --weights); paper: DINOv2 ViT-S")
+                        help="architecture of the original ViT without --weights; paper: DINOv2 ViT-S")
+    parser.add_argument("--original", choices=["pretrained", "random"], default="pretrained",
+                        help="without --weights: the original ViT is 2D-pretrained here on other synthetic rooms "
+                             "(Stage 0, default; a stand-in for DINOv2) or left random")
     parser.add_argument("--out", default="runs/gaussian")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,10 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None, help="views per lifted scene (24)")
     parser.add_argument("--height", type=int, default=None, help="image height (84; multiples of 14 avoid resizing)")
     parser.add_argument("--width", type=int, default=None, help="image width (112)")
+    parser.add_argument("--camera-jitter", type=float, default=0.0,
+                        help="strength of a per-frame exposure, white-balance and sensor-noise nuisance on the "
+                             "synthetic images (1.0; 0 = clean renders)")
     parser.add_argument("--test-every", type=int, default=8, help="every n-th view is held out (3DGS llffhold)")
     parser.add_argument("--depth-scale", type=float, default=0.001, help="metres per depth-PNG unit (real data)")
     parser.add_argument("--label-map", default=None,
                         help="scannetv2-labels.combined.tsv for ScanNet label-filt/ (default: DIR/<that name>)")
+    # Stage 0: 2D pretraining of the original ViT (not in the paper, whose original is DINOv2)
+    parser.add_argument("--pretrain-rooms", type=int, default=None, help="rooms of the 2D pretraining (32)")
+    parser.add_argument("--pretrain-frames", type=int, default=None, help="images per pretraining room (8)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="AdamW steps of the 2D pretraining (300)")
+    parser.add_argument("--pretrain-batch", type=int, default=16, help="images per pretraining step")
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3, help="peak lr of the 2D pretraining")
     # Stage I (3DGS / FiT3D schedule, compressed to --steps)
     parser.add_argument("--steps", type=int, default=None, help="Stage I iterations per scene (120; paper 30000)")
     parser.add_argument("--max-points", type=int, default=None, help="initial Gaussians per scene (3000)")
@@ -117,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="Stage II epochs (5 for a short CPU run; paper 1)")
+    parser.add_argument("--target-resize", choices=["bilinear", "area"], default="bilinear",
+                        help="how rendered features are resized to the patch grid for Stage II: bilinear (official "
+                             "code, default) or area (mean over each patch's pixels)")
     parser.add_argument("--grad-clip", type=float, default=0.1,
                         help="gradient-norm clip of Stage II (official code 0.1, not in the paper; 0 = off)")
     # probes
@@ -126,21 +148,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--assembly", choices=["concat", "add", "linear"], default="concat",
                         help="how original and fine-tuned features are combined (paper: concat)")
     parser.add_argument("--depth-bins", type=int, default=256, help="bins of the depth probe (DINOv2: 256)")
+    parser.add_argument("--probe-weight-decay", type=float, default=1e-4,
+                        help="L2 weight of the paper probes' heads (1e-4; the paper's SGD protocol has no such term)")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also probe [original, untrained random ViT]: what the doubled width alone gives "
                              "(default on; off with --quick)")
-    parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (6)")
+    parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (16)")
     parser.add_argument("--probe-test-scenes", type=int, default=None,
-                        help="other synthetic rooms they are tested on (6)")
+                        help="other synthetic rooms they are tested on (8)")
     parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe room (12)")
     parser.add_argument("--probe-pixels", type=int, default=None,
-                        help="training pixels per frame in the probes' loss (300)")
+                        help="training pixels per frame in the probes' loss (150)")
     args = parser.parse_args(argv)
 
     for name, (normal, quick) in PROFILES.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else normal)
-    positive = ["num_scenes", "frames", "steps", "max_points", "feature_dim", "batch_size", "epochs", "test_every",
+    positive = ["pretrain_rooms", "pretrain_frames", "pretrain_steps", "pretrain_batch", "num_scenes", "frames", "steps", "max_points", "feature_dim", "batch_size", "epochs", "test_every",
                 "probe_train_scenes", "probe_test_scenes", "probe_frames", "probe_pixels"]
     for name in positive:
         if not getattr(args, name) > 0:
@@ -154,12 +178,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sh-degree must be in 0..3, got {args.sh_degree}")
     if args.depth_bins < 2:
         parser.error(f"--depth-bins must be >= 2, got {args.depth_bins}")
-    for name in ("finetune_lr", "depth_scale"):
+    if args.num_scenes > PRETRAIN_ROOM_OFFSET or args.pretrain_rooms > PROBE_ROOM_OFFSET - PRETRAIN_ROOM_OFFSET:
+        parser.error(f"--num-scenes must be <= {PRETRAIN_ROOM_OFFSET} and --pretrain-rooms <= "
+                     f"{PROBE_ROOM_OFFSET - PRETRAIN_ROOM_OFFSET} (synthetic room seeds of the stages must not overlap)")
+    for name in ("finetune_lr", "depth_scale", "pretrain_lr"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.probe_weight_decay >= 0:
+        parser.error(f"--probe-weight-decay must be >= 0, got {args.probe_weight_decay}")
     if args.feature_lr is not None and not args.feature_lr > 0:
         parser.error(f"--feature-lr must be > 0, got {args.feature_lr}")
-    for name in ("weight_decay", "grad_clip", "feature_init_std"):
+    for name in ("weight_decay", "grad_clip", "feature_init_std", "camera_jitter"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("data", "weights", "label_map"):
@@ -319,12 +348,28 @@ def load_real_scenes(root: Path, cfg: argparse.Namespace) -> tuple[dict, list[st
     return scenes, class_names
 
 
-def synthetic_scenes(seeds: range, frames: int, height: int, width: int, step_degrees: float = 6.0) -> dict:
-    """Synthetic RGB-D rooms with labels (minimal3d.synthetic.room_sequence), one per seed."""
+def camera_response(images: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """A per-frame camera nuisance on (V, 3, H, W) images in [0, 1]: exposure gain exp(U(-0.4, 0.4) s),
+    white balance exp(U(-0.15, 0.15) s) per channel and sensor noise N(0, (0.04 s)^2) per pixel, s = strength
+    (auto exposure and white balance change from frame to frame in ScanNet-like captures)."""
+    views = len(images)
+    gain = (strength * 0.4 * (2 * torch.rand(views, 1, 1, 1, generator=generator) - 1)).exp()
+    balance = (strength * 0.15 * (2 * torch.rand(views, 3, 1, 1, generator=generator) - 1)).exp()
+    noise = strength * 0.04 * torch.randn(images.shape, generator=generator)
+    return (images * gain * balance + noise).clamp(0, 1)
+
+
+def synthetic_scenes(seeds: range, frames: int, height: int, width: int, step_degrees: float = 6.0,
+                     jitter: float = 0.0) -> dict:
+    """Synthetic RGB-D rooms with labels (minimal3d.synthetic.room_sequence), one per seed; ``jitter`` > 0
+    applies camera_response of that strength to every frame."""
     scenes = {}
     for seed in seeds:
         room = room_sequence(seed, frames, height, width, step_degrees=step_degrees)
-        scenes[f"room{seed:05d}"] = {"images": room["images"], "depths": room["depth"], "labels": room["labels"],
+        images = room["images"]
+        if jitter > 0:
+            images = camera_response(images, jitter, torch.Generator().manual_seed(seed))
+        scenes[f"room{seed:05d}"] = {"images": images, "depths": room["depth"], "labels": room["labels"],
                                      "viewmats": room["viewmats"], "Ks": room["K"].expand(frames, 3, 3).clone()}
     return scenes
 
@@ -356,24 +401,78 @@ def upsample(features: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
 
 
-def original_backbone(cfg: argparse.Namespace, out_dir: Path, dist, device: torch.device):
-    """--weights, else the seeded random ViT (saved once, so every stage and rank uses the same one)."""
+def original_backbone(cfg: argparse.Namespace, out_dir: Path, dist, device: torch.device) -> tuple:
+    """--weights, else a seeded ViT of --arch, 2D-pretrained here (--original pretrained, Stage 0) or left
+    random; saved once, so every stage and rank uses the same one. Returns (backbone, Stage 0 metrics)."""
     if cfg.weights:
-        return build_backbone(cfg.weights).to(device).eval()
+        return build_backbone(cfg.weights).to(device).eval(), None
     path = out_dir / "backbone_original.pth"
     if cfg.resume and path.exists():
-        return load_dinov2(path).to(device).eval()
+        return load_dinov2(path).to(device).eval(), None
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(arch=cfg.arch)
+    backbone = build_backbone(arch=cfg.arch).to(device)
+    report = None
+    if cfg.original == "pretrained" and dist.is_main:
+        report = pretrain_original(backbone, cfg, device, show_progress=True)
     if dist.is_main:
         save_dinov2(backbone, path)
-    return backbone.to(device).eval()
+    if dist.enabled and cfg.original == "pretrained":  # the other ranks read the pretrained one
+        torch.distributed.barrier()
+        backbone = load_dinov2(path).to(device)
+    return backbone.eval(), report
 
 
 def control_backbone(original, seed: int, device: torch.device):
     """An untrained ViT of the original's architecture (another seed): the doubled-width control."""
     torch.manual_seed(seed + 7919)
     return type(original)(original.config).to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 0 (the miniature's stand-in for DINOv2): 2D pretraining of the original ViT on other rooms
+# ---------------------------------------------------------------------------------------------------
+
+
+def pretrain_original(backbone, cfg: argparse.Namespace, device: torch.device, show_progress: bool) -> dict:
+    """Train the ViT in place, from single images of --pretrain-rooms synthetic rooms that no other stage
+    sees, to predict per pixel the semantic class and the log depth through linear heads on its patch
+    features (logits upsampled bilinearly); the heads are then dropped. A stand-in for DINOv2: a 2D
+    backbone whose features are semantic and geometric, learnt from images one at a time."""
+    first = cfg.seed * 1000 + PRETRAIN_ROOM_OFFSET
+    rooms = synthetic_scenes(range(first, first + cfg.pretrain_rooms), cfg.pretrain_frames, cfg.height, cfg.width,
+                             step_degrees=min(360.0 / cfg.pretrain_frames, 45.0), jitter=cfg.camera_jitter)
+    images = torch.cat([room["images"] for room in rooms.values()])
+    labels = torch.cat([room["labels"] for room in rooms.values()])
+    log_depths = torch.cat([room["depths"] for room in rooms.values()]).clamp_min(1e-3).log()
+    heads = torch.nn.Conv2d(backbone.embed_dim, NUM_ROOM_CLASSES + 1, 1).to(device)  # classes, log depth
+    parameters = list(backbone.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.pretrain_lr, weight_decay=0.05)
+    warmup = max(1, cfg.pretrain_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    backbone.train()
+    losses = []
+    for _ in tqdm(range(cfg.pretrain_steps), desc="2D pretraining", disable=not show_progress, leave=False):
+        batch = torch.randint(len(images), (cfg.pretrain_batch,), generator=generator)
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        x, y, z = (torch.where(flip.view(-1, *[1] * (t.ndim - 1)), t[batch].flip(-1), t[batch])
+                   for t in (images, labels, log_depths))
+        outputs = upsample(heads(vit_features(backbone, x.to(device))), *x.shape[-2:])
+        loss = F.cross_entropy(outputs[:, :-1], y.to(device)) + (outputs[:, -1] - z.to(device)).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.detach())
+    backbone.eval()
+    losses = torch.stack(losses).tolist()  # one host sync
+    if not all(math.isfinite(value) for value in losses):
+        raise FloatingPointError("non-finite loss in the 2D pretraining")
+    tail = max(1, len(losses) // 10)
+    return {"rooms": cfg.pretrain_rooms, "images": len(images), "steps": cfg.pretrain_steps,
+            "loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -544,9 +643,18 @@ class PatchFeatures(torch.nn.Module):
         return vit_features(self.backbone, images)
 
 
+def to_patch_grid(rendered: Tensor, grid: tuple[int, int], mode: str) -> Tensor:
+    """Rendered features (B, D, H, W) -> the patch grid (B, D, h, w): "bilinear" (FiT3D; at 14x it reads about
+    one pixel per patch) or "area" (the mean over each patch's pixels)."""
+    if mode == "area":
+        return F.adaptive_avg_pool2d(rendered, grid)
+    return F.interpolate(rendered, size=grid, mode="bilinear", align_corners=False)
+
+
 def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int, int], rasterize: Callable,
-                     device: torch.device) -> Tensor:
-    """Rendered 3D-aware features of every training view, bilinearly resized to the patch grid (S, D, h, w).
+                     device: torch.device, resize: str = "bilinear") -> Tensor:
+    """Rendered 3D-aware features of every training view, resized to the patch grid (S, D, h, w) by
+    ``to_patch_grid``.
 
     The Gaussians are frozen in Stage II, so rendering each view once equals FiT3D's rendering under
     no_grad in every step; a horizontal flip commutes with the resize (both are symmetric).
@@ -558,7 +666,7 @@ def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int,
             height, width = scene["images"].shape[-2:]
             rendered = render_features(rasterize, models[name], scene["viewmats"][view].to(device),
                                        scene["Ks"][view].to(device), width, height)
-            targets.append(F.interpolate(rendered[None], size=grid, mode="bilinear", align_corners=False)[0])
+            targets.append(to_patch_grid(rendered[None], grid, resize)[0])
     return torch.stack(targets)
 
 
@@ -570,7 +678,7 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]), cfg.test_every)[0]]
     first = scenes[samples[0][0]]["images"]
     grid = (first.shape[-2] // original.patch_size, first.shape[-1] // original.patch_size)
-    targets = rendered_targets(scenes, models, samples, grid, rasterize, device)
+    targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
     finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
@@ -607,6 +715,36 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
 # ---------------------------------------------------------------------------------------------------
 # Probes: linear segmentation and depth on frozen features of held-out frames
 # ---------------------------------------------------------------------------------------------------
+
+
+def cross_view_consistency(features: Tensor, depths: Tensor, viewmats: Tensor, Ks: Tensor, stride: int = 3) -> float:
+    """How much more alike the features of one surface point are in two views than those of two random points.
+
+    features (V, D, H, W) of V consecutive views of a scene (at pixel resolution), depths (V, H, W), viewmats
+    (V, 4, 4), Ks (V, 3, 3). Every ``stride``-th pixel of view v is moved through its depth into view v + 1;
+    where it lands inside the image on the visible surface (depth within 5 %), the cosine similarity of the
+    two features is taken. Returns mean cosine of these matches minus mean cosine of shuffled pairs.
+    """
+    if len(features) < 2:
+        raise ValueError(f"features must hold at least 2 views, got {len(features)}")
+    matched, shuffled = [], []
+    height, width = depths.shape[-2:]
+    normalised = F.normalize(features.float(), dim=1)
+    generator = torch.Generator().manual_seed(0)
+    for a in range(len(features) - 1):
+        b = a + 1
+        points = unproject_depth(depths[a], viewmats[a], Ks[a])[::stride, ::stride].reshape(-1, 3)
+        source = normalised[a][:, ::stride, ::stride].reshape(features.shape[1], -1)
+        uv, z = project(points, viewmats[b], Ks[b])
+        u, v = uv[:, 0].floor().long(), uv[:, 1].floor().long()
+        inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+        u, v = u.clamp(0, width - 1), v.clamp(0, height - 1)
+        visible = inside & ((depths[b][v, u] - z).abs() < 0.05 * z)
+        target = normalised[b][:, v, u]
+        matched.append((source * target).sum(0)[visible])
+        shuffle = torch.randperm(len(u), generator=generator)
+        shuffled.append((source * target[:, shuffle]).sum(0)[visible])
+    return float(torch.cat(matched).mean() - torch.cat(shuffled).mean())
 
 
 def frame_features(backbone, frames: list[tuple[dict, int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -663,11 +801,13 @@ def fit_probes(train_features: tuple[Tensor, Tensor], labels: Tensor | None, dep
     if cfg.probe == "paper":
         if labels is not None:
             head = fit_segmentation_head(patches, labels, num_classes, ignore_index=IGNORE,
-                                         pixels_per_image=cfg.probe_pixels, generator=generator)
+                                         pixels_per_image=cfg.probe_pixels, weight_decay=cfg.probe_weight_decay,
+                                         generator=generator)
             predictors["segmentation"] = lambda p, c, size: head.predict(p, size)
         if depths is not None:
             depth_head, _ = fit_depth_head(patches, depths, tokens, num_bins=cfg.depth_bins,
-                                           pixels_per_image=cfg.probe_pixels, generator=generator)
+                                           pixels_per_image=cfg.probe_pixels, weight_decay=cfg.probe_weight_decay,
+                                           generator=generator)
             predictors["depth"] = lambda p, c, size: depth_head.predict(with_class_token(p, c), size)
         return predictors
     # fast probes: L-BFGS pixel classifier and closed-form ridge on upsampled patch features (no [CLS])
@@ -720,11 +860,12 @@ def stacked(frames: list[tuple[dict, int]], key: str) -> Tensor | None:
 
 
 def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_classes: int,
-                cfg: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+                cfg: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict, dict]:
     """Fit the probes on the training frames of each feature set, evaluate them on the test frames.
 
     backbones: {"original": ViT, "fine-tuned": ViT, optional "random": ViT}. Rows: original, fine-tuned,
-    [original, fine-tuned] (as --assembly says) and the control [original, random].
+    [original, fine-tuned] (as --assembly says) and the control [original, random]. Returns the rows, the
+    predicted test maps and the fitted predictors of each feature set.
     """
     labels, depths = stacked(train_frames, "labels"), stacked(train_frames, "depths")
     test_labels, test_depths = stacked(test_frames, "labels"), stacked(test_frames, "depths")
@@ -742,15 +883,80 @@ def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_clas
         fusion = fit_linear_fusion(train["original"][0], train[other][0]) if cfg.assembly == "linear" else None
         sets[symbol.format(other)] = (assemble(train["original"], train[other], cfg.assembly, fusion),
                                       assemble(test["original"], test[other], cfg.assembly, fusion))
-    rows, maps = [], {}
+    rows, maps, heads = [], {}, {}
     change = (test["fine-tuned"][0] - test["original"][0]).abs().mean() / test["original"][0].abs().mean()
     print(f"fine-tuning changed the test frames' patch features by {float(change):.1%} (mean |after - before| / "
           "mean |before|)")
     for name, (train_set, test_set) in sets.items():
-        predictors = fit_probes(train_set, labels, depths, num_classes, cfg)
-        metrics, maps[name] = evaluate_probes(predictors, test_set, test_labels, test_depths, num_classes)
+        heads[name] = fit_probes(train_set, labels, depths, num_classes, cfg)
+        metrics, maps[name] = evaluate_probes(heads[name], test_set, test_labels, test_depths, num_classes)
         rows.append({"features": name, "dim": train_set[0].shape[1], **metrics})
-    return rows, maps
+        consistency = frames_consistency(test_set[0], test_frames)
+        if consistency is not None:
+            rows[-1]["consistency"] = consistency
+    return rows, maps, heads
+
+
+def frames_consistency(patches: Tensor, frames: list[tuple[dict, int]]) -> float | None:
+    """cross_view_consistency of patch features (F, D, h, w), upsampled to pixels, over consecutive frames of
+    the same scene, averaged over scenes; None without depth or without two frames of one scene."""
+    values, start = [], 0
+    while start < len(frames):
+        scene = frames[start][0]
+        end = start
+        while end < len(frames) and frames[end][0] is scene:
+            end += 1
+        views = [view for _, view in frames[start:end]]
+        if scene["depths"] is None:
+            return None
+        height, width = scene["images"].shape[-2:]
+        if len(views) > 1:
+            values.append(cross_view_consistency(upsample(patches[start:end], height, width), scene["depths"][views],
+                                                 scene["viewmats"][views], scene["Ks"][views]))
+        start = end
+    values = [value for value in values if math.isfinite(value)]
+    return sum(values) / len(values) if values else None
+
+
+def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation_head: Callable | None,
+                       test_every: int, target_resize: str, rasterize: Callable, device: torch.device) -> list[dict]:
+    """What lifting and fine-tuning do to the features of the lifted scenes' views, per feature set
+    (original, rendered from the Gaussians, fine-tuned): cross-view consistency (all views), and on the
+    held-out views the mean L1 to the rendered features (patch grid) and the mIoU of the original
+    features' segmentation probe applied to them (the probe heads are fitted on other rooms)."""
+    sums: dict = {}
+    for name, scene in scenes.items():
+        images = scene["images"].to(device)
+        height, width = images.shape[-2:]
+        viewmats, Ks = scene["viewmats"].to(device), scene["Ks"].to(device)
+        with torch.no_grad():
+            patches = {key: torch.cat([vit_features(b, images[i : i + 8]) for i in range(0, len(images), 8)])
+                       for key, b in backbones.items()}
+            rendered = torch.stack([render_features(rasterize, models[name], viewmats[v], Ks[v], width, height)
+                                    for v in range(len(images))])
+        grid = patches["original"].shape[-2:]
+        patches["rendered"] = to_patch_grid(rendered, grid, target_resize)
+        pixels = {key: upsample(p, height, width) for key, p in patches.items()}
+        pixels["rendered"] = rendered
+        train, held_out = split_views(len(images), test_every)
+        held_out = held_out or train  # fewer than test_every views: no held-out view, use the training views
+        for key in ("original", "rendered", "fine-tuned"):
+            row = sums.setdefault(key, {"consistency": [], "L1_to_rendered": [], "predictions": [], "labels": []})
+            row["consistency"].append(cross_view_consistency(pixels[key].cpu(), scene["depths"], scene["viewmats"],
+                                                             scene["Ks"]))
+            row["L1_to_rendered"].append(float((patches[key] - patches["rendered"])[held_out].abs().mean()))
+            if segmentation_head is not None:
+                row["predictions"].append(segmentation_head(patches[key][held_out].cpu(), None, (height, width)))
+                row["labels"].append(scene["labels"][held_out])
+    rows = []
+    for key, row in sums.items():
+        result = {"features": key, "consistency": sum(row["consistency"]) / len(row["consistency"]),
+                  "L1_to_rendered": sum(row["L1_to_rendered"]) / len(row["L1_to_rendered"])}
+        if row["predictions"]:
+            result["mIoU_original_probe"] = segmentation_metrics(torch.cat(row["predictions"]), torch.cat(row["labels"]),
+                                                                 NUM_ROOM_CLASSES, ignore_index=IGNORE)["mIoU"]
+        rows.append(result)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -826,13 +1032,19 @@ def main(argv: list[str] | None = None) -> dict:
         if run_probe and short:
             raise ValueError(f"--data: scenes {short} have fewer than --test-every={args.test_every} views, so "
                              "none is held out for the probes; lower --test-every or raise --frames")
-    else:  # lifted rooms and probe rooms never overlap: seeds seed*1000 + [0, n) and + [500, 500 + m)
-        scenes = synthetic_scenes(range(args.seed * 1000, args.seed * 1000 + args.num_scenes), args.frames,
-                                  args.height, args.width)
+    else:  # lifted, pretraining and probe rooms never overlap (the *_ROOM_OFFSET constants)
+        first_lifted = args.seed * 1000 + LIFT_ROOM_OFFSET
+        scenes = synthetic_scenes(range(first_lifted, first_lifted + args.num_scenes), args.frames,
+                                  args.height, args.width, jitter=args.camera_jitter)
     metrics_path = out_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if (args.resume and metrics_path.exists()) else {}
     metrics["config"] = vars(args)
-    original = original_backbone(args, out_dir, dist, device)
+    original, pretrain_report = original_backbone(args, out_dir, dist, device)
+    if pretrain_report is not None:
+        metrics["pretrain"] = pretrain_report
+        if dist.is_main:
+            print(f"Stage 0: 2D pretraining on {pretrain_report['images']} images of {pretrain_report['rooms']} rooms, "
+                  f"loss {pretrain_report['loss_first']:.4f} -> {pretrain_report['loss_last']:.4f}")
 
     if run_lift:
         metrics["lift"] = stage_lift(scenes, original, args, out_dir, rasterize, dist, device)
@@ -870,10 +1082,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                   args.test_every)[1])
             num_classes = len(class_names)
         else:  # synthetic: probes train on some unseen rooms and are tested on other unseen rooms
-            first_probe = args.seed * 1000 + 500
+            first_probe = args.seed * 1000 + PROBE_ROOM_OFFSET
             probe_scenes = synthetic_scenes(range(first_probe, first_probe + args.probe_train_scenes
                                                   + args.probe_test_scenes), args.probe_frames, args.height,
-                                             args.width, step_degrees=360.0 / max(args.probe_frames, 8))
+                                             args.width, step_degrees=360.0 / max(args.probe_frames, 8),
+                                             jitter=args.camera_jitter)
             names = list(probe_scenes)
             every = lambda n: range(args.probe_frames)  # noqa: E731
             train_frames = probe_frames(probe_scenes, names[: args.probe_train_scenes], every)
@@ -882,9 +1095,17 @@ def main(argv: list[str] | None = None) -> dict:
         backbones = {"original": original, "fine-tuned": finetuned}
         if args.control:
             backbones["random"] = control_backbone(original, args.seed, device)
-        rows, maps = stage_probe(train_frames, test_frames, backbones, num_classes, args, device)
+        rows, maps, heads = stage_probe(train_frames, test_frames, backbones, num_classes, args, device)
         metrics["probe"] = rows
         print("Linear probes (test frames)\n" + runtime.format_table(rows))
+        if not args.data and all((out_dir / "scenes" / f"{name}.pt").exists() for name in scenes):
+            models = {name: load_scene(out_dir / "scenes" / f"{name}.pt", map_location=device).to(device)
+                      for name in scenes}
+            metrics["lifted_features"] = lifted_diagnostics(
+                scenes, models, {"original": original, "fine-tuned": finetuned},
+                heads["original"].get("segmentation"), args.test_every, args.target_resize, rasterize, device)
+            print("Features of the lifted rooms' views (consistency: all views; the rest: held-out views)\n"
+                  + runtime.format_table(metrics["lifted_features"]))
         base, method = rows[0], rows[2]
         if "mIoU" in base:
             claims.append(runtime.claim("FiT3D Table 1: [original, fine-tuned] features segment better than the "

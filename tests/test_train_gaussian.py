@@ -75,6 +75,50 @@ def test_quick_never_overrides_explicit_flags():
     assert script.parse_args(["--quick", "--control"]).control
 
 
+def test_stage0_pretraining_changes_the_original_and_lowers_its_loss(tmp_path):
+    torch.set_num_threads(1)
+    args = script.parse_args(["--quick", "--pretrain-steps", "12", "--out", str(tmp_path)])
+    torch.manual_seed(0)
+    backbone = script.build_backbone(arch=args.arch)
+    before = {name: value.clone() for name, value in backbone.state_dict().items()}
+    report = script.pretrain_original(backbone, args, torch.device("cpu"), show_progress=False)
+    assert report["steps"] == 12 and report["images"] == args.pretrain_rooms * args.pretrain_frames
+    assert math.isfinite(report["loss_last"]) and report["loss_last"] < report["loss_first"]
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], backbone.state_dict()["blocks.0.attn.qkv.weight"])
+    assert not backbone.training
+    args = script.parse_args(["--quick", "--original", "random", "--out", str(tmp_path / "random")])
+    (tmp_path / "random").mkdir()
+    dist = script.runtime.init_distributed(torch.device("cpu"))
+    random_backbone, report = script.original_backbone(args, tmp_path / "random", dist, torch.device("cpu"))
+    assert report is None
+    torch.manual_seed(args.seed)
+    assert torch.equal(random_backbone.pos_embed, script.build_backbone(arch=args.arch).pos_embed)
+
+
+def test_cross_view_consistency_of_surface_features_and_of_noise():
+    room = script.room_sequence(3, 4, 36, 48, step_degrees=8.0)
+    depths, viewmats, K = room["depth"], room["viewmats"], room["K"].expand(4, 3, 3)
+    # a feature that is a function of the 3D point: the same in every view; noise: unrelated between views
+    points = script.unproject_depth(depths, viewmats, K)  # (V, H, W, 3)
+    surface = torch.cat([torch.sin(3 * points), torch.cos(3 * points)], -1).permute(0, 3, 1, 2)
+    noise = torch.randn(surface.shape, generator=torch.Generator().manual_seed(0))
+    consistent = script.cross_view_consistency(surface, depths, viewmats, K)
+    inconsistent = script.cross_view_consistency(noise, depths, viewmats, K)
+    assert consistent > 0.5 and abs(inconsistent) < 0.05
+    with pytest.raises(ValueError, match="2 views"):
+        script.cross_view_consistency(surface[:1], depths[:1], viewmats[:1], K[:1])
+
+
+def test_camera_response_is_per_frame_and_seeded():
+    images = torch.full((3, 3, 8, 8), 0.5)
+    jittered = script.camera_response(images, 1.0, torch.Generator().manual_seed(0))
+    again = script.camera_response(images, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(jittered, again) and jittered.min() >= 0 and jittered.max() <= 1
+    means = jittered.mean((1, 2, 3))
+    assert float(means.max() - means.min()) > 0.01  # frames differ in exposure
+    torch.testing.assert_close(script.camera_response(images, 0.0, torch.Generator()), images)
+
+
 # ---------------------------------------------------------------------------------------------------
 # probes with a known answer
 # ---------------------------------------------------------------------------------------------------
