@@ -56,7 +56,7 @@ from minimal3d.neural_mesh import (Mesh, cuboid_mesh, cuboid_ranges, estimate_po
                                    vertex_visibility)
 from minimal3d.synthetic import IMAGENET_C, OCCLUSION_LEVELS, class_cuboid, imagenet_c, object_sample, paste_occluders
 from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classification_scores, confusion_weights,
-                                    grouped_vmf_contrast)
+                                    grouped_vmf_contrast, pairwise_confusion)
 
 MODELS = ("grouped", "full", "plain")
 POSE_THRESHOLDS = {"pi6": math.pi / 6, "pi18": math.pi / 18}
@@ -101,10 +101,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--distance-threshold", type=float, default=None,
         help="near-mask radius in input pixels (default 48 * image_size / 640: NOVUM's 48 px at 640 px)")
     add("--omega-every", type=int, default=2, help="epochs between confusion-matrix updates of omega (paper 2)")
+    add("--omega-start", type=int, default=2,
+        help="epoch of the first calibration; omega = 1 before it (paper: 2, every --omega-every epochs)")
     add("--omega-threshold", type=float, default=0.05, help="omega = 0 below this confusion rate (paper 0.05)")
     add("--omega-normalize", default="mean", choices=["none", "mean", "max"],
         help="scale of omega, left open by the paper: mean (default) rescales each row's kept confusion rates "
              "to average 1; none uses the rates themselves; max divides by the row maximum")
+    add("--omega-confusion", default="argmax", choices=["argmax", "pairwise"],
+        help="argmax (the paper's confusion matrix): y' counts for an image of class y when it is predicted; "
+             "pairwise: when S_y' >= S_y (every class that outranks the true one)")
+    add("--omega-symmetric", action="store_true",
+        help="a pair is kept when either class is confused with the other (max of the two rates)")
     add("--cross-class-scale", default="none", choices=["none", "k_over_n"],
         help="none (default): Eq. 4 as written; k_over_n adds log(K/N) to the sampled columns")
     add("--full-contrast", action="store_true", help="train only NOVUM's full-contrast model")
@@ -454,14 +461,19 @@ def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, 
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     Y = len(meshes)
     omega = torch.ones(Y, Y, device=device) if mode == "grouped" else None
-    steps, step, epoch, epoch_losses, kept = num_steps(cfg, len(train["labels"]), dist), 0, 0, [], []
+    steps, step, epoch = num_steps(cfg, len(train["labels"]), dist), 0, 0
+    epoch_losses, kept, calib_accuracy, top_share = [], [], [], []
     progress = tqdm(total=steps, desc=mode, disable=not dist.is_main)
     while step < steps:
-        if mode == "grouped" and epoch > 0 and epoch % cfg.omega_every == 0:  # omega from calibration (Sec. 3.3)
+        if mode == "grouped" and epoch >= cfg.omega_start and (epoch - cfg.omega_start) % cfg.omega_every == 0:  # omega from calibration (Sec. 3.3)
             scores = compnet_scores(model, memory, calib["images"], device)
-            omega = confusion_weights(confusion_matrix(calib["labels"], scores.argmax(1), Y), cfg.omega_threshold,
-                                      cfg.omega_normalize).to(device)
+            confusion = confusion_matrix(calib["labels"], scores.argmax(1), Y)
+            pairs = confusion if cfg.omega_confusion == "argmax" else pairwise_confusion(scores.cpu(), calib["labels"], Y).float()
+            omega = confusion_weights(pairs, cfg.omega_threshold, cfg.omega_normalize, cfg.omega_symmetric,
+                                      images_per_class=torch.bincount(calib["labels"], minlength=Y)).to(device)
             kept.append(float((omega > 0).float().sum(1).mean()))
+            calib_accuracy.append(float(confusion.trace() / confusion.sum()))
+            top_share.append(float(confusion.sum(0).max() / confusion.sum()))  # 1/Y: predictions spread evenly
         loss_sum, count = torch.zeros((), device=device), 0
         model.train()
         for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
@@ -493,7 +505,8 @@ def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, 
         progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
         epoch += 1
     progress.close()
-    log = dict(epoch_losses=epoch_losses, steps=steps, mean_kept_classes=kept)
+    log = dict(epoch_losses=epoch_losses, steps=steps, mean_kept_classes=kept, calibration_accuracy=calib_accuracy,
+               calibration_top_share=top_share)
     if dist.is_main:
         torch.save(dict(config=vars(cfg), model=model.state_dict(), memory=memory.state_dict(), log=log,
                         omega=omega), checkpoint)

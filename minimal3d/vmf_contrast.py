@@ -185,14 +185,36 @@ def _vertex_rows(memory: VertexMemory, vertex_features: Tensor, visible: Tensor,
 # ---------------------------------------------------------------------------------------------------
 
 
-def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str = "none") -> Tensor:
+def pairwise_confusion(scores: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Pairwise confusion counts (Y, Y) of class scores (N, Y) on calibration images of classes labels (N,).
+
+    counts[y, y'] = number of images of class y on which y' scores at least as high as y (y' != y; the
+    diagonal is 0). Unlike the argmax confusion matrix, every class that outranks the true class counts,
+    not only the winner, so a class that wins everywhere while the model is weak does not hide the others.
+    """
+    if not isinstance(scores, Tensor) or scores.ndim != 2 or scores.shape[1] != num_classes:
+        raise ValueError(f"scores must be (N, {num_classes}), got {tuple(getattr(scores, 'shape', ()))}")
+    if not isinstance(labels, Tensor) or labels.shape != scores.shape[:1]:
+        raise ValueError(f"labels must be ({scores.shape[0]},), got {tuple(getattr(labels, 'shape', ()))}")
+    labels = labels.long().to(scores.device)
+    outranks = (scores >= scores.gather(1, labels[:, None])).double()  # (N, Y)
+    outranks[torch.arange(len(labels), device=scores.device), labels] = 0.0
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=scores.device)
+    return counts.index_add_(0, labels, outranks)
+
+
+def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str = "none",
+                      symmetric: bool = False, images_per_class: Tensor | None = None) -> Tensor:
     """Cross-class weights omega (Y, Y) from a calibration confusion matrix (rows: true, cols: predicted).
 
     omega[y, y'] = fraction of class-y calibration images predicted as y'; 0 below `threshold` and on the
     diagonal (the own class is always fully contrasted by Eq. 2). Classes without calibration images get
     omega = 0. The paper does not say how omega is scaled: normalize="none" keeps the rates, "mean"
     rescales each row so its kept (non-zero) entries average 1 (the cross-class mass of omega = 1 on the
-    kept classes), "max" so the most confused class gets 1.
+    kept classes), "max" so the most confused class gets 1. symmetric=True treats confusion as a property
+    of the pair: rates[y, y'] <- max(rates[y, y'], rates[y', y]) before the threshold.
+    images_per_class (Y,): the denominators of the rates (default: the row sums, right for an argmax
+    confusion matrix; pass the image counts with `pairwise_confusion`, whose rows may sum to more).
     """
     if normalize not in ("none", "mean", "max"):
         raise ValueError(f"normalize must be 'none', 'mean' or 'max', got {normalize!r}")
@@ -202,7 +224,12 @@ def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str
         raise ValueError("confusion must hold finite non-negative counts")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    rates = confusion.double() / confusion.double().sum(1, keepdim=True).clamp_min(1e-12)
+    totals = confusion.double().sum(1) if images_per_class is None else images_per_class.double().to(confusion.device)
+    if totals.shape != confusion.shape[:1]:
+        raise ValueError(f"images_per_class must be ({confusion.shape[0]},), got {tuple(totals.shape)}")
+    rates = confusion.double() / totals[:, None].clamp_min(1e-12)
+    if symmetric:
+        rates = torch.maximum(rates, rates.T)
     eye = torch.eye(confusion.shape[0], dtype=torch.bool, device=confusion.device)
     omega = torch.where((rates >= threshold) & ~eye, rates, torch.zeros_like(rates))
     if normalize == "mean":
