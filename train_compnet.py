@@ -2,7 +2,8 @@
 G. Zhang, P. Kaushik, L. Jesslen, A. Kortylewski, A. Yuille, ICCV 2025), with NOVUM (Jesslen et al., ECCV 2024)
 as its full-contrast baseline. Trains three models on the same images, same backbone and same steps:
   grouped  3D-CompNets: a cuboid neural mesh per class, unit vertex features learned with the grouped vMF
-           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from a calibration confusion matrix every 2 epochs);
+           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from the calibration confusion every 2 epochs; on CPU the
+           confusion counts every class that outranks the true one, see --omega-confusion);
   full     NOVUM's full contrast (one softmax over every vertex of every class, `--full-contrast` trains
            only this one);
   plain    the backbone with a classification head and a pose head (azimuth/elevation/theta bins), both
@@ -107,11 +108,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--omega-normalize", default="mean", choices=["none", "mean", "max"],
         help="scale of omega, left open by the paper: mean (default) rescales each row's kept confusion rates "
              "to average 1; none uses the rates themselves; max divides by the row maximum")
-    add("--omega-confusion", default="argmax", choices=["argmax", "pairwise"],
-        help="argmax (the paper's confusion matrix): y' counts for an image of class y when it is predicted; "
-             "pairwise: when S_y' >= S_y (every class that outranks the true one)")
-    add("--omega-symmetric", action="store_true",
-        help="a pair is kept when either class is confused with the other (max of the two rates)")
+    add("--omega-confusion", default="pairwise", choices=["argmax", "pairwise"],
+        help="what counts as confusing class y with y' on a calibration image of class y: pairwise (default, "
+             "CPU): S_y' >= S_y, every class that outranks the true one; argmax (the paper's confusion "
+             "matrix): y' is the prediction. The scratch CPU backbone classifies the calibration split at "
+             "chance when omega is first computed and predicts one class for most images; the argmax matrix "
+             "then keeps only that class and decouples the pairs that still need contrast (docs/compnet.md)")
+    add("--omega-symmetric", action=argparse.BooleanOptionalAction, default=True,
+        help="a pair is kept when either class is confused with the other (max of the two rates; default, "
+             "our choice, the paper leaves it open); --no-omega-symmetric uses row y alone for omega[y, :]")
     add("--cross-class-scale", default="none", choices=["none", "k_over_n"],
         help="none (default): Eq. 4 as written; k_over_n adds log(K/N) to the sampled columns")
     add("--full-contrast", action="store_true", help="train only NOVUM's full-contrast model")

@@ -16,8 +16,8 @@ kappa = 1 / T (T = 0.07). The loss of 3D-CompNets (form="paper", the default) ha
     L          = -sum_k o_k (log softmax_in + log softmax_cross) = sum_k o_k (L_in(k) + L_cross(k))         (Eq. 5)
 
 o_k is the visibility, S_y' are N vertices sampled uniformly from class y' (one draw per step, shared by
-the batch) and omega (Y, Y) are confusion weights (`confusion_weights`); classes with omega = 0 are not
-gathered at all. From NOVUM, carried over to L_in: own-class vertices projecting within
+the batch) and omega (Y, Y) are confusion weights (`confusion_weights` of an argmax confusion matrix or of
+`pairwise_confusion`); classes with omega = 0 are not gathered at all. From NOVUM, carried over to L_in: own-class vertices projecting within
 `distance_threshold` pixels of k (k itself kept) are dropped, and the background weight w_b = 0.005.
 The sum is averaged over the visible vertices of the batch (NOVUM's convention).
 
@@ -197,6 +197,8 @@ def pairwise_confusion(scores: Tensor, labels: Tensor, num_classes: int) -> Tens
     if not isinstance(labels, Tensor) or labels.shape != scores.shape[:1]:
         raise ValueError(f"labels must be ({scores.shape[0]},), got {tuple(getattr(labels, 'shape', ()))}")
     labels = labels.long().to(scores.device)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):  # once per calibration
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(labels.tolist()))}")
     outranks = (scores >= scores.gather(1, labels[:, None])).double()  # (N, Y)
     outranks[torch.arange(len(labels), device=scores.device), labels] = 0.0
     counts = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=scores.device)
