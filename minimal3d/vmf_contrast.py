@@ -213,13 +213,13 @@ def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str
     diagonal (the own class is always fully contrasted by Eq. 2). Classes without calibration images get
     omega = 0. The paper does not say how omega is scaled: normalize="none" keeps the rates, "mean"
     rescales each row so its kept (non-zero) entries average 1 (the cross-class mass of omega = 1 on the
-    kept classes), "max" so the most confused class gets 1. symmetric=True treats confusion as a property
+    kept classes), "max" so the most confused class gets 1, "binary" sets every kept entry to 1. symmetric=True treats confusion as a property
     of the pair: rates[y, y'] <- max(rates[y, y'], rates[y', y]) before the threshold.
     images_per_class (Y,): the denominators of the rates (default: the row sums, right for an argmax
     confusion matrix; pass the image counts with `pairwise_confusion`, whose rows may sum to more).
     """
-    if normalize not in ("none", "mean", "max"):
-        raise ValueError(f"normalize must be 'none', 'mean' or 'max', got {normalize!r}")
+    if normalize not in ("none", "mean", "max", "binary"):
+        raise ValueError(f"normalize must be 'none', 'mean', 'max' or 'binary', got {normalize!r}")
     if not isinstance(confusion, Tensor) or confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion must be (Y, Y), got {tuple(getattr(confusion, 'shape', ()))}")
     if not bool(torch.isfinite(confusion.double()).all()) or bool((confusion < 0).any()):
@@ -239,6 +239,8 @@ def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str
         omega = omega / (omega.sum(1, keepdim=True) / kept).clamp_min(1e-12)
     elif normalize == "max":
         omega = omega / omega.amax(1, keepdim=True).clamp_min(1e-12)
+    elif normalize == "binary":
+        omega = (omega > 0).to(omega.dtype)
     return omega.to(confusion.dtype if confusion.is_floating_point() else torch.float32)
 
 

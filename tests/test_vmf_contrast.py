@@ -223,6 +223,13 @@ def test_confusion_weights():
     confusion = torch.tensor([[90.0, 8.0, 2.0], [0.0, 10.0, 0.0], [0.0, 0.0, 0.0]])
     omega = confusion_weights(confusion, threshold=0.05)
     torch.testing.assert_close(omega, torch.tensor([[0.0, 0.08, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    counts = torch.tensor([[80.0, 12.0, 6.0, 2.0], [0.0, 10.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 5.0]])
+    rates = counts / counts.sum(1, keepdim=True)
+    kept = (rates >= 0.05) & ~torch.eye(4, dtype=torch.bool)
+    torch.testing.assert_close(confusion_weights(counts, normalize="binary"), kept.float())
+    mean = confusion_weights(counts, normalize="mean")  # kept entries of every row with any average 1
+    torch.testing.assert_close(mean.sum(1) / kept.sum(1).clamp_min(1), (kept.sum(1) > 0).float())
+    torch.testing.assert_close(mean[0, 1] / mean[0, 2], rates[0, 1] / rates[0, 2])
     with pytest.raises(ValueError):
         confusion_weights(-confusion)
     # symmetric: a pair is kept when either class is confused with the other; rates of the two rows
