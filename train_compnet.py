@@ -105,9 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--omega-start", type=int, default=2,
         help="epoch of the first calibration; omega = 1 before it (paper: 2, every --omega-every epochs)")
     add("--omega-threshold", type=float, default=0.05, help="omega = 0 below this confusion rate (paper 0.05)")
-    add("--omega-normalize", default="binary", choices=["none", "mean", "max", "binary"],
-        help="scale of omega, left open by the paper: binary (default) gives every kept pair omega = 1; mean "
-             "rescales each row's kept confusion rates to average 1 (the most confused class gets omega > 1); "
+    add("--omega-normalize", default="mean", choices=["none", "mean", "max", "binary"],
+        help="scale of omega, left open by the paper: mean (default) rescales each row's kept confusion rates "
+             "to average 1 (the most confused class gets omega > 1); binary gives every kept pair omega = 1; "
              "none uses the rates themselves; max divides by the row maximum")
     add("--omega-confusion", default="pairwise", choices=["argmax", "pairwise"],
         help="what counts as confusing class y with y' on a calibration image of class y: pairwise (default, "
