@@ -16,9 +16,10 @@ kappa = 1 / T (T = 0.07). The loss of 3D-CompNets (form="paper", the default) ha
     L          = -sum_k o_k (log softmax_in + log softmax_cross) = sum_k o_k (L_in(k) + L_cross(k))         (Eq. 5)
 
 o_k is the visibility, S_y' are N vertices sampled uniformly from class y' (one draw per step, shared by
-the batch) and omega (Y, Y) are confusion weights (`confusion_weights` of an argmax confusion matrix or of
-`pairwise_confusion`); classes with omega = 0 are not gathered at all. From NOVUM, carried over to L_in: own-class vertices projecting within
-`distance_threshold` pixels of k (k itself kept) are dropped, and the background weight w_b = 0.005.
+the batch) and omega (Y, Y) are confusion weights (`confusion_weights` of an argmax confusion matrix
+or of `pairwise_confusion`); classes with omega = 0 are not gathered at all. From NOVUM, carried over to
+L_in: own-class vertices projecting within `distance_threshold` pixels of k (k itself kept) are dropped,
+and the background weight w_b = 0.005.
 The sum is averaged over the visible vertices of the batch (NOVUM's convention).
 
 form="novum" is NOVUM's full contrast, the paper's baseline: ONE softmax per vertex over its own class
@@ -213,8 +214,9 @@ def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str
     diagonal (the own class is always fully contrasted by Eq. 2). Classes without calibration images get
     omega = 0. The paper does not say how omega is scaled: normalize="none" keeps the rates, "mean"
     rescales each row so its kept (non-zero) entries average 1 (the cross-class mass of omega = 1 on the
-    kept classes), "max" so the most confused class gets 1, "binary" sets every kept entry to 1. symmetric=True treats confusion as a property
-    of the pair: rates[y, y'] <- max(rates[y, y'], rates[y', y]) before the threshold.
+    kept classes), "max" so the most confused class gets 1, "binary" sets every kept entry to 1.
+    symmetric=True treats confusion as a property of the pair: rates[y, y'] <- max(rates[y, y'], rates[y', y])
+    before the threshold.
     images_per_class (Y,): the denominators of the rates (default: the row sums, right for an argmax
     confusion matrix; pass the image counts with `pairwise_confusion`, whose rows may sum to more).
     """
