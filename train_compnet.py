@@ -2,7 +2,8 @@
 G. Zhang, P. Kaushik, L. Jesslen, A. Kortylewski, A. Yuille, ICCV 2025), with NOVUM (Jesslen et al., ECCV 2024)
 as its full-contrast baseline. Trains three models on the same images, same backbone and same steps:
   grouped  3D-CompNets: a cuboid neural mesh per class, unit vertex features learned with the grouped vMF
-           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from a calibration confusion matrix every 2 epochs);
+           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from the calibration confusion every 2 epochs; on CPU the
+           confusion counts every class that outranks the true one, see --omega-confusion);
   full     NOVUM's full contrast (one softmax over every vertex of every class, `--full-contrast` trains
            only this one);
   plain    the backbone with a classification head and a pose head (azimuth/elevation/theta bins), both
@@ -15,7 +16,7 @@ from the test images with a fixed seed. The default run (synthetic textured obje
 claims table: occluded_accuracy (3D-CompNets > plain head), iid_accuracy (grouped as good as full, within
 5 points) and loss_seconds (grouped loss faster than full at Y=50, K=500, N=32, D=128, B=8).
 
-    python train_compnet.py                       # synthetic classes, about 4.7 CPU-minutes (user + sys)
+    python train_compnet.py                       # synthetic classes, about 3.7 CPU-minutes (user + sys, 1 thread)
     python train_compnet.py --quick --out /tmp/x  # smoke run (seconds)
     python train_compnet.py --data DIR --dataset imagenet3d|pascal3d --classes car bus ... --backbone resunet50
     torchrun --nproc_per_node=2 train_compnet.py  # DDP (memory bank averaged over ranks after each update)
@@ -56,7 +57,7 @@ from minimal3d.neural_mesh import (Mesh, cuboid_mesh, cuboid_ranges, estimate_po
                                    vertex_visibility)
 from minimal3d.synthetic import IMAGENET_C, OCCLUSION_LEVELS, class_cuboid, imagenet_c, object_sample, paste_occluders
 from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classification_scores, confusion_weights,
-                                    grouped_vmf_contrast)
+                                    grouped_vmf_contrast, pairwise_confusion)
 
 MODELS = ("grouped", "full", "plain")
 POSE_THRESHOLDS = {"pi6": math.pi / 6, "pi18": math.pi / 18}
@@ -101,10 +102,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--distance-threshold", type=float, default=None,
         help="near-mask radius in input pixels (default 48 * image_size / 640: NOVUM's 48 px at 640 px)")
     add("--omega-every", type=int, default=2, help="epochs between confusion-matrix updates of omega (paper 2)")
+    add("--omega-start", type=int, default=2,
+        help="epoch of the first calibration; omega = 1 before it (paper: 2, every --omega-every epochs)")
     add("--omega-threshold", type=float, default=0.05, help="omega = 0 below this confusion rate (paper 0.05)")
-    add("--omega-normalize", default="mean", choices=["none", "mean", "max"],
+    add("--omega-normalize", default="mean", choices=["none", "mean", "max", "binary"],
         help="scale of omega, left open by the paper: mean (default) rescales each row's kept confusion rates "
-             "to average 1; none uses the rates themselves; max divides by the row maximum")
+             "to average 1 (the most confused class gets omega > 1); binary gives every kept pair omega = 1; "
+             "none uses the rates themselves; max divides by the row maximum")
+    add("--omega-confusion", default="pairwise", choices=["argmax", "pairwise"],
+        help="what counts as confusing class y with y' on a calibration image of class y: pairwise (default, "
+             "CPU): S_y' >= S_y, every class that outranks the true one; argmax (the paper's confusion "
+             "matrix): y' is the prediction. The scratch CPU backbone classifies the calibration split at "
+             "chance when omega is first computed and predicts one class for most images; the argmax matrix "
+             "then keeps only that class and decouples the pairs that still need contrast (docs/compnet.md)")
+    add("--omega-symmetric", action=argparse.BooleanOptionalAction, default=True,
+        help="a pair is kept when either class is confused with the other (max of the two rates; default, "
+             "our choice, the paper leaves it open); --no-omega-symmetric uses row y alone for omega[y, :]")
     add("--cross-class-scale", default="none", choices=["none", "k_over_n"],
         help="none (default): Eq. 4 as written; k_over_n adds log(K/N) to the sampled columns")
     add("--full-contrast", action="store_true", help="train only NOVUM's full-contrast model")
@@ -454,14 +467,21 @@ def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, 
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     Y = len(meshes)
     omega = torch.ones(Y, Y, device=device) if mode == "grouped" else None
-    steps, step, epoch, epoch_losses, kept = num_steps(cfg, len(train["labels"]), dist), 0, 0, [], []
+    steps, step, epoch = num_steps(cfg, len(train["labels"]), dist), 0, 0
+    epoch_losses, kept, calib_accuracy, top_share = [], [], [], []
     progress = tqdm(total=steps, desc=mode, disable=not dist.is_main)
     while step < steps:
-        if mode == "grouped" and epoch > 0 and epoch % cfg.omega_every == 0:  # omega from calibration (Sec. 3.3)
+        calibrate = epoch >= cfg.omega_start and (epoch - cfg.omega_start) % cfg.omega_every == 0
+        if mode == "grouped" and calibrate:  # omega from calibration (Sec. 3.3)
             scores = compnet_scores(model, memory, calib["images"], device)
-            omega = confusion_weights(confusion_matrix(calib["labels"], scores.argmax(1), Y), cfg.omega_threshold,
-                                      cfg.omega_normalize).to(device)
+            confusion = confusion_matrix(calib["labels"], scores.argmax(1), Y)
+            pairs = (confusion if cfg.omega_confusion == "argmax"
+                     else pairwise_confusion(scores.cpu(), calib["labels"], Y).float())
+            omega = confusion_weights(pairs, cfg.omega_threshold, cfg.omega_normalize, cfg.omega_symmetric,
+                                      images_per_class=torch.bincount(calib["labels"], minlength=Y)).to(device)
             kept.append(float((omega > 0).float().sum(1).mean()))
+            calib_accuracy.append(float(confusion.trace() / confusion.sum()))
+            top_share.append(float(confusion.sum(0).max() / confusion.sum()))  # 1/Y: predictions spread evenly
         loss_sum, count = torch.zeros((), device=device), 0
         model.train()
         for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
@@ -493,7 +513,8 @@ def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, 
         progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
         epoch += 1
     progress.close()
-    log = dict(epoch_losses=epoch_losses, steps=steps, mean_kept_classes=kept)
+    log = dict(epoch_losses=epoch_losses, steps=steps, mean_kept_classes=kept, calibration_accuracy=calib_accuracy,
+               calibration_top_share=top_share)
     if dist.is_main:
         torch.save(dict(config=vars(cfg), model=model.state_dict(), memory=memory.state_dict(), log=log,
                         omega=omega), checkpoint)

@@ -16,9 +16,10 @@ kappa = 1 / T (T = 0.07). The loss of 3D-CompNets (form="paper", the default) ha
     L          = -sum_k o_k (log softmax_in + log softmax_cross) = sum_k o_k (L_in(k) + L_cross(k))         (Eq. 5)
 
 o_k is the visibility, S_y' are N vertices sampled uniformly from class y' (one draw per step, shared by
-the batch) and omega (Y, Y) are confusion weights (`confusion_weights`); classes with omega = 0 are not
-gathered at all. From NOVUM, carried over to L_in: own-class vertices projecting within
-`distance_threshold` pixels of k (k itself kept) are dropped, and the background weight w_b = 0.005.
+the batch) and omega (Y, Y) are confusion weights (`confusion_weights` of an argmax confusion matrix
+or of `pairwise_confusion`); classes with omega = 0 are not gathered at all. From NOVUM, carried over to
+L_in: own-class vertices projecting within `distance_threshold` pixels of k (k itself kept) are dropped,
+and the background weight w_b = 0.005.
 The sum is averaged over the visible vertices of the batch (NOVUM's convention).
 
 form="novum" is NOVUM's full contrast, the paper's baseline: ONE softmax per vertex over its own class
@@ -185,24 +186,54 @@ def _vertex_rows(memory: VertexMemory, vertex_features: Tensor, visible: Tensor,
 # ---------------------------------------------------------------------------------------------------
 
 
-def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str = "none") -> Tensor:
+def pairwise_confusion(scores: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Pairwise confusion counts (Y, Y) of class scores (N, Y) on calibration images of classes labels (N,).
+
+    counts[y, y'] = number of images of class y on which y' scores at least as high as y (y' != y; the
+    diagonal is 0). Unlike the argmax confusion matrix, every class that outranks the true class counts,
+    not only the winner, so a class that wins everywhere while the model is weak does not hide the others.
+    """
+    if not isinstance(scores, Tensor) or scores.ndim != 2 or scores.shape[1] != num_classes:
+        raise ValueError(f"scores must be (N, {num_classes}), got {tuple(getattr(scores, 'shape', ()))}")
+    if not isinstance(labels, Tensor) or labels.shape != scores.shape[:1]:
+        raise ValueError(f"labels must be ({scores.shape[0]},), got {tuple(getattr(labels, 'shape', ()))}")
+    labels = labels.long().to(scores.device)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):  # once per calibration
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(labels.tolist()))}")
+    outranks = (scores >= scores.gather(1, labels[:, None])).double()  # (N, Y)
+    outranks[torch.arange(len(labels), device=scores.device), labels] = 0.0
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=scores.device)
+    return counts.index_add_(0, labels, outranks)
+
+
+def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str = "none",
+                      symmetric: bool = False, images_per_class: Tensor | None = None) -> Tensor:
     """Cross-class weights omega (Y, Y) from a calibration confusion matrix (rows: true, cols: predicted).
 
     omega[y, y'] = fraction of class-y calibration images predicted as y'; 0 below `threshold` and on the
     diagonal (the own class is always fully contrasted by Eq. 2). Classes without calibration images get
     omega = 0. The paper does not say how omega is scaled: normalize="none" keeps the rates, "mean"
     rescales each row so its kept (non-zero) entries average 1 (the cross-class mass of omega = 1 on the
-    kept classes), "max" so the most confused class gets 1.
+    kept classes), "max" so the most confused class gets 1, "binary" sets every kept entry to 1.
+    symmetric=True treats confusion as a property of the pair: rates[y, y'] <- max(rates[y, y'], rates[y', y])
+    before the threshold.
+    images_per_class (Y,): the denominators of the rates (default: the row sums, right for an argmax
+    confusion matrix; pass the image counts with `pairwise_confusion`, whose rows may sum to more).
     """
-    if normalize not in ("none", "mean", "max"):
-        raise ValueError(f"normalize must be 'none', 'mean' or 'max', got {normalize!r}")
+    if normalize not in ("none", "mean", "max", "binary"):
+        raise ValueError(f"normalize must be 'none', 'mean', 'max' or 'binary', got {normalize!r}")
     if not isinstance(confusion, Tensor) or confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion must be (Y, Y), got {tuple(getattr(confusion, 'shape', ()))}")
     if not bool(torch.isfinite(confusion.double()).all()) or bool((confusion < 0).any()):
         raise ValueError("confusion must hold finite non-negative counts")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    rates = confusion.double() / confusion.double().sum(1, keepdim=True).clamp_min(1e-12)
+    totals = confusion.double().sum(1) if images_per_class is None else images_per_class.double().to(confusion.device)
+    if totals.shape != confusion.shape[:1]:
+        raise ValueError(f"images_per_class must be ({confusion.shape[0]},), got {tuple(totals.shape)}")
+    rates = confusion.double() / totals[:, None].clamp_min(1e-12)
+    if symmetric:
+        rates = torch.maximum(rates, rates.T)
     eye = torch.eye(confusion.shape[0], dtype=torch.bool, device=confusion.device)
     omega = torch.where((rates >= threshold) & ~eye, rates, torch.zeros_like(rates))
     if normalize == "mean":
@@ -210,6 +241,8 @@ def confusion_weights(confusion: Tensor, threshold: float = 0.05, normalize: str
         omega = omega / (omega.sum(1, keepdim=True) / kept).clamp_min(1e-12)
     elif normalize == "max":
         omega = omega / omega.amax(1, keepdim=True).clamp_min(1e-12)
+    elif normalize == "binary":
+        omega = (omega > 0).to(omega.dtype)
     return omega.to(confusion.dtype if confusion.is_floating_point() else torch.float32)
 
 

@@ -706,6 +706,14 @@ CASES += [
         torch.eye(2), normalize="sum"), ValueError, "normalize"),
     Case("confusion_weights nan", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"]).confusion_weights(
         torch.full((2, 2), float("nan"))), ValueError, "confusion"),
+    Case("confusion_weights images_per_class", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"])
+         .confusion_weights(torch.eye(2), images_per_class=torch.ones(3)), ValueError, "images_per_class"),
+    Case("pairwise_confusion scores", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"]).pairwise_confusion(
+        torch.rand(4, 2), torch.zeros(4, dtype=torch.long), 3), ValueError, "scores"),
+    Case("pairwise_confusion labels", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"]).pairwise_confusion(
+        torch.rand(4, 3), torch.zeros(5, dtype=torch.long), 3), ValueError, "labels"),
+    Case("pairwise_confusion label range", lambda: __import__("minimal3d.vmf_contrast", fromlist=["x"])
+         .pairwise_confusion(torch.rand(2, 3), torch.tensor([0, 3]), 3), ValueError, "labels"),
     Case("imagenet_c kind", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).imagenet_c(
         torch.rand(3, 8, 8), "rain"), ValueError, "corruption"),
     Case("imagenet_c severity", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).imagenet_c(

@@ -13,6 +13,7 @@ from minimal3d.vmf_contrast import (
     classification_scores,
     confusion_weights,
     grouped_vmf_contrast,
+    pairwise_confusion,
 )
 
 SIZES = [5, 4, 6]
@@ -222,8 +223,44 @@ def test_confusion_weights():
     confusion = torch.tensor([[90.0, 8.0, 2.0], [0.0, 10.0, 0.0], [0.0, 0.0, 0.0]])
     omega = confusion_weights(confusion, threshold=0.05)
     torch.testing.assert_close(omega, torch.tensor([[0.0, 0.08, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    counts = torch.tensor([[80.0, 12.0, 6.0, 2.0], [0.0, 10.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 5.0]])
+    rates = counts / counts.sum(1, keepdim=True)
+    kept = (rates >= 0.05) & ~torch.eye(4, dtype=torch.bool)
+    torch.testing.assert_close(confusion_weights(counts, normalize="binary"), kept.float())
+    mean = confusion_weights(counts, normalize="mean")  # kept entries of every row with any average 1
+    torch.testing.assert_close(mean.sum(1) / kept.sum(1).clamp_min(1), (kept.sum(1) > 0).float())
+    torch.testing.assert_close(mean[0, 1] / mean[0, 2], rates[0, 1] / rates[0, 2])
     with pytest.raises(ValueError):
         confusion_weights(-confusion)
+    # symmetric: a pair is kept when either class is confused with the other; rates of the two rows
+    counts = torch.tensor([[18.0, 2.0, 0.0], [0.0, 20.0, 0.0], [1.0, 0.0, 19.0]])
+    rates = counts / counts.sum(1, keepdim=True)
+    expected = torch.zeros(3, 3)
+    for y in range(3):
+        for z in range(3):
+            rate = max(float(rates[y, z]), float(rates[z, y]))
+            expected[y, z] = rate if y != z and rate >= 0.05 else 0.0
+    torch.testing.assert_close(confusion_weights(counts, threshold=0.05, symmetric=True), expected)
+
+
+def test_pairwise_confusion_matches_loops():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (30, 3), generator=g).double()  # ties count as outranking
+    labels = torch.randint(0, 3, (30,), generator=g)
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    for n in range(30):
+        for z in range(3):
+            if z != int(labels[n]) and scores[n, z] >= scores[n, labels[n]]:
+                expected[labels[n], z] += 1
+    counts = pairwise_confusion(scores, labels, 3)
+    torch.testing.assert_close(counts, expected)
+    per_class = torch.bincount(labels, minlength=3)
+    omega = confusion_weights(counts, threshold=0.05, images_per_class=per_class)
+    rates = expected / per_class[:, None].double()
+    torch.testing.assert_close(omega, torch.where(rates >= 0.05, rates, torch.zeros_like(rates)))
+    # a class that wins on every image hides the others in the argmax confusion, not in the pairwise one
+    sink = torch.tensor([[5.0, 1.0, 2.0], [5.0, 1.0, 3.0], [5.0, 4.0, 3.0]])
+    assert pairwise_confusion(sink, torch.tensor([1, 1, 2]), 3).tolist() == [[0, 0, 0], [2, 0, 2], [1, 1, 0]]
 
 
 def test_background_repulsion_equals_dense_mean():
