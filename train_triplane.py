@@ -4,10 +4,12 @@ CVPR Workshops 2024, arXiv:2406.02535 (no official code; the renderer follows EG
 A ViT f is fine-tuned so that its representation h can be decoded into a triplane (decoder Φ, §3.4), which,
 volume-rendered from ONE fixed camera, reconstructs the image and its (pseudo) depth (Eq. 5):
 L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e-3 L1(densities),
-with f_teach a frozen copy of the starting backbone (the "2D teacher"). Only the backbone is kept.
+with f_teach a frozen copy of the starting backbone (the "2D teacher"). Only the backbone is kept. CPU
+deviations (flags restore the paper): Φ is first trained alone on the frozen teacher's h (--warmup-steps),
+and the patch tokens also reach the camera-facing plane directly (--no-patch-skip).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
-and a linear depth probe. The default run (synthetic shape-texture world, about 2.5 CPU minutes) writes
+and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
 the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
 the depth-probe RMSE of the 2D teacher (whether it does at this scale, over seeds, and why:
 docs/triplane.md). All decisions and deviations: docs/triplane.md.
@@ -19,7 +21,7 @@ Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: 
 2D (cross-entropy) on the training images, and that is the 2D teacher. Evaluation folders:
 --eval-data NAME=DIR (class folders), --cue-conflict DIR, --depth-data DIR (see --help).
 
-    python train_triplane.py                       # synthetic miniature, about 2.5 CPU minutes
+    python train_triplane.py                       # synthetic miniature, about 4 CPU minutes
     python train_triplane.py --quick --out /tmp/t  # seconds (smoke test)
     python train_triplane.py --weights dinov2_vits14_pretrain.pth --data IMAGENET_DIR --image-size 224 \\
         --render-size 256 --plane-res 128 --batch-size 64 --steps 20000 --device cuda \\
