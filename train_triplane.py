@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--w-depth", type=float, default=1.0, help="Eq. 5")
     method.add_argument("--w-distill", type=float, default=1.0, help="Eq. 5")
     method.add_argument("--w-density", type=float, default=1e-3, help="Eq. 5")
+    method.add_argument("--distill-target", choices=("h", "output"), default="h",
+                        help="what ||f(I) - f_teach(I)||^2 compares (paper: f(I), not specified further): h, every "
+                        "token of the last 4 layers; output, the last layer's normalised class token")
     method.add_argument("--no-triplane", action="store_true", help="ablation: a conv decoder predicts image and "
                         "depth directly from h (no triplane, no rendering)")
     method.add_argument("--no-distill", action="store_true", help="ablation: no distillation to the teacher")
@@ -513,7 +516,11 @@ def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, imag
     if teacher is not None:
         with torch.no_grad():
             teacher_tokens = representation(teacher, images)
-        terms["distill"] = F.mse_loss(tokens, teacher_tokens)
+        if cfg.distill_target == "output":  # f(I): the last layer's normalised class token, DINOv2's output
+            width = tokens.shape[-1] // 4
+            terms["distill"] = F.mse_loss(tokens[:, 0, -width:], teacher_tokens[:, 0, -width:])
+        else:  # all of h: every token of the last 4 layers
+            terms["distill"] = F.mse_loss(tokens, teacher_tokens)
     if "density" in out and not cfg.from_scratch:
         density = out["density"].abs()
         terms["density"] = density.sum() if cfg.density_reduction == "sum" else density.mean()
