@@ -4,10 +4,12 @@ CVPR Workshops 2024, arXiv:2406.02535 (no official code; the renderer follows EG
 A ViT f is fine-tuned so that its representation h can be decoded into a triplane (decoder Φ, §3.4), which,
 volume-rendered from ONE fixed camera, reconstructs the image and its (pseudo) depth (Eq. 5):
 L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e-3 L1(densities),
-with f_teach a frozen copy of the starting backbone (the "2D teacher"). Only the backbone is kept.
+with f_teach a frozen copy of the starting backbone (the "2D teacher"). Only the backbone is kept. CPU
+deviations (flags restore the paper): Φ is first trained alone on the frozen teacher's h (--warmup-steps),
+and the patch tokens also reach the camera-facing plane directly (--no-patch-skip).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
-and a linear depth probe. The default run (synthetic shape-texture world, about 2.5 CPU minutes) writes
+and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
 the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
 the depth-probe RMSE of the 2D teacher (whether it does at this scale, over seeds, and why:
 docs/triplane.md). All decisions and deviations: docs/triplane.md.
@@ -19,7 +21,7 @@ Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: 
 2D (cross-entropy) on the training images, and that is the 2D teacher. Evaluation folders:
 --eval-data NAME=DIR (class folders), --cue-conflict DIR, --depth-data DIR (see --help).
 
-    python train_triplane.py                       # synthetic miniature, about 2.5 CPU minutes
+    python train_triplane.py                       # synthetic miniature, about 4 CPU minutes
     python train_triplane.py --quick --out /tmp/t  # seconds (smoke test)
     python train_triplane.py --weights dinov2_vits14_pretrain.pth --data IMAGENET_DIR --image-size 224 \\
         --render-size 256 --plane-res 128 --batch-size 64 --steps 20000 --device cuda \\
@@ -53,10 +55,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # Flags whose default depends on --quick (None in the parser, filled in after parsing; never overriding).
 PROFILES = {
-    "normal": dict(steps=300, pretrain_steps=150, batch_size=8, pretrain_batch_size=32, image_size=56,
+    "normal": dict(steps=300, warmup_steps=200, pretrain_steps=250, batch_size=8, pretrain_batch_size=32, image_size=56,
                    render_size=16, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
-                   importance=16, train_images=400, test_images=150, num_classes=5, depth_patch=4),
-    "quick": dict(steps=3, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
+                   importance=16, train_images=400, test_images=300, num_classes=5, depth_patch=4),
+    "quick": dict(steps=3, warmup_steps=2, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
                   plane_res=8, plane_channels=8, embed_res=4, generator_dim=32, samples=8, importance=4,
                   train_images=30, test_images=15, num_classes=3, depth_patch=2),
 }
@@ -101,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pretrain-batch-size", type=int, help="2D teacher batch size")
     method = parser.add_argument_group("3D prior (paper values unless noted)")
     method.add_argument("--steps", type=int, help="3D-prior fine-tuning steps")
+    method.add_argument("--warmup-steps", type=int, help="CPU deviation: steps that train Φ and the point decoder "
+                        "alone (backbone frozen) before the 3D prior, so that Φ reads h before its gradient reaches "
+                        "the backbone (paper: 0, Φ and backbone trained together from the start)")
     method.add_argument("--batch-size", type=int, help="paper 64; CPU default 8")
     method.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the backbone (paper)")
     method.add_argument("--decoder-lr", type=float, default=1e-3, help="Adam learning rate of Φ and the point "
@@ -114,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(paper: not given; CPU 8); --plane-res must be --embed-res * 2^k")
     method.add_argument("--generator-dim", type=int, help="width of Φ's attention blocks (paper: not given)")
     method.add_argument("--generator-layers", type=int, default=2, help="attention blocks in Φ (paper: not given)")
+    method.add_argument("--no-patch-skip", action="store_true", help="the paper's Φ (h reaches the planes only "
+                        "through cross-attention). Default (CPU deviation): each patch token is also added to the "
+                        "camera-facing xy plane's embedding at its own place, so that a briefly trained Φ reads h")
     method.add_argument("--no-self-attention", action="store_true", help="Φ without self-attention among the "
                         "embeddings (default: self-attention then cross-attention, paper §3.4)")
     method.add_argument("--samples", type=int, help="stratified samples per ray (paper 16; quick 8)")
@@ -129,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--w-depth", type=float, default=1.0, help="Eq. 5")
     method.add_argument("--w-distill", type=float, default=1.0, help="Eq. 5")
     method.add_argument("--w-density", type=float, default=1e-3, help="Eq. 5")
+    method.add_argument("--distill-target", choices=("h", "output"), default="h",
+                        help="what ||f(I) - f_teach(I)||^2 compares (paper: f(I), not specified further): h, every "
+                        "token of the last 4 layers; output, the last layer's normalised class token")
     method.add_argument("--no-triplane", action="store_true", help="ablation: a conv decoder predicts image and "
                         "depth directly from h (no triplane, no rendering)")
     method.add_argument("--no-distill", action="store_true", help="ablation: no distillation to the teacher")
@@ -157,8 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.pretrain_steps < 0:
-        parser.error(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+    for name in ("pretrain_steps", "warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.image_size % 14:
         parser.error(f"--image-size must be a multiple of the ViT patch size 14, got {args.image_size}")
     if args.samples < 3 or args.importance < 0:
@@ -438,13 +450,14 @@ class Prior3D(nn.Module):
 
     def __init__(self, token_dim: int, grid: int, render_size: int, plane_channels: int, plane_res: int,
                  embed_res: int, width: int, num_layers: int, self_attention: bool, samples: int, importance: int,
-                 use_triplane: bool = True, chunk_rays: int | None = None):
+                 use_triplane: bool = True, chunk_rays: int | None = None, patch_skip: bool = False):
         super().__init__()
         self.render_size, self.samples, self.importance = render_size, samples, importance
         self.use_triplane, self.chunk_rays = use_triplane, chunk_rays
         if use_triplane:
             self.generator = TriplaneGenerator(token_dim, plane_channels, plane_res, embed_res, width,
-                                               max(1, width // 32), num_layers, self_attention)
+                                               max(1, width // 32), num_layers, self_attention,
+                                               patch_grid=grid if patch_skip else None)
             self.decoder = TriplaneDecoder(plane_channels)
         else:
             self.image_decoder = ConvImageDecoder(token_dim, grid, render_size, width)
@@ -485,10 +498,12 @@ def map_pseudo_depth(depth: Tensor) -> Tensor:
 
 
 def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, images: Tensor, depth: Tensor,
-           cfg: argparse.Namespace) -> tuple[Tensor, dict, dict]:
+           cfg: argparse.Namespace, train_backbone: bool = True) -> tuple[Tensor, dict, dict]:
     """Eq. 5 on augmented images (B, 3, S, S) and their pseudo depth (B, S, S): total, the terms (tensors)
-    and the render. student: a ``Representation`` (maybe DDP-wrapped); teacher: frozen backbone or None."""
-    tokens = student(images)
+    and the render. student: a ``Representation`` (maybe DDP-wrapped); teacher: frozen backbone or None;
+    ``train_backbone=False`` (the warm-up of Φ): h is computed without gradient."""
+    with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+        tokens = student(images)
     out = prior(tokens)
     size = cfg.render_size
     target_rgb = resize(images, size)
@@ -501,13 +516,56 @@ def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, imag
     if teacher is not None:
         with torch.no_grad():
             teacher_tokens = representation(teacher, images)
-        terms["distill"] = F.mse_loss(tokens, teacher_tokens)
+        if cfg.distill_target == "output":  # f(I): the last layer's normalised class token, DINOv2's output
+            width = tokens.shape[-1] // 4
+            terms["distill"] = F.mse_loss(tokens[:, 0, -width:], teacher_tokens[:, 0, -width:])
+        else:  # all of h: every token of the last 4 layers
+            terms["distill"] = F.mse_loss(tokens, teacher_tokens)
     if "density" in out and not cfg.from_scratch:
         density = out["density"].abs()
         terms["density"] = density.sum() if cfg.density_reduction == "sum" else density.mean()
     weights = {"image": cfg.w_image, "depth": cfg.w_depth, "distill": cfg.w_distill, "density": cfg.w_density}
     total = sum(weights[name] * value for name, value in terms.items())
     return total, terms, {**out, "target_z": target_z, "target_rgb": target_rgb, "tokens": tokens}
+
+
+def warm_up_decoder(prior: nn.Module, student: nn.Module, train: dict, cfg: argparse.Namespace,
+                    dist: runtime.Dist) -> None:
+    """CPU deviation (--warmup-steps, paper: none): Φ and the point decoder alone learn to render the training
+    images from the frozen backbone's h (Eq. 5; the distillation is zero while the backbone is the teacher),
+    Adam at --decoder-lr. prior, student: as in the training loop (maybe DDP-wrapped)."""
+    parameters = list(runtime.unwrap(prior).parameters())
+    optimizer = torch.optim.Adam(parameters, lr=cfg.decoder_lr)
+    images, depth = train["images"], train["depth"]
+    for _ in tqdm(range(cfg.warmup_steps), desc="Φ warm-up", disable=not dist.is_main):
+        index = torch.randint(0, len(images), (cfg.batch_size,))
+        batch, batch_depth = augment(images[index], depth[index], cfg.image_size)
+        total, _, _ = losses(prior, student, None, batch.to(dist.device), batch_depth.to(dist.device), cfg,
+                             train_backbone=False)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(parameters, cfg.clip_grad)
+        optimizer.step()
+
+
+@torch.no_grad()
+def render_conditioning(prior: nn.Module, backbone: nn.Module, split: dict, cfg: argparse.Namespace,
+                        device: torch.device, count: int = 64) -> dict:
+    """Does Φ read h? On ``count`` held-out images: depth RMSE (m) of each image's render against its own
+    depth, and of the mean of all renders (one scene for every image) against the same depths. The two
+    are equal when Φ ignores h and renders one scene."""
+    prior.eval(), backbone.eval()
+    images = resize(split["images"][:count], cfg.image_size).to(device)
+    target = F.interpolate(split["depth"][:count, None], (cfg.render_size,) * 2, mode="area")[:, 0].to(device)
+    if cfg.pseudo_depth == "per-image":
+        target = map_pseudo_depth(target)
+    rendered = prior(representation(backbone, images))["depth_z"]
+    valid = target > 0
+    own = (rendered - target)[valid].square().mean().sqrt()
+    mean = (rendered.mean(0, keepdim=True).expand_as(target) - target)[valid].square().mean().sqrt()
+    prior.train(), backbone.train()
+    return {"render_depth_rmse": float(own), "mean_render_depth_rmse": float(mean)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -695,7 +753,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid = args.image_size // 14
     prior = Prior3D(4 * student.embed_dim, grid, args.render_size, args.plane_channels, args.plane_res,
                     args.embed_res, args.generator_dim, args.generator_layers, not args.no_self_attention,
-                    args.samples, args.importance, not args.no_triplane, args.chunk_rays).to(device)
+                    args.samples, args.importance, not args.no_triplane, args.chunk_rays,
+                    patch_skip=not args.no_patch_skip).to(device)
     student_ddp, prior_ddp = runtime.wrap_ddp(Representation(student), dist), runtime.wrap_ddp(prior, dist)
     optimizer = torch.optim.Adam([{"params": [p for p in student.parameters() if p.requires_grad], "lr": args.lr},
                                   {"params": list(prior.parameters()), "lr": args.decoder_lr}])
@@ -705,6 +764,15 @@ def main(argv: list[str] | None = None) -> dict:
         prior.load_state_dict(resume["prior"])
         optimizer.load_state_dict(resume["optimizer"])
         start_step = int(resume["step"])
+
+    preview = data["class_sets"]["test"]
+    metrics["decoder_reads_h"] = {}
+    if resume is None and args.warmup_steps > 0:
+        warm_up_decoder(prior_ddp, student_ddp, data["train"], args, dist)
+        if dist.is_main and "depth" in preview:
+            metrics["decoder_reads_h"]["after_warmup"] = render_conditioning(prior, student, preview, args, device)
+            log("Φ after warm-up, held-out depth RMSE of each render / of the mean render: "
+                "{render_depth_rmse:.4f} / {mean_render_depth_rmse:.4f} m".format(**metrics["decoder_reads_h"]["after_warmup"]))
 
     images, depth = data["train"]["images"], data["train"]["depth"]
     history = []
@@ -733,9 +801,10 @@ def main(argv: list[str] | None = None) -> dict:
     window = history[-max(1, len(history) // 5):]
     metrics["train_losses_first"] = history[0] if history else {}
     metrics["train_losses_last"] = {k: float(np.mean([h[k] for h in window])) for k in window[0]} if window else {}
+    if "depth" in preview:
+        metrics["decoder_reads_h"]["after_3d_prior"] = render_conditioning(prior, student, preview, args, device)
     with torch.no_grad():
         student.eval(), prior.eval()
-        preview = data["class_sets"]["test"]
         if "depth" in preview:
             _, _, out = losses(prior, Representation(student), None, resize(preview["images"][:2], args.image_size)
                                .to(device), preview["depth"][:2].to(device), args)

@@ -266,12 +266,21 @@ class TriplaneGenerator(nn.Module):
     is upsampled by bilinear x2 + 3x3 conv + GELU blocks from ``embed_resolution`` to
     ``plane_resolution`` and projected to ``plane_channels`` (D). The three planes share the conv weights.
     Paper sizes are the defaults; smaller ones are selectable for quick runs.
+
+    ``patch_grid`` (not in the paper; None = the paper's Φ): the last ``patch_grid``² tokens are a
+    row-major patch grid seen by a camera looking along +z (image columns = world x, rows = world y);
+    each is projected to ``dim`` and bilinearly resized onto the first plane (xy, the one facing that
+    camera), where it is added to the embeddings before the attention blocks. This gives a briefly
+    trained Φ a direct, image-aligned path to h; the paper's Φ must learn that alignment in its
+    cross-attention.
     """
 
     def __init__(self, input_dim: int, plane_channels: int = 32, plane_resolution: int = 128,
                  embed_resolution: int = 16, dim: int = 256, num_heads: int = 8, num_layers: int = 2,
-                 self_attention: bool = True):
+                 self_attention: bool = True, patch_grid: int | None = None):
         super().__init__()
+        if patch_grid is not None and (isinstance(patch_grid, bool) or not isinstance(patch_grid, int) or patch_grid < 1):
+            raise ValueError(f"patch_grid must be None or a positive int, got {patch_grid!r}")
         num_upsamples = round(math.log2(plane_resolution / embed_resolution))
         if embed_resolution * 2 ** num_upsamples != plane_resolution:
             raise ValueError(f"plane_resolution must be embed_resolution * 2^k, got {plane_resolution}, "
@@ -281,6 +290,8 @@ class TriplaneGenerator(nn.Module):
         self.embed_resolution = embed_resolution
         self.embeddings = nn.Parameter(torch.randn(3 * embed_resolution ** 2, dim) * 0.02)
         self.input_proj = nn.Linear(input_dim, dim)
+        self.patch_grid = patch_grid
+        self.patch_proj = nn.Linear(input_dim, dim) if patch_grid is not None else None
         self.blocks = nn.ModuleList(_AttentionBlock(dim, num_heads, self_attention) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         layers, channels = [], dim
@@ -297,6 +308,13 @@ class TriplaneGenerator(nn.Module):
         _check_tensor("tokens", tokens, 3, (self.input_proj.in_features,))
         memory = self.input_proj(tokens)  # (B, T, dim)
         x = self.embeddings.expand(tokens.shape[0], -1, -1)  # (B, 3*16*16, dim)
+        if self.patch_grid is not None:  # not in the paper: the xy plane reads its own patches directly
+            grid, side = self.patch_grid, self.embed_resolution
+            if tokens.shape[1] < grid * grid:
+                raise ValueError(f"tokens must hold the {grid}x{grid} patch grid last, got {tokens.shape[1]} tokens")
+            patches = rearrange(self.patch_proj(tokens[:, -grid * grid:]), "b (h w) c -> b c h w", h=grid)
+            patches = F.interpolate(patches, (side, side), mode="bilinear", align_corners=False)
+            x = torch.cat([x[:, :side * side] + rearrange(patches, "b c h w -> b (h w) c"), x[:, side * side:]], 1)
         for block in self.blocks:
             x = block(x, memory)
         x = rearrange(self.norm(x), "b (k h w) c -> (b k) c h w", k=3, h=self.embed_resolution)

@@ -55,6 +55,8 @@ def test_quick_run_writes_claims_metrics_and_files(tmp_path, capsys):
         assert 0 <= values["accuracy_test"] <= 1 and 0 <= values["shape_bias"] <= 1 and values["depth_rmse"] > 0
     assert written["eval"]["2D teacher"]["shape_bias"] == claims["shape_bias"]["baseline"]["value"]
     assert {"image", "depth", "distill", "density"} <= set(written["train_losses_last"])
+    for stage in ("after_warmup", "after_3d_prior"):  # does Φ read h: each image's render vs the mean render
+        assert all(math.isfinite(v) and v > 0 for v in written["decoder_reads_h"][stage].values())
     assert written["config"]["steps"] == 3 and written["config"]["seed"] == 3
     assert Image.open(tmp_path / "preview_test.png").size[1] >= 2 * 256  # two rows of panels >= 256 px
     checkpoint = runtime.load_checkpoint(tmp_path / "triplane.pt", ("config", "student", "prior", "teacher"))
@@ -85,7 +87,7 @@ def test_from_scratch_uses_only_image_and_depth_losses(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"), (["--batch-size", "0"], "--batch-size"),
     (["--image-size", "50"], "--image-size"), (["--render-size", "-4"], "--render-size"),
-    (["--pretrain-steps", "-1"], "--pretrain-steps"), (["--plane-res", "24", "--embed-res", "8"], "--plane-res"),
+    (["--pretrain-steps", "-1"], "--pretrain-steps"), (["--warmup-steps", "-1"], "--warmup-steps"), (["--plane-res", "24", "--embed-res", "8"], "--plane-res"),
     (["--num-classes", "9"], "--num-classes"), (["--texture-agreement", "1.5"], "--texture-agreement"),
     (["--lr", "0"], "--lr"), (["--w-depth", "-1"], "--w-depth"), (["--weights", "/no/such.pth"], "--weights"),
     (["--eval-data", "nameless"], "--eval-data"), (["--eval-data", "a=/no/such/dir"], "--eval-data"),

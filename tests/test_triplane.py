@@ -533,3 +533,33 @@ def test_compile_matches_eager():
     compiled = torch.compile(render)(planes)
     for key in eager:
         assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-5)
+
+
+def test_generator_patch_grid_adds_each_patch_to_its_place_on_the_xy_plane():
+    """patch_grid (a CPU deviation, not the paper's Φ): with no attention blocks and an embedding grid the size
+    of the patch grid, plane 0 is norm(embedding + proj(patch)) at the patch's own row and column, planes 1, 2
+    do not see the patches."""
+    torch.manual_seed(0)
+    grid, dim = 3, 8
+    generator = TriplaneGenerator(input_dim=5, plane_channels=2, plane_resolution=grid, embed_resolution=grid,
+                                  dim=dim, num_heads=2, num_layers=0, patch_grid=grid).double()
+    tokens = torch.randn(2, 1 + grid * grid, 5, dtype=torch.float64)  # [class; patches row-major]
+    planes = generator(tokens)
+    conv = generator.upsample[-1]  # no upsampling: only the 1x1 projection to the plane channels
+    for b in range(2):
+        for k in range(3):
+            for row in range(grid):
+                for col in range(grid):
+                    x = generator.embeddings[k * grid * grid + row * grid + col]
+                    if k == 0:
+                        x = x + generator.patch_proj(tokens[b, 1 + row * grid + col])
+                    expected = conv.weight[:, :, 0, 0] @ generator.norm(x) + conv.bias
+                    assert_close(planes[b, k, :, row, col], expected, rtol=1e-10, atol=1e-12)
+    other = tokens.clone()
+    other[:, 1:] = torch.randn_like(other[:, 1:])
+    assert_close(generator(other)[:, 1:], planes[:, 1:])
+    assert not torch.allclose(generator(other)[:, 0], planes[:, 0])
+    with pytest.raises(ValueError, match="patch_grid"):
+        TriplaneGenerator(5, 2, 4, 4, 8, 2, 1, patch_grid=0)
+    with pytest.raises(ValueError, match="patch grid"):
+        generator(tokens[:, :4])
