@@ -373,7 +373,7 @@ class Pri3DNet(nn.Module):
         """images: (N, 3, H, W) in [0, 1] -> features (N, C, H/2, W/2), depth (N, 1, H, W) or None,
         voxel features: list of (V_i, 96) per chunk or None. Chunks run one by one (BatchNorm statistics
         per chunk; the official code batches them) and cache their kernel maps."""
-        features = self.backbone(normalize_image(images))
+        features = self.backbone(normalize_image(images, check=False))  # [0, 1] by construction: no per-step sync
         depth = None
         if self.depth_head is not None:
             depth = F.interpolate(self.depth_head(features), size=images.shape[-2:], mode="bilinear",
