@@ -4,8 +4,6 @@ Every case stored in each file is checked; tolerances are the README's (rtol 1e-
 gradients, exact equality on integer matches). Measured worst errors are noted next to each comparison.
 """
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,20 +12,13 @@ import torch
 from minimal3d.correspondences import pixel_correspondences, voxel_pixel_correspondences
 from minimal3d.point_info_nce import depth_loss, point_info_nce
 from refdata import load_reference
+from train_scripts import load_script
 
 RTOL, ATOL = 1e-9, 1e-12
 
 
 def close(actual, expected):
     torch.testing.assert_close(actual, torch.as_tensor(np.asarray(expected)), rtol=RTOL, atol=ATOL)
-
-
-def load_train_script():
-    path = Path(__file__).resolve().parents[1] / "train_pri3d.py"
-    spec = importlib.util.spec_from_file_location("train_pri3d", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cases(name):
@@ -111,7 +102,7 @@ def test_correspondences(ref, pair):
 
 def test_pipeline_view_and_geo():
     """Whole Pri3D.forward (View + Geo, identity backbones) with the recorded sampling draws."""
-    script = load_train_script()
+    script = load_script("train_pri3d")
     ref = load_reference("pri3d", "pipeline_pri3d.npz")
     leaves = {key: torch.tensor(ref[key], requires_grad=True) for key in
               ("fmap1", "fmap2", "feature3d1", "feature3d2", "w2d_weight", "w2d_bias", "w3d_weight", "w3d_bias")}

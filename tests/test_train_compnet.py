@@ -1,17 +1,14 @@
 """Smoke tests of train_compnet.py: main([...]) in process with --quick writes finite metrics, the claims
 table, previews and checkpoints; nonsensical flags are rejected before any work."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from train_scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("train_compnet", ROOT / "train_compnet.py")
-train_compnet = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(train_compnet)
+train_compnet = load_script("train_compnet")
 
 
 def finite_values(tree):

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,18 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minimal3d import probes
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_gaussian", ROOT / "train_gaussian.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from train_scripts import load_script
 
 
-script = load_script()
+script = load_script("train_gaussian")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_pri3d", ROOT / "train_pri3d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_run(tmp_path):
-    script = load_script()
+    script = load_script("train_pri3d")
     out = tmp_path / "run"
     metrics = script.main(["--quick", "--out", str(out), "--seed", "3"])
     written = json.loads((out / "metrics.json").read_text())
@@ -56,7 +49,7 @@ def test_imagenet_rows_and_finetune_only(tmp_path):
     """--weights adds 'ImageNet init' and 'Pri3D (from ImageNet)'; 'scratch' stays random init."""
     from minimal3d.resunet import ResUNet
 
-    script = load_script()
+    script = load_script("train_pri3d")
     encoder = ResUNet(18, 32).encoder.state_dict()
     weights = tmp_path / "resnet18.pth"
     torch.save({key: value + 0.01 for key, value in encoder.items()}, weights)  # torchvision key names
@@ -81,14 +74,14 @@ def test_imagenet_rows_and_finetune_only(tmp_path):
     (["--max-distance", "-0.02"], "--max-distance"), (["--batch-size", "0"], "--batch-size"),
 ])
 def test_nonsense_flags_are_refused_before_work(flags, message, capsys):
-    script = load_script()
+    script = load_script("train_pri3d")
     with pytest.raises(SystemExit) as info:
         script.parse_args(["--quick", *flags])
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_quick_never_overrides_explicit_flags():
-    script = load_script()
+    script = load_script("train_pri3d")
     args = script.parse_args(["--quick", "--steps", "7", "--rooms", "2", "--num-matches", "64"])
     assert (args.steps, args.rooms, args.num_matches, args.finetune_steps) == (7, 2, 64, 3)
     paper = script.parse_args([])
@@ -100,7 +93,7 @@ def test_quick_never_overrides_explicit_flags():
 
 
 def test_pairs_without_matches_are_skipped_and_counted():
-    script = load_script()
+    script = load_script("train_pri3d")
     torch.manual_seed(0)
     features1 = torch.randn(2, 8, 4, 5, requires_grad=True)
     features2 = torch.randn(2, 8, 4, 5)
@@ -125,7 +118,7 @@ def test_scannet_loader_round_trip(tmp_path):
     from minimal3d.correspondences import pixel_correspondences
     from minimal3d.synthetic import room_sequence
 
-    script = load_script()
+    script = load_script("train_pri3d")
     room = room_sequence(3, num_frames=3, height=48, width=64, step_degrees=4.0)
     scene = tmp_path / "scene0000_00"
     for folder in ("color", "depth", "pose", "intrinsic", "label"):

@@ -1,7 +1,6 @@
 """train_triplane.py: the --quick run in process (claims table, files), the evaluation helpers on tiny
 hand-made folders, the shape-bias definition, and flag rejection."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,18 +12,10 @@ from PIL import Image
 
 from minimal3d import runtime, synthetic, vit
 from minimal3d.probes import shape_bias
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_triplane", ROOT / "train_triplane.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from train_scripts import load_script
 
 
-script = load_script()
+script = load_script("train_triplane")
 
 
 def write_png(path: Path, value: float, size: int = 20) -> None:
