@@ -734,8 +734,19 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tu
 
     uv: (n, 3, 2) plane coordinates; first_row: (3,) the table row of texel (0, 0) of each of the
     point's planes. Returns rows (12, n) into the bordered table of ``_plane_table`` and weights (12, n)
-    (/ 3: the mean over the planes), corner-major. A coordinate beyond the plane (or NaN) is moved onto
-    the zero border, where it reads exactly 0, as grid_sample's zero padding does.
+    (/ 3: the mean over the planes), corner-major.
+    """
+    cells, weights = _bilinear_cells(uv, first_row, height, width)
+    corner_offsets = torch.tensor([0, 1, width + 2, width + 3], device=uv.device)  # (x, y): 00 10 01 11
+    return (cells + corner_offsets.view(4, 1, 1)).view(12, -1), weights
+
+
+def _bilinear_cells(uv: Tensor, first_row: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """The cell (its lower corner 00, a row of the bordered table) of each point on each plane, and the
+    weights / 3 of its 4 corners: cells (3, n), weights (12, n) corner-major (00 10 01 11, then plane).
+
+    A coordinate beyond the plane (or NaN) is moved onto the zero border, where it reads exactly 0, as
+    grid_sample's zero padding does.
     """
     size = uv.new_tensor([width, height]).view(2, 1, 1)
     uv = uv.permute(2, 1, 0).contiguous()  # (2 axes, 3, n): the points contiguous in every op below
@@ -743,15 +754,12 @@ def _bilinear_rows(uv: Tensor, first_row: Tensor, height: int, width: int) -> tu
     x = torch.minimum(torch.where(x > -1, x, -1.0), size)  # [-1, size]: the border texels -1 and size
     low = torch.minimum(x.floor(), size - 1)  # lower corner in [-1, size - 1]
     fraction = x - low  # in [0, 1]
-    padded_width = width + 2
     low = low.long()  # row arithmetic in int64: exact for any plane size and dtype
-    lower = low[0] + low[1] * padded_width + first_row.unsqueeze(1)  # (3, n)
-    corner_offsets = torch.tensor([0, 1, padded_width, padded_width + 1], device=uv.device)  # (x, y): 00 10 01 11
-    rows = lower + corner_offsets.view(4, 1, 1)  # (4, 3, n)
+    cells = low[0] + low[1] * (width + 2) + first_row.unsqueeze(1)  # (3, n)
     weight_x = torch.stack([1 - fraction[0], fraction[0]])  # (2, 3, n): lower and upper corner
     weight_y = torch.stack([1 - fraction[1], fraction[1]]) / 3
     weights = weight_y.unsqueeze(1) * weight_x  # (2 (y), 2 (x), 3, n)
-    return rows.view(12, -1), weights.view(12, -1)
+    return cells, weights.view(12, -1)
 
 
 def _lookup_blocks(uv: Tensor, height: int, width: int):
@@ -813,13 +821,13 @@ def _scatter_by_cells(grad_table: Tensor, grad_features: Tensor, uv: Tensor, hei
     padded_width = width + 2
     batch_rows = grad_table.shape[0] // uv.shape[0]  # the 3 bordered planes of one batch element
     corner_shifts = (0, 1, padded_width, padded_width + 1)  # (x, y) = 00 10 01 11, as in _bilinear_rows
+    first_row = torch.arange(3, device=uv.device) * (height + 2) * padded_width + padded_width + 1  # texel (0, 0)
     for batch_index in range(uv.shape[0]):
-        first_row = torch.arange(3) * (height + 2) * padded_width + padded_width + 1  # texel (0, 0) per plane
         grad_batch = grad_table[batch_index * batch_rows:(batch_index + 1) * batch_rows]
         for block in _row_blocks(uv.shape[1], uv.device, CPU_SCATTER_ROWS):
-            rows, weights = _bilinear_rows(uv[batch_index, block], first_row, height, width)  # recomputed
-            points = rows.shape[1]
-            cells = rows[:3].reshape(-1)  # (3 n,): corner 00 of each (plane, point), plane-major
+            cells, weights = _bilinear_cells(uv[batch_index, block], first_row, height, width)  # recomputed
+            points = cells.shape[1]
+            cells = cells.reshape(-1)  # (3 n,): the cell of each (plane, point), plane-major
             index_dtype = torch.int32 if batch_rows < 2**31 and 3 * points < 2**31 else torch.int64
             order = torch.argsort(cells.to(index_dtype), stable=True)  # int32 sorts in half the time; stable:
             cell_counts = torch.bincount(cells, minlength=batch_rows)  # the same sums in the same order
