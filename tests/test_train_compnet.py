@@ -71,6 +71,25 @@ def test_nothing_runs_at_import():
     assert not hasattr(train_compnet, "args")
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule(schedule):
+    """cosine: lr (1 + cos(pi t / T)) / 2 per step, from --lr at step 0 through lr/2 at T/2 towards 0;
+    constant: --lr at every step. Both models' optimizers read it the same way."""
+    cfg = train_compnet.parse_args(["--lr", "0.002", "--lr-schedule", schedule])
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    seen = []
+    for step in range(100):
+        train_compnet.schedule_lr(cfg, optimizer, step, 100)
+        seen.append(optimizer.param_groups[0]["lr"])
+    if schedule == "constant":
+        assert seen == [0.002] * 100
+    else:
+        expected = [0.002 * (1 + math.cos(math.pi * t / 100)) / 2 for t in range(100)]
+        assert seen == pytest.approx(expected) and seen[0] == 0.002 and seen[50] == pytest.approx(0.001)
+        assert all(a > b for a, b in zip(seen, seen[1:])) and 0 < seen[-1] < 1e-5
+    assert train_compnet.parse_args([]).lr_schedule == "cosine"
+
+
 def test_pose_bins_round_trip():
     angles = torch.tensor([0.1, 1.0, 3.0, 6.2])
     index = train_compnet.angle_to_bin(angles, 24, 0.0, 2 * math.pi, periodic=True)
