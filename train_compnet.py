@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lr-schedule", default="cosine", choices=["cosine", "constant"],
         help="cosine (default, CPU; the paper states none): the lr falls from --lr to 0 over the run, so the "
              "scratch backbone's last steps settle instead of ending on a noisy iterate that decides Eq. 7's "
-             "narrow class margins; constant: --lr throughout (NOVUM's code keeps one lr after its first epoch)")
+             "narrow class margins; constant: --lr throughout (NeMo's training script keeps one lr, 0.2 x its lr, after its first epoch)")
     add("--pose-bins", type=int, nargs=3, default=[24, 6, 4], metavar=("AZIMUTH", "ELEVATION", "THETA"),
         help="bins of the plain pose head over [0, 2pi), [-pi/6, pi/3], [-pi/6, pi/6] (15 degrees each)")
     add("--pose-steps", type=int, default=None, help="Adam refinement steps of render-and-compare (10; paper 30)")
