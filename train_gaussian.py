@@ -3,9 +3,11 @@
 Paper: Yuanwen Yue, Anurag Das, Francis Engelmann, Siyu Tang, Jan Eric Lenssen, "Improving 2D Feature
 Representations by 3D-Aware Fine-Tuning", ECCV 2024, arXiv:2407.20229. Official code: ywyue/FiT3D.
 
-Stage 0  (synthetic default): the original ViT is 2D-pretrained here on single images of other synthetic
-                             rooms (per-pixel class and log depth through linear heads), a stand-in for DINOv2;
-                             --weights loads the real DINOv2 instead, --original random skips it.
+Stage 0  (synthetic default): the original ViT is 2D-pretrained here on clean single images of other
+                             synthetic rooms (per-pixel class through a linear head; no depth supervision, as
+                             DINOv2 has none), a stand-in for DINOv2; --weights loads the real DINOv2 instead,
+                             --original random skips it. The lifted and probe rooms are "captured": per-frame
+                             exposure, white balance and sensor noise (--camera-jitter) that Stage 0 never saw.
 Stage I  (--stage lift):     lift the ViT's features of many views of each scene into feature Gaussians
                              (3DGS with a 64-channel feature per Gaussian and a 3x3 up-projection conv).
 Stage II (--stage finetune): fine-tune the ViT so its patch features match the rendered 3D-aware features.
@@ -13,7 +15,8 @@ Probes   (--stage probe):    the paper's linear probes on frozen features, origi
                              semantic segmentation (linear head on patch features, logits upsampled) and
                              depth (DINOv2 protocol: [CLS] concatenated, 256 bins, classification loss).
 The default run (synthetic rooms, a 2D-pretrained vit_tiny, a few minutes on 2 CPU cores) writes the claims
-table of metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on 8 held-out rooms,
+table of metrics.json: `miou` and `depth_rmse` of [original, fine-tuned] vs original on 8 held-out rooms (probe
+heads trained on 128 other rooms, 3 views each),
 plus the control [original, random ViT] and diagnostics (cross-view consistency of each feature set).
 Details, every choice the paper leaves open and every deviation (with its flag): docs/gaussian.md.
 
@@ -73,7 +76,7 @@ LIFT_ROOM_OFFSET, PRETRAIN_ROOM_OFFSET, PROBE_ROOM_OFFSET = 0, 200, 500
 PROFILES = {
     "num_scenes": (2, 1), "frames": (24, 6), "height": (84, 28), "width": (112, 42), "steps": (120, 12),
     "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (5, 1),
-    "probe_train_scenes": (16, 1), "probe_test_scenes": (8, 1), "probe_frames": (12, 3),
+    "probe_train_scenes": (128, 1), "probe_test_scenes": (8, 1), "probe_frames": (12, 3), "probe_train_frames": (3, 3),
     "probe_pixels": (150, 100), "control": (True, False),
     "pretrain_rooms": (32, 2), "pretrain_frames": (8, 4), "pretrain_steps": (300, 4),
 }
@@ -103,9 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None, help="views per lifted scene (24)")
     parser.add_argument("--height", type=int, default=None, help="image height (84; multiples of 14 avoid resizing)")
     parser.add_argument("--width", type=int, default=None, help="image width (112)")
-    parser.add_argument("--camera-jitter", type=float, default=0.0,
+    parser.add_argument("--camera-jitter", type=float, default=1.0,
                         help="strength of a per-frame exposure, white-balance and sensor-noise nuisance on the "
-                             "synthetic images (1.0; 0 = clean renders)")
+                             "synthetic images of the lifted and probe rooms (1.0, default: captures like ScanNet++; "
+                             "0 = clean renders)")
+    parser.add_argument("--pretrain-camera-jitter", type=float, default=0.0,
+                        help="the same nuisance on the Stage 0 images (0, default: the original never sees the "
+                             "capture's nuisance, as DINOv2 never saw ScanNet++'s camera)")
     parser.add_argument("--test-every", type=int, default=8, help="every n-th view is held out (3DGS llffhold)")
     parser.add_argument("--depth-scale", type=float, default=0.001, help="metres per depth-PNG unit (real data)")
     parser.add_argument("--label-map", default=None,
@@ -116,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="AdamW steps of the 2D pretraining (300)")
     parser.add_argument("--pretrain-batch", type=int, default=16, help="images per pretraining step")
     parser.add_argument("--pretrain-lr", type=float, default=1e-3, help="peak lr of the 2D pretraining")
+    parser.add_argument("--pretrain-task", choices=["semantic", "semantic+depth"], default="semantic",
+                        help="what Stage 0 supervises per pixel: the class only (default: like DINOv2, no depth "
+                             "supervision) or the class and the log depth")
     # Stage I (3DGS / FiT3D schedule, compressed to --steps)
     parser.add_argument("--steps", type=int, default=None, help="Stage I iterations per scene (120; paper 30000)")
     parser.add_argument("--max-points", type=int, default=None, help="initial Gaussians per scene (3000)")
@@ -153,10 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also probe [original, untrained random ViT]: what the doubled width alone gives "
                              "(default on; off with --quick)")
-    parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (16)")
+    parser.add_argument("--probe-train-scenes", type=int, default=None, help="synthetic rooms the probes train on (128: rooms, not views, are the independent samples; the "
+                             "[CLS] half of the depth head sees one sample per frame)")
     parser.add_argument("--probe-test-scenes", type=int, default=None,
                         help="other synthetic rooms they are tested on (8)")
-    parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe room (12)")
+    parser.add_argument("--probe-frames", type=int, default=None, help="frames per probe test room (12)")
+    parser.add_argument("--probe-train-frames", type=int, default=None,
+                        help="frames per probe-training room (3)")
     parser.add_argument("--probe-pixels", type=int, default=None,
                         help="training pixels per frame in the probes' loss (150)")
     args = parser.parse_args(argv)
@@ -165,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else normal)
     positive = ["pretrain_rooms", "pretrain_frames", "pretrain_steps", "pretrain_batch", "num_scenes", "frames", "steps", "max_points", "feature_dim", "batch_size", "epochs", "test_every",
-                "probe_train_scenes", "probe_test_scenes", "probe_frames", "probe_pixels"]
+                "probe_train_scenes", "probe_test_scenes", "probe_frames", "probe_train_frames", "probe_pixels"]
     for name in positive:
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -181,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_scenes > PRETRAIN_ROOM_OFFSET or args.pretrain_rooms > PROBE_ROOM_OFFSET - PRETRAIN_ROOM_OFFSET:
         parser.error(f"--num-scenes must be <= {PRETRAIN_ROOM_OFFSET} and --pretrain-rooms <= "
                      f"{PROBE_ROOM_OFFSET - PRETRAIN_ROOM_OFFSET} (synthetic room seeds of the stages must not overlap)")
+    if args.probe_train_scenes + args.probe_test_scenes > 1000 - PROBE_ROOM_OFFSET:
+        parser.error(f"--probe-train-scenes + --probe-test-scenes must be <= {1000 - PROBE_ROOM_OFFSET} (synthetic room "
+                     "seeds of one run must not reach the next seed's rooms)")
     for name in ("finetune_lr", "depth_scale", "pretrain_lr"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -188,7 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--probe-weight-decay must be >= 0, got {args.probe_weight_decay}")
     if args.feature_lr is not None and not args.feature_lr > 0:
         parser.error(f"--feature-lr must be > 0, got {args.feature_lr}")
-    for name in ("weight_decay", "grad_clip", "feature_init_std", "camera_jitter"):
+    for name in ("weight_decay", "grad_clip", "feature_init_std", "camera_jitter", "pretrain_camera_jitter"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("data", "weights", "label_map"):
@@ -440,7 +456,7 @@ def pretrain_original(backbone, cfg: argparse.Namespace, device: torch.device, s
     backbone whose features are semantic and geometric, learnt from images one at a time."""
     first = cfg.seed * 1000 + PRETRAIN_ROOM_OFFSET
     rooms = synthetic_scenes(range(first, first + cfg.pretrain_rooms), cfg.pretrain_frames, cfg.height, cfg.width,
-                             step_degrees=min(360.0 / cfg.pretrain_frames, 45.0), jitter=cfg.camera_jitter)
+                             step_degrees=min(360.0 / cfg.pretrain_frames, 45.0), jitter=cfg.pretrain_camera_jitter)
     images = torch.cat([room["images"] for room in rooms.values()])
     labels = torch.cat([room["labels"] for room in rooms.values()])
     log_depths = torch.cat([room["depths"] for room in rooms.values()]).clamp_min(1e-3).log()
@@ -459,7 +475,9 @@ def pretrain_original(backbone, cfg: argparse.Namespace, device: torch.device, s
         x, y, z = (torch.where(flip.view(-1, *[1] * (t.ndim - 1)), t[batch].flip(-1), t[batch])
                    for t in (images, labels, log_depths))
         outputs = upsample(heads(vit_features(backbone, x.to(device))), *x.shape[-2:])
-        loss = F.cross_entropy(outputs[:, :-1], y.to(device)) + (outputs[:, -1] - z.to(device)).abs().mean()
+        loss = F.cross_entropy(outputs[:, :-1], y.to(device))
+        if cfg.pretrain_task == "semantic+depth":
+            loss = loss + (outputs[:, -1] - z.to(device)).abs().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -859,6 +877,24 @@ def stacked(frames: list[tuple[dict, int]], key: str) -> Tensor | None:
     return torch.stack([scene[key][view] for scene, view in frames])
 
 
+def synthetic_probe_frames(cfg: argparse.Namespace) -> tuple[list, list]:
+    """(training frames, test frames) of the probes on synthetic rooms that no other stage sees.
+
+    The --probe-test-scenes test rooms come first, so the number of training rooms never changes the test
+    set; each test room gives --probe-frames views, each training room --probe-train-frames views, spread
+    around the room. Rooms, not views, are the independent samples of the probes' training set.
+    """
+    first_test = cfg.seed * 1000 + PROBE_ROOM_OFFSET
+    first_train = first_test + cfg.probe_test_scenes
+
+    def rooms(first: int, count: int, frames: int) -> list[tuple[dict, int]]:
+        scenes = synthetic_scenes(range(first, first + count), frames, cfg.height, cfg.width,
+                                  step_degrees=360.0 / max(frames, 8), jitter=cfg.camera_jitter)
+        return probe_frames(scenes, list(scenes), lambda name: range(frames))
+    return (rooms(first_train, cfg.probe_train_scenes, cfg.probe_train_frames),
+            rooms(first_test, cfg.probe_test_scenes, cfg.probe_frames))
+
+
 def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_classes: int,
                 cfg: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict, dict]:
     """Fit the probes on the training frames of each feature set, evaluate them on the test frames.
@@ -1082,15 +1118,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                   args.test_every)[1])
             num_classes = len(class_names)
         else:  # synthetic: probes train on some unseen rooms and are tested on other unseen rooms
-            first_probe = args.seed * 1000 + PROBE_ROOM_OFFSET
-            probe_scenes = synthetic_scenes(range(first_probe, first_probe + args.probe_train_scenes
-                                                  + args.probe_test_scenes), args.probe_frames, args.height,
-                                             args.width, step_degrees=360.0 / max(args.probe_frames, 8),
-                                             jitter=args.camera_jitter)
-            names = list(probe_scenes)
-            every = lambda n: range(args.probe_frames)  # noqa: E731
-            train_frames = probe_frames(probe_scenes, names[: args.probe_train_scenes], every)
-            test_frames = probe_frames(probe_scenes, names[args.probe_train_scenes :], every)
+            train_frames, test_frames = synthetic_probe_frames(args)
             num_classes = NUM_ROOM_CLASSES
         backbones = {"original": original, "fine-tuned": finetuned}
         if args.control:

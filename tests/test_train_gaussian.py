@@ -49,7 +49,11 @@ def test_quick_run_writes_claims_and_files(tmp_path):
                                          (["--weights", "missing.pth"], "--weights"),
                                          (["--probe-pixels", "0"], "--probe-pixels"),
                                          (["--grad-clip", "-1"], "--grad-clip"),
-                                         (["--assembly", "mean"], "--assembly")])
+                                         (["--assembly", "mean"], "--assembly"),
+                                         (["--probe-train-frames", "0"], "--probe-train-frames"),
+                                         (["--probe-train-scenes", "450", "--probe-test-scenes", "60"],
+                                          "--probe-train-scenes"),
+                                         (["--pretrain-task", "depth"], "--pretrain-task")])
 def test_nonsense_flags_are_rejected_before_work(flags, name, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         script.main(flags + ["--out", str(tmp_path / "never")])
@@ -84,6 +88,32 @@ def test_stage0_pretraining_changes_the_original_and_lowers_its_loss(tmp_path):
     assert report is None
     torch.manual_seed(args.seed)
     assert torch.equal(random_backbone.pos_embed, script.build_backbone(arch=args.arch).pos_embed)
+
+
+def test_stage0_semantic_task_leaves_depth_out_of_the_loss(tmp_path):
+    torch.set_num_threads(1)
+    first_losses = {}
+    for task in ("semantic", "semantic+depth"):
+        args = script.parse_args(["--quick", "--pretrain-steps", "1", "--pretrain-task", task, "--out", str(tmp_path)])
+        torch.manual_seed(0)
+        backbone = script.build_backbone(arch=args.arch)
+        first_losses[task] = script.pretrain_original(backbone, args, torch.device("cpu"), False)["loss_first"]
+    # same initial weights and batch: the difference is the L1 of the untrained log-depth output, > 0
+    assert first_losses["semantic+depth"] > first_losses["semantic"] + 1e-3
+
+
+def test_probe_test_rooms_do_not_depend_on_the_training_rooms():
+    def room_names(train_scenes: int) -> tuple[set, set]:
+        args = script.parse_args(["--quick", "--probe-train-scenes", str(train_scenes), "--probe-test-scenes", "2",
+                                  "--probe-frames", "2", "--probe-train-frames", "1"])
+        train, test = script.synthetic_probe_frames(args)
+        assert len(train) == train_scenes and len(test) == 4
+        ids = lambda frames: {id(scene) for scene, _ in frames}  # noqa: E731
+        assert not ids(train) & ids(test)
+        return ({float(scene["images"].sum()) for scene, _ in train}, {float(scene["images"].sum()) for scene, _ in test})
+    train_one, test_one = room_names(1)
+    train_three, test_three = room_names(3)
+    assert test_one == test_three and train_one < train_three and not train_three & test_three
 
 
 def test_cross_view_consistency_of_surface_features_and_of_noise():
