@@ -451,9 +451,10 @@ def control_backbone(original, seed: int, device: torch.device):
 
 def pretrain_original(backbone, cfg: argparse.Namespace, device: torch.device, show_progress: bool) -> dict:
     """Train the ViT in place, from single images of --pretrain-rooms synthetic rooms that no other stage
-    sees, to predict per pixel the semantic class and the log depth through linear heads on its patch
-    features (logits upsampled bilinearly); the heads are then dropped. A stand-in for DINOv2: a 2D
-    backbone whose features are semantic and geometric, learnt from images one at a time."""
+    sees (with --pretrain-camera-jitter), to predict per pixel the semantic class (and, with --pretrain-task
+    semantic+depth, the log depth) through linear heads on its patch features (logits upsampled bilinearly);
+    the heads are then dropped. A stand-in for DINOv2: a 2D backbone learnt from images one at a time,
+    without depth supervision by default."""
     first = cfg.seed * 1000 + PRETRAIN_ROOM_OFFSET
     rooms = synthetic_scenes(range(first, first + cfg.pretrain_rooms), cfg.pretrain_frames, cfg.height, cfg.width,
                              step_degrees=min(360.0 / cfg.pretrain_frames, 45.0), jitter=cfg.pretrain_camera_jitter)
