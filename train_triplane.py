@@ -7,8 +7,8 @@ L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e
 with f_teach a frozen copy of the starting backbone (the "2D teacher") and f(I) the backbone's output
 embedding. Only the backbone is kept. CPU deviations (flags restore the paper): Φ is first trained alone
 on the frozen teacher's h (--warmup-steps), the patch tokens also reach the camera-facing plane directly
-(--no-patch-skip), the depth error is measured in units of the training depth's spread (--depth-unit
-metre) and the backbone's lr is 1e-3 for a run of a few hundred steps (--lr 1e-4).
+(--no-patch-skip), and the depth error is measured in units of the training depth's spread (--depth-unit
+metre).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
 and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
@@ -112,9 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "alone (backbone frozen) before the 3D prior, so that Φ reads h before its gradient reaches "
                         "the backbone (paper: 0, Φ and backbone trained together from the start)")
     method.add_argument("--batch-size", type=int, help="paper 64; CPU default 8")
-    method.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the backbone (paper: 1e-4 "
-                        "over epochs of ImageNet; CPU deviation 1e-3: the CPU run has a few hundred steps, in which "
-                        "the backbone moves barely at 1e-4)")
+    method.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the backbone (paper)")
     method.add_argument("--decoder-lr", type=float, default=1e-3, help="Adam learning rate of Φ and the point "
                         "decoder (paper: 1e-4 like the backbone; 1e-3 because a CPU run has only a few hundred "
                         "steps in which Φ must learn to render)")
