@@ -4,15 +4,17 @@ CVPR Workshops 2024, arXiv:2406.02535 (no official code; the renderer follows EG
 A ViT f is fine-tuned so that its representation h can be decoded into a triplane (decoder Φ, §3.4), which,
 volume-rendered from ONE fixed camera, reconstructs the image and its (pseudo) depth (Eq. 5):
 L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e-3 L1(densities),
-with f_teach a frozen copy of the starting backbone (the "2D teacher"). Only the backbone is kept. CPU
-deviations (flags restore the paper): Φ is first trained alone on the frozen teacher's h (--warmup-steps),
-and the patch tokens also reach the camera-facing plane directly (--no-patch-skip).
+with f_teach a frozen copy of the starting backbone (the "2D teacher") and f(I) the backbone's output
+embedding. Only the backbone is kept. CPU deviations (flags restore the paper): Φ is first trained alone
+on the frozen teacher's h (--warmup-steps), the patch tokens also reach the camera-facing plane directly
+(--no-patch-skip), and the depth error is measured in units of the training depth's spread (--depth-unit
+metre).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
 and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
-the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
-the depth-probe RMSE of the 2D teacher (whether it does at this scale, over seeds, and why:
-docs/triplane.md). All decisions and deviations: docs/triplane.md.
+the paper's claims as a claims table in metrics.json: the 3D prior raises the shape bias and lowers
+the depth-probe RMSE of the 2D teacher (seed table and why: docs/triplane.md). All decisions and
+deviations: docs/triplane.md.
 
 Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: DIR/<class>/<name>.png
 (.jpg/.jpeg) with the pseudo depth beside each image as <name>.npy (float32 (H, W), camera z) or
@@ -57,10 +59,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 PROFILES = {
     "normal": dict(steps=300, warmup_steps=200, pretrain_steps=250, batch_size=8, pretrain_batch_size=32, image_size=56,
                    render_size=16, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
-                   importance=16, train_images=400, test_images=300, num_classes=5, depth_patch=4),
+                   importance=16, train_images=400, test_images=300, cue_conflict_images=1000, num_classes=5,
+                   depth_patch=4),
     "quick": dict(steps=3, warmup_steps=2, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
                   plane_res=8, plane_channels=8, embed_res=4, generator_dim=32, samples=8, importance=4,
-                  train_images=30, test_images=15, num_classes=3, depth_patch=2),
+                  train_images=30, test_images=15, cue_conflict_images=15, num_classes=3, depth_patch=2),
 }
 QUICK_VIT = {"embed_dim": 64, "depth": 4, "num_heads": 2}  # --quick without --weights: a tiny ViT
 
@@ -90,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--num-classes", type=int, help="synthetic classes (2-5: sphere, cube, cylinder, "
                       "dumbbell, cross)")
     data.add_argument("--train-images", type=int, help="synthetic training images")
-    data.add_argument("--test-images", type=int, help="synthetic images per test split (test, ood, cue-conflict)")
+    data.add_argument("--test-images", type=int, help="synthetic images per held-out class split (test, ood)")
+    data.add_argument("--cue-conflict-images", type=int, help="synthetic cue-conflict images; more than the other "
+                      "splits because the shape bias counts only the images classified as their shape or texture")
     data.add_argument("--texture-agreement", type=float, default=0.9,
                       help="synthetic train/test: probability that an object wears its own class's texture")
     model = parser.add_argument_group("backbone")
@@ -130,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--pseudo-depth", choices=("as-is", "per-image"), default="as-is",
                         help="as-is: pseudo depth is camera z in the renderer's units (paper); per-image: each "
                         f"image's min/max mapped into z in {MAPPED_DEPTH_RANGE} (for depth of unknown scale)")
+    method.add_argument("--depth-unit", choices=("metre", "spread"), default="spread",
+                        help="unit of the depth error in Eq. 5: metre (paper: real scenes, depth spread of metres) or "
+                        "spread (CPU deviation), the standard deviation of the training set's pseudo depth, so that "
+                        "the depth term keeps the paper's size against the distillation in a 1-m miniature scene")
     method.add_argument("--density-reduction", choices=("mean", "sum"), default="mean",
                         help="L_norm as the mean |density| over all samples (default) or the sum the paper writes "
                         "(weight 1e-3 on the sum = 1e-3 * B * R * (S + N) on the mean); see docs/triplane.md")
@@ -137,9 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--w-depth", type=float, default=1.0, help="Eq. 5")
     method.add_argument("--w-distill", type=float, default=1.0, help="Eq. 5")
     method.add_argument("--w-density", type=float, default=1e-3, help="Eq. 5")
-    method.add_argument("--distill-target", choices=("h", "output"), default="h",
-                        help="what ||f(I) - f_teach(I)||^2 compares (paper: f(I), not specified further): h, every "
-                        "token of the last 4 layers; output, the last layer's normalised class token")
+    method.add_argument("--distill-target", choices=("h", "output"), default="output",
+                        help="what ||f(I) - f_teach(I)||^2 compares (paper: f(I), the backbone's output, not "
+                        "specified further): output, the last layer's normalised class token (DINOv2's output "
+                        "embedding); h, every token of the last 4 layers (the decoder's input)")
     method.add_argument("--no-triplane", action="store_true", help="ablation: a conv decoder predicts image and "
                         "depth directly from h (no triplane, no rendering)")
     method.add_argument("--no-distill", action="store_true", help="ablation: no distillation to the teacher")
@@ -164,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     positive = ("steps", "batch_size", "pretrain_batch_size", "image_size", "render_size", "plane_res",
                 "plane_channels", "embed_res", "generator_dim", "generator_layers", "train_images", "test_images",
-                "depth_patch")
+                "cue_conflict_images", "depth_patch")
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -339,7 +349,9 @@ def read_depth_folder(root: Path, size: int) -> dict[str, dict]:
 def load_data(args: argparse.Namespace) -> dict:
     """Training split, probe splits and evaluation sets, all at the generation size (ViT input + 1/7)."""
     size = args.image_size + args.image_size // 7  # a bit larger than the ViT input: room for random crops
-    generate = lambda split: synthetic_split(split, args.train_images if split == "train" else args.test_images,  # noqa: E731
+    counts = {"train": args.train_images, "test": args.test_images, "ood": args.test_images,
+              "cue_conflict": args.cue_conflict_images}
+    generate = lambda split: synthetic_split(split, counts[split],  # noqa: E731
                                              size, args.num_classes, args.seed, args.texture_agreement)
     if args.data:
         full, classes = read_class_folder(Path(args.data), size, with_depth=True)
@@ -498,11 +510,23 @@ def map_pseudo_depth(depth: Tensor) -> Tensor:
     return MAPPED_DEPTH_RANGE[0] + (MAPPED_DEPTH_RANGE[1] - MAPPED_DEPTH_RANGE[0]) * unit
 
 
+def depth_spread(depth: Tensor, cfg: argparse.Namespace) -> float:
+    """--depth-unit spread: the standard deviation (m) of the training set's pseudo depth (B, S, S) over
+    pixels with depth, as the loss sees it (after --pseudo-depth per-image mapping)."""
+    if cfg.pseudo_depth == "per-image":
+        depth = torch.where(depth > 0, map_pseudo_depth(depth), depth)
+    valid = depth[depth > 0]
+    if valid.numel() < 2:
+        raise ValueError("--depth-unit spread needs training images with pseudo depth, found none")
+    return float(valid.std())
+
+
 def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, images: Tensor, depth: Tensor,
-           cfg: argparse.Namespace, train_backbone: bool = True) -> tuple[Tensor, dict, dict]:
+           cfg: argparse.Namespace, train_backbone: bool = True, depth_unit: float = 1.0) -> tuple[Tensor, dict, dict]:
     """Eq. 5 on augmented images (B, 3, S, S) and their pseudo depth (B, S, S): total, the terms (tensors)
     and the render. student: a ``Representation`` (maybe DDP-wrapped); teacher: frozen backbone or None;
-    ``train_backbone=False`` (the warm-up of Φ): h is computed without gradient."""
+    ``train_backbone=False`` (the warm-up of Φ): h is computed without gradient; ``depth_unit``: metres per
+    unit of the depth term (1: metres)."""
     with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
         tokens = student(images)
     out = prior(tokens)
@@ -513,7 +537,8 @@ def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, imag
         target_z = map_pseudo_depth(target_z)
     terms = {"image": F.mse_loss(out["rgb"], target_rgb)}
     weight = (out["opacity"].detach() if cfg.depth_weighting == "opacity" else 1.0) * (target_z > 0)  # rays the model leaves empty, pixels without depth
-    terms["depth"] = (weight * (out["depth_z"] - target_z).square()).sum() / weight.sum().clamp_min(1e-6)
+    error = (out["depth_z"] - target_z) / depth_unit
+    terms["depth"] = (weight * error.square()).sum() / weight.sum().clamp_min(1e-6)
     if teacher is not None:
         with torch.no_grad():
             teacher_tokens = representation(teacher, images)
@@ -531,7 +556,7 @@ def losses(prior: nn.Module, student: nn.Module, teacher: nn.Module | None, imag
 
 
 def warm_up_decoder(prior: nn.Module, student: nn.Module, train: dict, cfg: argparse.Namespace,
-                    dist: runtime.Dist) -> None:
+                    dist: runtime.Dist, depth_unit: float = 1.0) -> None:
     """CPU deviation (--warmup-steps, paper: none): Φ and the point decoder alone learn to render the training
     images from the frozen backbone's h (Eq. 5; the distillation is zero while the backbone is the teacher),
     Adam at --decoder-lr. prior, student: as in the training loop (maybe DDP-wrapped)."""
@@ -542,7 +567,7 @@ def warm_up_decoder(prior: nn.Module, student: nn.Module, train: dict, cfg: argp
         index = torch.randint(0, len(images), (cfg.batch_size,))
         batch, batch_depth = augment(images[index], depth[index], cfg.image_size)
         total, _, _ = losses(prior, student, None, batch.to(dist.device), batch_depth.to(dist.device), cfg,
-                             train_backbone=False)
+                             train_backbone=False, depth_unit=depth_unit)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.clip_grad > 0:
@@ -767,10 +792,12 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(resume["optimizer"])
         start_step = int(resume["step"])
 
+    depth_unit = depth_spread(data["train"]["depth"], args) if args.depth_unit == "spread" else 1.0
+    metrics["depth_unit_metres"] = depth_unit
     preview = data["class_sets"]["test"]
     metrics["decoder_reads_h"] = {}
     if resume is None and args.warmup_steps > 0:
-        warm_up_decoder(prior_ddp, student_ddp, data["train"], args, dist)
+        warm_up_decoder(prior_ddp, student_ddp, data["train"], args, dist, depth_unit)
         if dist.is_main and "depth" in preview:
             metrics["decoder_reads_h"]["after_warmup"] = render_conditioning(prior, student, preview, args, device)
             log("Φ after warm-up, held-out depth RMSE of each render / of the mean render: "
@@ -783,7 +810,7 @@ def main(argv: list[str] | None = None) -> dict:
         index = torch.randint(0, len(images), (args.batch_size,))
         batch, batch_depth = augment(images[index], depth[index], args.image_size)
         total, terms, out = losses(prior_ddp, student_ddp, distill_teacher, batch.to(device),
-                                   batch_depth.to(device), args)
+                                   batch_depth.to(device), args, depth_unit=depth_unit)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if args.clip_grad > 0:

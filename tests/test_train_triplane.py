@@ -46,6 +46,7 @@ def test_quick_run_writes_claims_metrics_and_files(tmp_path, capsys):
         assert 0 <= values["accuracy_test"] <= 1 and 0 <= values["shape_bias"] <= 1 and values["depth_rmse"] > 0
     assert written["eval"]["2D teacher"]["shape_bias"] == claims["shape_bias"]["baseline"]["value"]
     assert {"image", "depth", "distill", "density"} <= set(written["train_losses_last"])
+    assert 0 < written["depth_unit_metres"] < 1  # the default depth unit: the training depth's spread (m)
     for stage in ("after_warmup", "after_3d_prior"):  # does Φ read h: each image's render vs the mean render
         assert all(math.isfinite(v) and v > 0 for v in written["decoder_reads_h"][stage].values())
     assert written["config"]["steps"] == 3 and written["config"]["seed"] == 3
@@ -70,6 +71,30 @@ def test_from_scratch_uses_only_image_and_depth_losses(tmp_path):
     assert set(metrics["train_losses_last"]) == {"total", "image", "depth", "opacity"}  # opacity: a diagnostic
 
 
+def test_depth_term_in_units_of_the_depth_spread():
+    torch.manual_seed(0)
+    depth = 2.5 + 0.3 * torch.rand(3, 8, 8)
+    depth[0, :2] = 0.0  # no depth: left out of the spread
+    cfg = script.parse_args(["--quick"])
+    valid = depth[depth > 0].double()
+    expected = math.sqrt(((valid - valid.mean()) ** 2).sum().item() / (len(valid) - 1))
+    assert script.depth_spread(depth, cfg) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="depth-unit"):
+        script.depth_spread(torch.zeros(2, 4, 4), cfg)
+    # the depth term in spread units is the metre MSE over pixels with depth divided by spread^2
+    cfg = script.parse_args(["--quick", "--render-size", "8", "--image-size", "28"])
+    torch.manual_seed(1)
+    prior = script.Prior3D(4 * 64, 2, 8, 8, 8, 4, 32, 1, True, 8, 4, use_triplane=False)
+    student = script.Representation(vit.build_backbone(None, "vit_tiny", **script.QUICK_VIT))
+    images = torch.rand(2, 3, 28, 28)
+    depth = 2.4 + 0.5 * torch.rand(2, 28, 28)
+    with torch.no_grad():
+        _, metres, out = script.losses(prior, student, None, images, depth, cfg)
+        _, spread, _ = script.losses(prior, student, None, images, depth, cfg, depth_unit=0.25)
+    assert metres["depth"].item() == pytest.approx((out["depth_z"] - out["target_z"]).square().mean().item(), rel=1e-5)
+    assert spread["depth"].item() == pytest.approx(metres["depth"].item() / 0.25 ** 2, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Flags
 # ---------------------------------------------------------------------------------------------------
@@ -83,6 +108,7 @@ def test_from_scratch_uses_only_image_and_depth_losses(tmp_path):
     (["--lr", "0"], "--lr"), (["--w-depth", "-1"], "--w-depth"), (["--weights", "/no/such.pth"], "--weights"),
     (["--eval-data", "nameless"], "--eval-data"), (["--eval-data", "a=/no/such/dir"], "--eval-data"),
     (["--data", "/no/such/dir"], "--data"), (["--decoder-lr", "-1"], "--decoder-lr"),
+    (["--cue-conflict-images", "0"], "--cue-conflict-images"), (["--depth-unit", "inch"], "--depth-unit"),
     (["--clip-grad", "-1"], "--clip-grad"), (["--depth-weighting", "alpha"], "--depth-weighting"), (["--samples", "2"], "--samples"), (["--chunk-rays", "0"], "--chunk-rays"),
 ])
 def test_nonsense_flags_are_rejected_before_work(argv, flag, capsys):
