@@ -12,8 +12,8 @@ metre).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
 and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
-the paper's claims as a claims table in metrics.json: the 3D prior raises the shape bias and lowers
-the depth-probe RMSE of the 2D teacher (seed table and why: docs/triplane.md). All decisions and
+the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
+the depth-probe RMSE of the 2D teacher (how far it does over seeds, and why: docs/triplane.md). All decisions and
 deviations: docs/triplane.md.
 
 Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: DIR/<class>/<name>.png
