@@ -55,12 +55,14 @@ from minimal3d import resunet, runtime, vit
 from minimal3d.cameras import intrinsics, pose_from_angles, project, rotation_error
 from minimal3d.neural_mesh import (Mesh, cuboid_mesh, cuboid_ranges, estimate_pose, inside_image, rasterize,
                                    vertex_visibility)
-from minimal3d.synthetic import IMAGENET_C, OCCLUSION_LEVELS, class_cuboid, imagenet_c, object_sample, paste_occluders
+from minimal3d.synthetic import (IMAGENET_C, OCCLUSION_LEVELS, class_cuboid, imagenet_c, object_cutouts, object_sample,
+                                 paste_occluders)
 from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classification_scores, confusion_weights,
                                     grouped_vmf_contrast, pairwise_confusion)
 
 MODELS = ("grouped", "full", "plain")
 POSE_THRESHOLDS = {"pi6": math.pi / 6, "pi18": math.pi / 18}
+OCCLUDER_OBJECTS = 64  # rendered objects of unknown pool classes whose cut-outs are the occluders (--occluders objects)
 QUICK = dict(num_classes=3, num_heldout=1, train_per_class=6, calib_per_class=2, test_per_class=3, image_size=48,
              epochs=2, width=8, dim=16, vertices=40, num_background=64, pose_steps=2, pose_images=2,
              timing_classes=6, timing_vertices=40, timing_repeats=1, batch_size=6)
@@ -139,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pose-images", type=int, default=None,
         help="images per split whose pose is estimated by render-and-compare (24 on CPU, paying for the larger "
              "training set; 0 = all, as the paper)")
+    add("--occluders", default="objects", choices=["objects", "patterns"],
+        help="what the occlusion splits paste: objects (default, the paper's OccludedPASCAL3D+ protocol, which "
+             "pastes segmented MS-COCO objects): cut-outs of 64 rendered objects of pool classes that are neither "
+             "known nor held out; patterns: textured rectangles (stripes, checkers, blobs)")
     add("--severity", type=int, default=4, help="ImageNet-C severity of the corruption splits (paper 4)")
     add("--timing-classes", type=int, default=None, help="Y of the loss_seconds timing (paper's 50)")
     add("--timing-vertices", type=int, default=None, help="K of the loss_seconds timing (paper's 500)")
@@ -311,11 +317,20 @@ def with_cuboid_masks(samples: list[dict], meshes: list[Mesh], size: int) -> dic
     return stack_samples(samples)
 
 
-def occluded_split(split: dict, level: int, seed: int) -> dict:
-    """OccludedPASCAL3D+-style level L1-L3: textured occluders over the object and background (fixed seed)."""
+def occluder_cutouts(num_known: int, image_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """OCCLUDER_OBJECTS segmented objects of the pool classes 2 Y, 2 Y + 1, ... (never a known class 2k < 2 Y nor
+    a held-out partner 2k + 1 < 2 Y), rendered at twice the image size so that large occluders stay sharp."""
+    classes = list(range(2 * num_known, 2 * num_known + OCCLUDER_OBJECTS))
+    return object_cutouts(classes, size=min(2 * image_size, 512), seed=seed)
+
+
+def occluded_split(split: dict, level: int, seed: int, cutouts: list | None = None) -> dict:
+    """OccludedPASCAL3D+-style level L1-L3: occluders (object cut-outs, or textured rectangles when `cutouts` is
+    None) over about 10/30/50 % of the object and 30/50/70 % of the background (fixed seed)."""
     generator = torch.Generator().manual_seed(seed * 100 + level)
     object_fraction, background_fraction = OCCLUSION_LEVELS[level]
-    images = torch.stack([paste_occluders(image, mask, object_fraction, background_fraction, generator)[0]
+    images = torch.stack([paste_occluders(image, mask, object_fraction, background_fraction, generator,
+                                          cutouts=cutouts)[0]
                           for image, mask in zip(split["images"], split["object_mask"])])
     return {**split, "images": images}
 
@@ -767,8 +782,10 @@ def load_data(cfg: argparse.Namespace) -> tuple[dict, dict, dict, dict | None, l
             unknown = with_cuboid_masks(samples, held_meshes, cfg.image_size)
             unknown["labels"] = torch.full_like(unknown["labels"], len(names))
     tests = {"iid": iid}
+    num_known = cfg.num_classes if cfg.data is None else len(names)
+    cutouts = occluder_cutouts(num_known, cfg.image_size, cfg.seed) if cfg.occluders == "objects" else None
     for level in OCCLUSION_LEVELS:
-        tests[f"occlusion_L{level}"] = occluded_split(iid, level, cfg.seed)
+        tests[f"occlusion_L{level}"] = occluded_split(iid, level, cfg.seed, cutouts)
     for corruption in IMAGENET_C:
         tests[corruption] = corrupted_split(iid, corruption, cfg.severity, cfg.seed)
     return train, calib, tests, unknown, meshes, names

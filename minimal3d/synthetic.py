@@ -1105,13 +1105,54 @@ def occluder_texture(height: int, width: int, generator: torch.Generator | None 
     return colours[0] * mix + colours[1] * (1 - mix)
 
 
+def object_cutouts(classes: list[int], size: int = 96, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """Segmented objects to paste as occluders: one render of each pool class in ``classes``
+    (``object_sample`` with ``class_textures=True``, num_classes = MAX_OBJECT_CLASSES, its own random pose,
+    size x size), cropped to the bounding box of its object mask. These are the synthetic analogue of the
+    MS-COCO object cut-outs of OccludedPASCAL3D+: whole objects of categories the classifier does not know.
+    Returns [(image (3, h, w), mask (h, w) bool)], one per class, h and w the extent of the mask.
+    """
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise ValueError(f"classes must be a non-empty list of pool class indices, got {classes!r}")
+    for c in classes:
+        _check_object_class(MAX_OBJECT_CLASSES, c)
+    _check_size(size, size)
+    cutouts = []
+    for c in classes:
+        sample = object_sample(c, num_classes=MAX_OBJECT_CLASSES, split="test", height=size, width=size, seed=seed,
+                               class_textures=True)
+        mask = sample["amodal_mask"]
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        a, b, c0, d = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        cutouts.append((sample["image"][:, a:b, c0:d].clone(), mask[a:b, c0:d].clone()))
+    return cutouts
+
+
+def _check_cutouts(cutouts) -> None:
+    if not isinstance(cutouts, (list, tuple)) or not cutouts:
+        raise ValueError("cutouts must be None or a non-empty list of (image (3, h, w), mask (h, w)) pairs")
+    for k, pair in enumerate(cutouts):
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)
+        if not ok or pair[0].ndim != 3 or pair[0].shape[0] != 3 or pair[1].shape != pair[0].shape[1:]:
+            raise ValueError(f"cutouts[{k}] must be (image (3, h, w), mask (h, w)), got "
+                             f"{[tuple(getattr(t, 'shape', ())) for t in pair] if isinstance(pair, (list, tuple)) else pair!r}")
+        if not pair[1].bool().any():
+            raise ValueError(f"cutouts[{k}] has an empty mask")
+
+
 def paste_occluders(image: Tensor, object_mask: Tensor, object_fraction: float, background_fraction: float,
-                    generator: torch.Generator | None = None, max_occluders: int = 12) -> tuple[Tensor, Tensor]:
-    """Paste textured rectangles on image (3, H, W) until about `object_fraction` of `object_mask` (H, W)
-    and `background_fraction` of the rest are covered (OccludedPASCAL3D+ L1-L3: 10/30/50 % of the object
-    and 30/50/70 % of the background). Greedy: each occluder is the rectangle, among 16 centres on
-    uncovered pixels x 32 sizes (scored at once with summed-area tables), that minimises
-    2 |object coverage - target| + |background coverage - target|. Returns (image, occluder_mask (H, W)).
+                    generator: torch.Generator | None = None, max_occluders: int = 12,
+                    cutouts: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+    """Paste occluders on image (3, H, W) until about `object_fraction` of `object_mask` (H, W) and
+    `background_fraction` of the rest are covered (OccludedPASCAL3D+ L1-L3: 10/30/50 % of the object and
+    30/50/70 % of the background). Occluders are textured rectangles (``occluder_texture``; default) or, with
+    ``cutouts`` [(image (3, h, w), mask (h, w))], segmented objects (OccludedPASCAL3D+ pastes MS-COCO object
+    cut-outs; ``object_cutouts`` renders synthetic ones): each occluder is a random cut-out, scaled at its
+    own aspect ratio, pasted where its mask is set. Greedy: each occluder is the rectangle, among 16 centres
+    on uncovered pixels x 32 sizes (scored at once with summed-area tables; a cut-out is counted as covering
+    its mask's fraction of the rectangle), that minimises 2 |object coverage - target| + |background
+    coverage - target|; a cut-out whose actual coverage brings the cost no lower ends the loop.
+    Returns (image, occluder_mask (H, W)).
     """
     if image.ndim != 3 or image.shape[0] != 3 or object_mask.shape != image.shape[1:]:
         raise ValueError(f"image must be (3, H, W) and object_mask (H, W), got {tuple(image.shape)}, "
@@ -1119,11 +1160,17 @@ def paste_occluders(image: Tensor, object_mask: Tensor, object_fraction: float, 
     for name, value in (("object_fraction", object_fraction), ("background_fraction", background_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if cutouts is not None:
+        _check_cutouts(cutouts)
     height, width = object_mask.shape
     inside = object_mask.bool().cpu()
     regions = (inside, ~inside)
     counts = [max(int(r.sum()), 1) for r in regions]
     targets, weights = (object_fraction, background_fraction), (2.0, 1.0)
+
+    def cost_of(covered: Tensor) -> float:
+        return sum(w * abs(float((covered & r).sum()) / n - t) for r, n, t, w in zip(regions, counts, targets, weights))
+
     covered = torch.zeros(height, width, dtype=torch.bool)
     image = image.clone()
     sizes = torch.linspace(2.0, float(max(height, width)), 32, dtype=torch.float64)
@@ -1135,23 +1182,53 @@ def paste_occluders(image: Tensor, object_mask: Tensor, object_fraction: float, 
         pick = torch.randint(len(rows), (16,), generator=generator)
         cv, cu = rows[pick].double()[:, None] + 0.5, cols[pick].double()[:, None] + 0.5  # (16, 1)
         aspect = torch.exp(torch.rand(16, 1, generator=generator, dtype=torch.float64) * 1.4 - 0.7).sqrt()
-        u0 = (cu - sizes * aspect / 2).round().clamp(0, width).long()  # (16, 32)
-        u1 = (cu + sizes * aspect / 2).round().clamp(0, width).long()
-        v0 = (cv - sizes / aspect / 2).round().clamp(0, height).long()
-        v1 = (cv + sizes / aspect / 2).round().clamp(0, height).long()
+        fill = 1.0
+        if cutouts is not None:  # the drawn cut-out keeps its own aspect ratio w / h
+            cut_image, cut_mask = cutouts[int(torch.randint(len(cutouts), (1,), generator=generator))]
+            cut_mask = cut_mask.bool().cpu()
+            aspect = torch.full((16, 1), math.sqrt(cut_mask.shape[1] / cut_mask.shape[0]), dtype=torch.float64)
+            fill = float(cut_mask.float().mean())
+        u0_free, u1_free = (cu - sizes * aspect / 2).round().long(), (cu + sizes * aspect / 2).round().long()
+        v0_free, v1_free = (cv - sizes / aspect / 2).round().long(), (cv + sizes / aspect / 2).round().long()
+        u0, u1 = u0_free.clamp(0, width), u1_free.clamp(0, width)  # (16, 32)
+        v0, v1 = v0_free.clamp(0, height), v1_free.clamp(0, height)
         cost = torch.zeros(16, 32, dtype=torch.float64)
         for region, n, target, weight in zip(regions, counts, targets, weights):
             table = F.pad((region & ~covered).double().cumsum(0).cumsum(1), (1, 0, 1, 0))
-            new = table[v1, u1] - table[v0, u1] - table[v1, u0] + table[v0, u0]
+            new = fill * (table[v1, u1] - table[v0, u1] - table[v1, u0] + table[v0, u0])
             cost = cost + weight * (float((covered & region).sum()) / n + new / n - target).abs()
-        best = int(cost.argmin())
-        if float(cost.flatten()[best]) >= current - 1e-9:  # no rectangle brings both coverages closer
+        if cutouts is None:
+            best = int(cost.argmin())
+            if float(cost.flatten()[best]) >= current - 1e-9:  # no rectangle brings both coverages closer
+                break
+            current = float(cost.flatten()[best])
+            a, b = int(v0.flatten()[best]), int(v1.flatten()[best])
+            c, d = int(u0.flatten()[best]), int(u1.flatten()[best])
+            image[:, a:b, c:d] = occluder_texture(b - a, d - c, generator).to(image)
+            covered[a:b, c:d] = True
+            continue
+        best_trial = None  # the 16 best estimates are re-scored with the cut-out's actual mask
+        for index in cost.flatten().argsort()[:16].tolist():
+            a, b = int(v0.flatten()[index]), int(v1.flatten()[index])
+            c, d = int(u0.flatten()[index]), int(u1.flatten()[index])
+            if b <= a or d <= c:
+                continue
+            top, left = int(v0_free.flatten()[index]), int(u0_free.flatten()[index])
+            full = (max(1, int(v1_free.flatten()[index]) - top), max(1, int(u1_free.flatten()[index]) - left))
+            scaled_mask = F.interpolate(cut_mask[None, None].float(), size=full, mode="bilinear",
+                                        align_corners=False)[0, 0] > 0.5
+            window = (slice(a - top, b - top), slice(c - left, d - left))
+            trial = covered.clone()
+            trial[a:b, c:d] |= scaled_mask[window]
+            trial_cost = cost_of(trial)
+            if best_trial is None or trial_cost < best_trial[0]:
+                best_trial = (trial_cost, trial, (a, b, c, d), full, window, scaled_mask[window])
+        if best_trial is None or best_trial[0] >= current - 1e-9:  # no placement brings the coverages closer
             break
-        current = float(cost.flatten()[best])
-        a, b = int(v0.flatten()[best]), int(v1.flatten()[best])
-        c, d = int(u0.flatten()[best]), int(u1.flatten()[best])
-        image[:, a:b, c:d] = occluder_texture(b - a, d - c, generator).to(image)
-        covered[a:b, c:d] = True
+        current, covered, (a, b, c, d), full, window, paste = best_trial
+        scaled = F.interpolate(cut_image[None].float(), size=full, mode="bilinear", align_corners=False)[0]
+        image[:, a:b, c:d] = torch.where(paste.to(image.device), scaled[(slice(None),) + window].to(image),
+                                         image[:, a:b, c:d])
     return image, covered.to(object_mask.device)
 
 

@@ -722,6 +722,16 @@ CASES += [
         torch.rand(3, 8, 8), torch.ones(8, 8, dtype=torch.bool), 1.5, 0.3), ValueError, "object_fraction"),
     Case("paste_occluders mask shape", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).paste_occluders(
         torch.rand(3, 8, 8), torch.ones(4, 8, dtype=torch.bool), 0.1, 0.3), ValueError, "object_mask"),
+    Case("paste_occluders cutout shape", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).paste_occluders(
+        torch.rand(3, 8, 8), torch.ones(8, 8, dtype=torch.bool), 0.1, 0.3,
+        cutouts=[(torch.rand(3, 4, 4), torch.ones(4, 5, dtype=torch.bool))]), ValueError, "cutouts"),
+    Case("paste_occluders empty cutout", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).paste_occluders(
+        torch.rand(3, 8, 8), torch.ones(8, 8, dtype=torch.bool), 0.1, 0.3,
+        cutouts=[(torch.rand(3, 4, 4), torch.zeros(4, 4, dtype=torch.bool))]), ValueError, "empty mask"),
+    Case("object_cutouts no classes", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).object_cutouts([]),
+         ValueError, "classes"),
+    Case("object_cutouts class range", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).object_cutouts(
+        [5000]), ValueError, "class_index"),
 ]
 
 

@@ -111,6 +111,40 @@ def test_occluders_cover_the_requested_fractions():
         assert torch.equal(occluded[:, ~covered], image[:, ~covered])  # only occluder pixels change
 
 
+def test_object_cutouts_are_the_rendered_objects_cropped_to_their_masks():
+    from minimal3d.synthetic import MAX_OBJECT_CLASSES, object_cutouts, object_sample
+
+    cutouts = object_cutouts([12, 13], size=48, seed=3)
+    for c, (image, mask) in zip((12, 13), cutouts):
+        sample = object_sample(c, num_classes=MAX_OBJECT_CLASSES, split="test", height=48, width=48, seed=3,
+                               class_textures=True)
+        rows = sample["amodal_mask"].any(1).nonzero()[:, 0]
+        cols = sample["amodal_mask"].any(0).nonzero()[:, 0]
+        window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        assert torch.equal(mask, sample["amodal_mask"][window])
+        assert torch.equal(image, sample["image"][(slice(None),) + window])
+        assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()  # tight box
+
+
+def test_object_occluders_cover_the_requested_fractions_with_the_cutout_pixels():
+    from minimal3d.synthetic import OCCLUSION_LEVELS, paste_occluders
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 64, 64, generator=generator) * 0.5
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[16:48, 20:44] = True
+    v, u = torch.meshgrid(torch.linspace(-1, 1, 20), torch.linspace(-1, 1, 30), indexing="ij")
+    disc = u ** 2 + v ** 2 <= 1  # a 20 x 30 ellipse: the cut-out fills about 79 % of its box
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 20, 30).clone()
+    for object_fraction, background_fraction in OCCLUSION_LEVELS.values():
+        occluded, covered = paste_occluders(image, mask, object_fraction, background_fraction, generator,
+                                            cutouts=[(red, disc)])
+        assert abs(float(covered[mask].float().mean()) - object_fraction) < 0.08
+        assert abs(float(covered[~mask].float().mean()) - background_fraction) < 0.08
+        assert torch.equal(occluded[:, ~covered], image[:, ~covered])  # only occluder pixels change
+        torch.testing.assert_close(occluded[:, covered], red[:, :1, :1].reshape(3, 1).expand(3, int(covered.sum())))
+
+
 def test_imagenet_c_brightness_is_exact_and_all_stay_in_range():
     from minimal3d.synthetic import IMAGENET_C, imagenet_c
 
