@@ -62,6 +62,7 @@ from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classifi
 
 MODELS = ("grouped", "full", "plain")
 POSE_THRESHOLDS = {"pi6": math.pi / 6, "pi18": math.pi / 18}
+CLUTTER_CLASSES = list(range(500, 1000))  # pool classes of the clutter objects (--clutter objects)
 OCCLUDER_OBJECTS = 64  # rendered objects of unknown pool classes whose cut-outs are the occluders (--occluders objects)
 QUICK = dict(num_classes=3, num_heldout=1, train_per_class=6, calib_per_class=2, test_per_class=3, image_size=48,
              epochs=2, width=8, dim=16, vertices=40, num_background=64, pose_steps=2, pose_images=2,
@@ -145,6 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what the occlusion splits paste: objects (default, the paper's OccludedPASCAL3D+ protocol, which "
              "pastes segmented MS-COCO objects): cut-outs of 64 rendered objects of pool classes that are neither "
              "known nor held out; patterns: textured rectangles (stripes, checkers, blobs)")
+    add("--clutter", default="objects", choices=["objects", "primitives"],
+        help="what stands behind the synthetic objects: objects (default) of 500 other pool classes, as real "
+             "photographs show other objects behind the one annotated, so that the background bank of Eq. 7 "
+             "holds features of object parts; primitives: single textured boxes, spheres, cylinders")
     add("--severity", type=int, default=4, help="ImageNet-C severity of the corruption splits (paper 4)")
     add("--timing-classes", type=int, default=None, help="Y of the loss_seconds timing (paper's 50)")
     add("--timing-vertices", type=int, default=None, help="K of the loss_seconds timing (paper's 500)")
@@ -191,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--weights: no such file {args.weights}")
     if args.data is not None and not Path(args.data).is_dir():
         parser.error(f"--data: no such directory {args.data}")
+    if args.data is None and 2 * args.num_classes + OCCLUDER_OBJECTS > CLUTTER_CLASSES[0]:
+        parser.error(f"--num-classes must be <= {(CLUTTER_CLASSES[0] - OCCLUDER_OBJECTS) // 2} with synthetic data "
+                     f"(known, held-out and occluder classes lie below the clutter classes), got {args.num_classes}")
     if args.data is None and args.num_heldout > args.num_classes:
         parser.error(f"--num-heldout ({args.num_heldout}) must not exceed --num-classes ({args.num_classes})")
     if args.backbone == "vit":  # patch grid: the image side must be a multiple of 14
@@ -217,13 +225,14 @@ def subset(split: dict, index) -> dict:
     return {key: value[index] for key, value in split.items()}
 
 
-def synthetic_split(split: str, classes: list[int], per_class: int, image_size: int, seed: int) -> dict:
+def synthetic_split(split: str, classes: list[int], per_class: int, image_size: int, seed: int,
+                    clutter_classes: list[int] | None = None) -> dict:
     """Rendered object images (`synthetic.object_sample`); class c of the pool keeps its label c here."""
     samples = []
     for c in classes:
         for i in range(per_class):
             s = object_sample(i * 1000 + c, num_classes=1000, split=split, height=image_size, width=image_size,
-                              seed=seed, class_textures=True)
+                              seed=seed, class_textures=True, clutter_classes=clutter_classes)
             s["object_mask"] = s["amodal_mask"]
             samples.append(s)
     return stack_samples(samples)
@@ -750,14 +759,16 @@ def load_data(cfg: argparse.Namespace) -> tuple[dict, dict, dict, dict | None, l
     if cfg.data is None:
         known, heldout = synthetic_classes(cfg.num_classes, cfg.num_heldout)
         names = [f"class{c}" for c in known]
-        train = synthetic_split("train", known, cfg.train_per_class, cfg.image_size, cfg.seed)
-        calib = synthetic_split("calib", known, cfg.calib_per_class, cfg.image_size, cfg.seed)
-        iid = synthetic_split("test", known, cfg.test_per_class, cfg.image_size, cfg.seed)
+        clutter = CLUTTER_CLASSES if cfg.clutter == "objects" else None
+        train = synthetic_split("train", known, cfg.train_per_class, cfg.image_size, cfg.seed, clutter)
+        calib = synthetic_split("calib", known, cfg.calib_per_class, cfg.image_size, cfg.seed, clutter)
+        iid = synthetic_split("test", known, cfg.test_per_class, cfg.image_size, cfg.seed, clutter)
         relabel = torch.full((max(known + heldout) + 1,), -1, dtype=torch.long)
         relabel[torch.tensor(known)] = torch.arange(len(known))
         for split in (train, calib, iid):
             split["labels"] = relabel[split["labels"]]
-        unknown = synthetic_split("test", heldout, cfg.test_per_class, cfg.image_size, cfg.seed) if heldout else None
+        unknown = (synthetic_split("test", heldout, cfg.test_per_class, cfg.image_size, cfg.seed, clutter)
+                   if heldout else None)
         if unknown is not None:
             unknown["labels"] = torch.full_like(unknown["labels"], len(known))  # outside the known classes
         meshes = synthetic_meshes(known, cfg.vertices)

@@ -1302,7 +1302,8 @@ def imagenet_c(image: Tensor, corruption: str, severity: int = 4, generator: tor
 
 def object_sample(index: int, num_classes: int = 10, split: str = "train", occlusion: int = 0,
                   corruption: str | None = None, severity: int = 2, height: int = 128, width: int = 128,
-                  seed: int = 0, class_textures: bool = False) -> dict[str, Tensor]:
+                  seed: int = 0, class_textures: bool = False,
+                  clutter_classes: list[int] | None = None) -> dict[str, Tensor]:
     """One object-centric image of class ``index % num_classes`` at a random ImageNet3D-like pose.
 
     Pose prior: azimuth U[0, 2 pi), elevation U[-pi/6, pi/3], theta U[-pi/6, pi/6], distance
@@ -1316,6 +1317,9 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
     (default) or, with ``class_textures=True``, fixed per class and part up to a per-image colour jitter
     (``_class_part_texture``: every instance of a class shows the same parts where the same vertices are,
     as real categories do).
+    The clutter behind the object is 3-5 textured primitives (default) or, with ``clutter_classes``, 3-5
+    objects of pool classes drawn from that list (their parts and class textures at their class size, a
+    random yaw): backgrounds full of other objects, as real photographs have.
     Returns image (3, H, W), depth (H, W), mask (H, W) bool visible object pixels, amodal_mask (H, W)
     bool, occluder_mask (H, W) bool, occlusion_fraction (), label () int64, azimuth, elevation, theta,
     distance (), viewmat (4, 4), K (3, 3), cuboid (3,) full extents (``class_cuboid``).
@@ -1331,6 +1335,11 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
         raise ValueError(f"corruption must be None or one of {CORRUPTIONS}, got {corruption!r}")
     if severity not in (1, 2, 3):
         raise ValueError(f"severity must be 1, 2 or 3, got {severity!r}")
+    if clutter_classes is not None:
+        if not isinstance(clutter_classes, (list, tuple)) or not clutter_classes:
+            raise ValueError(f"clutter_classes must be None or a non-empty list of pool classes, got {clutter_classes!r}")
+        for c in clutter_classes:
+            _check_object_class(MAX_OBJECT_CLASSES, c)
     label = index % num_classes
     rng = _Random("object", seed, split, index)
     azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(-math.pi / 6, math.pi / 3)
@@ -1354,8 +1363,21 @@ def object_sample(index: int, num_classes: int = 10, split: str = "train", occlu
         sideways, vertical = rng.uniform(-0.45, 0.45), rng.uniform(-0.45, 0.45)
         direction = F.normalize(axes[2] + sideways * axes[0] + vertical * axes[1], dim=0)
         center = eye + direction * (distance + rng.uniform(3.5, 8.0))
-        builder.add(rng.choice(_SHAPES), center, [rng.uniform(0.3, 1.2) for _ in range(3)],
-                    _random_texture(rng, frequency=(0.5, 3.0)), instance=2 + k, yaw=rng.uniform(0, 2 * math.pi))
+        shape, size = rng.choice(_SHAPES), [rng.uniform(0.3, 1.2) for _ in range(3)]
+        texture, yaw = _random_texture(rng, frequency=(0.5, 3.0)), rng.uniform(0, 2 * math.pi)
+        if clutter_classes is None:
+            builder.add(shape, center, size, texture, instance=2 + k, yaw=yaw)
+            continue
+        # an object in place of the primitive; its class and colours come from their own stream, so the
+        # pose, room and light of the image stay those of the primitives' version
+        other_rng = _Random("object-clutter", seed, split, index, k)
+        other = clutter_classes[other_rng.integer(len(clutter_classes))]
+        _, other_parts, other_hue = _object_class(other)
+        turn = torch.tensor(_yaw_rotation(yaw), dtype=torch.float64)
+        for part, (kind, part_center, half_size) in enumerate(other_parts):
+            offset = turn @ torch.tensor(part_center, dtype=torch.float64)
+            builder.add(kind, (center + offset).tolist(), half_size,
+                        _class_part_texture(other, part, other_hue, other_rng), instance=2 + k, yaw=yaw)
     light = (rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(0.3, 1.5))
     render = render_scene(builder.build(), viewmat, K, width, height, light_direction=light)
     image, depth = render["image"], render["depth"]

@@ -728,6 +728,10 @@ CASES += [
     Case("paste_occluders empty cutout", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).paste_occluders(
         torch.rand(3, 8, 8), torch.ones(8, 8, dtype=torch.bool), 0.1, 0.3,
         cutouts=[(torch.rand(3, 4, 4), torch.zeros(4, 4, dtype=torch.bool))]), ValueError, "empty mask"),
+    Case("object_sample clutter classes", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).object_sample(
+        0, height=16, width=16, clutter_classes=[]), ValueError, "clutter_classes"),
+    Case("object_sample clutter class range", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).object_sample(
+        0, height=16, width=16, clutter_classes=[-1]), ValueError, "class_index"),
     Case("object_cutouts no classes", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).object_cutouts([]),
          ValueError, "classes"),
     Case("object_cutouts class range", lambda: __import__("minimal3d.synthetic", fromlist=["x"]).object_cutouts(

@@ -126,6 +126,22 @@ def test_object_cutouts_are_the_rendered_objects_cropped_to_their_masks():
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()  # tight box
 
 
+def test_clutter_objects_change_only_the_background():
+    from minimal3d.synthetic import MAX_OBJECT_CLASSES, object_sample
+
+    options = dict(num_classes=MAX_OBJECT_CLASSES, split="train", height=48, width=48, seed=2, class_textures=True)
+    changed = 0
+    for index in (4, 1006, 2008):
+        plain = object_sample(index, **options)
+        cluttered = object_sample(index, clutter_classes=[700, 701], **options)
+        for key in ("amodal_mask", "viewmat", "K", "azimuth", "elevation", "theta", "distance"):
+            assert torch.equal(plain[key], cluttered[key])
+        mask = plain["amodal_mask"]
+        assert torch.equal(plain["image"][:, mask], cluttered["image"][:, mask])  # the object is in front
+        changed += int((plain["image"][:, ~mask] != cluttered["image"][:, ~mask]).any())
+    assert changed >= 2  # the clutter objects are seen behind most objects
+
+
 def test_object_occluders_cover_the_requested_fractions_with_the_cutout_pixels():
     from minimal3d.synthetic import OCCLUSION_LEVELS, paste_occluders
 
