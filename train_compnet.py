@@ -10,9 +10,10 @@ as its full-contrast baseline. Trains three models on the same images, same back
            cross-entropy.
 Inference as in the paper: class y_hat = argmax_y S_y (Eq. 7); pose by render-and-compare with the mesh of
 y_hat (Eq. 8); classes held out of training get the pose of the known class with the lowest Eq. 8 loss.
-Splits: IID, occlusion L1-L3 (pasted occluders over about 10/30/50 % of the object and 30/50/70 % of the
-background) and ImageNet-C brightness/fog/frost/snow at level 4; with --data the same splits are generated
-from the test images with a fixed seed. The default run (synthetic textured objects, no download) writes the
+Splits: IID, occlusion L1-L3 (segmented objects of classes never trained on pasted over about 10/30/50 % of
+the object and 30/50/70 % of the background, as OccludedPASCAL3D+ pastes MS-COCO objects; --occluders patterns:
+textured rectangles) and ImageNet-C brightness/fog/frost/snow at level 4; with --data the same splits are
+generated from the test images with a fixed seed. The default run (synthetic textured objects, no download) writes the
 claims table: occluded_accuracy (3D-CompNets > plain head), iid_accuracy (grouped as good as full, within
 5 points) and loss_seconds (grouped loss faster than full at Y=50, K=500, N=32, D=128, B=8).
 
@@ -146,10 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what the occlusion splits paste: objects (default, the paper's OccludedPASCAL3D+ protocol, which "
              "pastes segmented MS-COCO objects): cut-outs of 64 rendered objects of pool classes that are neither "
              "known nor held out; patterns: textured rectangles (stripes, checkers, blobs)")
-    add("--clutter", default="objects", choices=["objects", "primitives"],
-        help="what stands behind the synthetic objects: objects (default) of 500 other pool classes, as real "
-             "photographs show other objects behind the one annotated, so that the background bank of Eq. 7 "
-             "holds features of object parts; primitives: single textured boxes, spheres, cylinders")
+    add("--clutter", default="primitives", choices=["primitives", "objects"],
+        help="what stands behind the synthetic objects: primitives (default): 3-5 single textured boxes, spheres, "
+             "cylinders; objects: 3-5 objects of the pool classes 500-999, as real photographs show other objects "
+             "behind the annotated one (did not widen the occlusion margin over design seeds, docs/compnet.md)")
     add("--severity", type=int, default=4, help="ImageNet-C severity of the corruption splits (paper 4)")
     add("--timing-classes", type=int, default=None, help="Y of the loss_seconds timing (paper's 50)")
     add("--timing-vertices", type=int, default=None, help="K of the loss_seconds timing (paper's 500)")
