@@ -17,7 +17,7 @@ generated from the test images with a fixed seed. The default run (synthetic tex
 claims table: occluded_accuracy (3D-CompNets > plain head), iid_accuracy (grouped as good as full, within
 5 points) and loss_seconds (grouped loss faster than full at Y=50, K=500, N=32, D=128, B=8).
 
-    python train_compnet.py                       # synthetic classes, about 4.6 CPU-minutes (user + sys, 1 thread)
+    python train_compnet.py                       # synthetic classes, about 4.8 CPU-minutes (user + sys, 1 thread)
     python train_compnet.py --quick --out /tmp/x  # smoke run (seconds)
     python train_compnet.py --data DIR --dataset imagenet3d|pascal3d --classes car bus ... --backbone resunet50
     torchrun --nproc_per_node=2 train_compnet.py  # DDP (memory bank averaged over ranks after each update)
