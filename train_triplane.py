@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--test-images", type=int, help="synthetic images per held-out class split (test, ood)")
     data.add_argument("--cue-conflict-images", type=int, help="synthetic cue-conflict images; more than the other "
                       "splits because the shape bias counts only the images classified as their shape or texture")
+    data.add_argument("--prior-images", choices=("train", "untied"), help="images of the 3D-prior stage (Φ "
+                      "warm-up and Eq. 5; no labels are used): train, the labelled training split (default); untied "
+                      "(synthetic world only), as many unlabelled images of the same world whose texture is drawn "
+                      "independently of the shape, so that depth cannot be read off the texture")
     data.add_argument("--texture-agreement", type=float, default=0.9,
                       help="synthetic train/test: probability that an object wears its own class's texture")
     model = parser.add_argument_group("backbone")
@@ -190,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--plane-res must be --embed-res * 2^k, got {args.plane_res} and {args.embed_res}")
     if not 2 <= args.num_classes <= len(synthetic.SHAPE_TEXTURE_CLASSES):
         parser.error(f"--num-classes must be in [2, {len(synthetic.SHAPE_TEXTURE_CLASSES)}], got {args.num_classes}")
+    if args.prior_images is None:
+        args.prior_images = "train"
+    elif args.prior_images == "untied" and args.data:
+        parser.error("--prior-images untied needs the synthetic world (no --data): a folder has only its train split")
     if not 0.0 <= args.texture_agreement <= 1.0:
         parser.error(f"--texture-agreement must be in [0, 1], got {args.texture_agreement}")
     for name in ("lr", "decoder_lr"):
@@ -350,7 +358,7 @@ def load_data(args: argparse.Namespace) -> dict:
     """Training split, probe splits and evaluation sets, all at the generation size (ViT input + 1/7)."""
     size = args.image_size + args.image_size // 7  # a bit larger than the ViT input: room for random crops
     counts = {"train": args.train_images, "test": args.test_images, "ood": args.test_images,
-              "cue_conflict": args.cue_conflict_images}
+              "cue_conflict": args.cue_conflict_images, "untied": args.train_images}
     generate = lambda split: synthetic_split(split, counts[split],  # noqa: E731
                                              size, args.num_classes, args.seed, args.texture_agreement)
     if args.data:
@@ -364,6 +372,7 @@ def load_data(args: argparse.Namespace) -> dict:
         data = {"train": generate("train"), "class_sets": {"test": generate("test"), "ood": generate("ood")}}
         data["cue_conflict"] = generate("cue_conflict")
         data["depth"] = {"train": data["train"], "test": data["class_sets"]["test"]}
+    data["prior"] = generate("untied") if args.prior_images == "untied" else data["train"]
     data["classes"] = classes
     for name, folder in parse_eval_data(args.eval_data).items():
         data["class_sets"][name], _ = read_class_folder(folder, size, classes)
@@ -669,6 +678,20 @@ def patch_depth_targets(depth: Tensor, grid: int, per_patch: int) -> Tensor:
     return rearrange(small, "n (gy py) (gx px) -> n (gy gx) (py px)", gy=grid, gx=grid)
 
 
+def cue_decodability(features: Tensor, labels: Tensor, num_classes: int) -> float:
+    """How linearly decodable ``labels`` (N,) are from ``features`` (N, C) of cue-conflict images, where shape
+    and texture are not tied: two-fold cross-validated accuracy of a linear classifier (even / odd images).
+    Unlike the shape bias it does not depend on which cue a probe trained on the texture-tied training split
+    chooses: it measures what the representation carries."""
+    halves = torch.arange(len(labels)) % 2
+    correct = 0
+    for fold in (0, 1):
+        fit, held = halves != fold, halves == fold
+        classifier = fit_linear_classifier(features[fit], labels[fit], num_classes)
+        correct += int((classifier(features[held]).argmax(1).cpu() == labels[held]).sum())
+    return correct / len(labels)
+
+
 def evaluate(backbones: dict[str, nn.Module], data: dict, cfg: argparse.Namespace,
              device: torch.device) -> dict[str, dict]:
     """Per backbone: accuracy on each class set, shape bias on the cue-conflict set, depth-probe RMSE/AbsRel.
@@ -690,6 +713,8 @@ def evaluate(backbones: dict[str, nn.Module], data: dict, cfg: argparse.Namespac
             x, _ = probe_features(backbone, split["images"], cfg.image_size, device)
             bias = shape_bias(classifier(x).argmax(1).cpu(), split["labels"], split["texture_labels"])
             metrics.update({k: bias[k] for k in ("shape_bias", "shape_fraction", "texture_fraction")})
+            metrics["cue_shape_decodability"] = cue_decodability(x, split["labels"], len(data["classes"]))
+            metrics["cue_texture_decodability"] = cue_decodability(x, split["texture_labels"], len(data["classes"]))
         if "depth" in data:
             _, train_patches = probe_features(backbone, data["depth"]["train"]["images"], cfg.image_size, device)
             targets = patch_depth_targets(data["depth"]["train"]["depth"], grid, cfg.depth_patch)
@@ -792,18 +817,18 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(resume["optimizer"])
         start_step = int(resume["step"])
 
-    depth_unit = depth_spread(data["train"]["depth"], args) if args.depth_unit == "spread" else 1.0
+    depth_unit = depth_spread(data["prior"]["depth"], args) if args.depth_unit == "spread" else 1.0
     metrics["depth_unit_metres"] = depth_unit
     preview = data["class_sets"]["test"]
     metrics["decoder_reads_h"] = {}
     if resume is None and args.warmup_steps > 0:
-        warm_up_decoder(prior_ddp, student_ddp, data["train"], args, dist, depth_unit)
+        warm_up_decoder(prior_ddp, student_ddp, data["prior"], args, dist, depth_unit)
         if dist.is_main and "depth" in preview:
             metrics["decoder_reads_h"]["after_warmup"] = render_conditioning(prior, student, preview, args, device)
             log("Φ after warm-up, held-out depth RMSE of each render / of the mean render: "
                 "{render_depth_rmse:.4f} / {mean_render_depth_rmse:.4f} m".format(**metrics["decoder_reads_h"]["after_warmup"]))
 
-    images, depth = data["train"]["images"], data["train"]["depth"]
+    images, depth = data["prior"]["images"], data["prior"]["depth"]
     history = []
     progress = tqdm(range(start_step, args.steps), desc="3D prior", disable=not dist.is_main)
     for step in progress:
