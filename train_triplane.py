@@ -7,14 +7,17 @@ L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e
 with f_teach a frozen copy of the starting backbone (the "2D teacher") and f(I) the backbone's output
 embedding. Only the backbone is kept. CPU deviations (flags restore the paper): Φ is first trained alone
 on the frozen teacher's h (--warmup-steps), the patch tokens also reach the camera-facing plane directly
-(--no-patch-skip), and the depth error is measured in units of the training depth's spread (--depth-unit
-metre).
+(--no-patch-skip), the depth error is measured in units of the training depth's spread (--depth-unit
+metre), and in the synthetic world the 3D prior sees unlabelled images whose texture is untied from the
+shape (--prior-images train).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
 and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
 the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
-the depth-probe RMSE of the 2D teacher (how far it does over seeds, and why: docs/triplane.md). All decisions and
-deviations: docs/triplane.md.
+the depth-probe RMSE of the 2D teacher (how far it does over seeds, and why: docs/triplane.md); metrics.json
+also has, per backbone, how linearly decodable the shape and the texture class are on the cue-conflict
+images (what the features carry, whichever cue the probe picks). All decisions and deviations:
+docs/triplane.md.
 
 Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: DIR/<class>/<name>.png
 (.jpg/.jpeg) with the pseudo depth beside each image as <name>.npy (float32 (H, W), camera z) or
@@ -59,7 +62,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 PROFILES = {
     "normal": dict(steps=300, warmup_steps=200, pretrain_steps=250, batch_size=8, pretrain_batch_size=32, image_size=56,
                    render_size=16, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
-                   importance=16, train_images=400, test_images=300, cue_conflict_images=1000, num_classes=5,
+                   importance=16, train_images=2000, test_images=300, cue_conflict_images=1000, num_classes=5,
                    depth_patch=4),
     "quick": dict(steps=3, warmup_steps=2, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
                   plane_res=8, plane_channels=8, embed_res=4, generator_dim=32, samples=8, importance=4,
@@ -92,14 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "the synthetic world's true depth")
     data.add_argument("--num-classes", type=int, help="synthetic classes (2-5: sphere, cube, cylinder, "
                       "dumbbell, cross)")
-    data.add_argument("--train-images", type=int, help="synthetic training images")
+    data.add_argument("--train-images", type=int, help="synthetic training images (2D teacher, probes; and the "
+                      "number of --prior-images untied): 2000, five times the 384 probe features of vit_tiny, "
+                      "so that the linear probes are fitted with more images than dimensions, as on ImageNet")
     data.add_argument("--test-images", type=int, help="synthetic images per held-out class split (test, ood)")
     data.add_argument("--cue-conflict-images", type=int, help="synthetic cue-conflict images; more than the other "
                       "splits because the shape bias counts only the images classified as their shape or texture")
     data.add_argument("--prior-images", choices=("train", "untied"), help="images of the 3D-prior stage (Φ "
-                      "warm-up and Eq. 5; no labels are used): train, the labelled training split (default); untied "
-                      "(synthetic world only), as many unlabelled images of the same world whose texture is drawn "
-                      "independently of the shape, so that depth cannot be read off the texture")
+                      "warm-up and Eq. 5; no labels are used): train, the labelled training split (paper; the default "
+                      "with --data); untied (synthetic default, CPU deviation), as many unlabelled images of the same "
+                      "world whose texture is drawn independently of the shape: in the miniature a class fixes its "
+                      "depth map up to pose, so on texture-tied images depth can be read off the texture")
     data.add_argument("--texture-agreement", type=float, default=0.9,
                       help="synthetic train/test: probability that an object wears its own class's texture")
     model = parser.add_argument_group("backbone")
@@ -195,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 2 <= args.num_classes <= len(synthetic.SHAPE_TEXTURE_CLASSES):
         parser.error(f"--num-classes must be in [2, {len(synthetic.SHAPE_TEXTURE_CLASSES)}], got {args.num_classes}")
     if args.prior_images is None:
-        args.prior_images = "train"
+        args.prior_images = "train" if args.data else "untied"
     elif args.prior_images == "untied" and args.data:
         parser.error("--prior-images untied needs the synthetic world (no --data): a folder has only its train split")
     if not 0.0 <= args.texture_agreement <= 1.0:

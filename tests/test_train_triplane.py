@@ -216,7 +216,7 @@ def test_synthetic_world_splits():
 
 
 def test_prior_images_default_and_data_folder(tmp_path):
-    assert script.parse_args([]).prior_images == "train"
+    assert script.parse_args([]).prior_images == "untied"  # synthetic: unlabelled images with untied texture
     assert script.parse_args(["--data", str(tmp_path)]).prior_images == "train"  # a folder has its train split
     with pytest.raises(SystemExit):
         script.parse_args(["--data", str(tmp_path), "--prior-images", "untied"])
