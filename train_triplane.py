@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"image's min/max mapped into z in {MAPPED_DEPTH_RANGE} (for depth of unknown scale)")
     method.add_argument("--depth-unit", choices=("metre", "spread"), default="spread",
                         help="unit of the depth error in Eq. 5: metre (paper: real scenes, depth spread of metres) or "
-                        "spread (CPU deviation), the standard deviation of the training set's pseudo depth, so that "
+                        "spread (CPU deviation), the standard deviation of the 3D prior's pseudo depth, so that "
                         "the depth term keeps the paper's size against the distillation in a 1-m miniature scene")
     method.add_argument("--density-reduction", choices=("mean", "sum"), default="mean",
                         help="L_norm as the mean |density| over all samples (default) or the sum the paper writes "
