@@ -12,7 +12,7 @@ metre), and in the synthetic world the 3D prior sees unlabelled images whose tex
 shape (--prior-images train).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
-and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
+and a linear depth probe. The default run (synthetic shape-texture world, about 4.5 CPU minutes) writes
 the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
 the depth-probe RMSE of the 2D teacher (how far it does over seeds, and why: docs/triplane.md); metrics.json
 also has, per backbone, how linearly decodable the shape and the texture class are on the cue-conflict
@@ -26,7 +26,7 @@ Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: 
 2D (cross-entropy) on the training images, and that is the 2D teacher. Evaluation folders:
 --eval-data NAME=DIR (class folders), --cue-conflict DIR, --depth-data DIR (see --help).
 
-    python train_triplane.py                       # synthetic miniature, about 4 CPU minutes
+    python train_triplane.py                       # synthetic miniature, about 4.5 CPU minutes
     python train_triplane.py --quick --out /tmp/t  # seconds (smoke test)
     python train_triplane.py --weights dinov2_vits14_pretrain.pth --data IMAGENET_DIR --image-size 224 \\
         --render-size 256 --plane-res 128 --batch-size 64 --steps 20000 --device cuda \\

@@ -42,7 +42,8 @@ def test_quick_run_writes_claims_metrics_and_files(tmp_path, capsys):
         assert math.isfinite(row["baseline"]["value"]) and math.isfinite(row["method"]["value"])
     for backbone in ("2D teacher", "3D prior"):
         values = written["eval"][backbone]
-        assert {"accuracy_test", "accuracy_ood", "shape_bias", "depth_rmse", "depth_absrel"} <= set(values)
+        assert {"accuracy_test", "accuracy_ood", "shape_bias", "depth_rmse", "depth_absrel", "cue_shape_decodability",
+                "cue_texture_decodability"} <= set(values)
         assert all(math.isfinite(v) for v in values.values())
         assert 0 <= values["accuracy_test"] <= 1 and 0 <= values["shape_bias"] <= 1 and values["depth_rmse"] > 0
     assert written["eval"]["2D teacher"]["shape_bias"] == claims["shape_bias"]["baseline"]["value"]
