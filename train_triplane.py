@@ -7,14 +7,17 @@ L = 0.1 MSE(image) + 1 MSE(depth, pseudo depth) + 1 ||f(I) - f_teach(I)||^2 + 1e
 with f_teach a frozen copy of the starting backbone (the "2D teacher") and f(I) the backbone's output
 embedding. Only the backbone is kept. CPU deviations (flags restore the paper): Φ is first trained alone
 on the frozen teacher's h (--warmup-steps), the patch tokens also reach the camera-facing plane directly
-(--no-patch-skip), and the depth error is measured in units of the training depth's spread (--depth-unit
-metre).
+(--no-patch-skip), the depth error is measured in units of the training depth's spread (--depth-unit
+metre), and in the synthetic world the 3D prior sees unlabelled images whose texture is untied from the
+shape (--prior-images train).
 Then both backbones are evaluated side by side with frozen linear probes, as in §4: accuracy (in
 distribution and on out-of-distribution sets), shape bias on cue-conflict images (Geirhos et al. 2019)
-and a linear depth probe. The default run (synthetic shape-texture world, about 4 CPU minutes) writes
+and a linear depth probe. The default run (synthetic shape-texture world, about 4.5 CPU minutes) writes
 the paper's claims as a claims table in metrics.json: the 3D prior should raise the shape bias and lower
-the depth-probe RMSE of the 2D teacher (how far it does over seeds, and why: docs/triplane.md). All decisions and
-deviations: docs/triplane.md.
+the depth-probe RMSE of the 2D teacher (how far it does over seeds, and why: docs/triplane.md); metrics.json
+also has, per backbone, how linearly decodable the shape and the texture class are on the cue-conflict
+images (what the features carry, whichever cue the probe picks). All decisions and deviations:
+docs/triplane.md.
 
 Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: DIR/<class>/<name>.png
 (.jpg/.jpeg) with the pseudo depth beside each image as <name>.npy (float32 (H, W), camera z) or
@@ -23,7 +26,7 @@ Data (default synthetic: minimal3d.synthetic.shape_texture_sample). --data DIR: 
 2D (cross-entropy) on the training images, and that is the 2D teacher. Evaluation folders:
 --eval-data NAME=DIR (class folders), --cue-conflict DIR, --depth-data DIR (see --help).
 
-    python train_triplane.py                       # synthetic miniature, about 4 CPU minutes
+    python train_triplane.py                       # synthetic miniature, about 4.5 CPU minutes
     python train_triplane.py --quick --out /tmp/t  # seconds (smoke test)
     python train_triplane.py --weights dinov2_vits14_pretrain.pth --data IMAGENET_DIR --image-size 224 \\
         --render-size 256 --plane-res 128 --batch-size 64 --steps 20000 --device cuda \\
@@ -59,7 +62,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 PROFILES = {
     "normal": dict(steps=300, warmup_steps=200, pretrain_steps=250, batch_size=8, pretrain_batch_size=32, image_size=56,
                    render_size=16, plane_res=32, plane_channels=16, embed_res=8, generator_dim=96, samples=16,
-                   importance=16, train_images=400, test_images=300, cue_conflict_images=1000, num_classes=5,
+                   importance=16, train_images=2000, test_images=300, cue_conflict_images=1000, num_classes=5,
                    depth_patch=4),
     "quick": dict(steps=3, warmup_steps=2, pretrain_steps=6, batch_size=4, pretrain_batch_size=8, image_size=28, render_size=8,
                   plane_res=8, plane_channels=8, embed_res=4, generator_dim=32, samples=8, importance=4,
@@ -92,10 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "the synthetic world's true depth")
     data.add_argument("--num-classes", type=int, help="synthetic classes (2-5: sphere, cube, cylinder, "
                       "dumbbell, cross)")
-    data.add_argument("--train-images", type=int, help="synthetic training images")
+    data.add_argument("--train-images", type=int, help="synthetic training images (2D teacher, probes; and the "
+                      "number of --prior-images untied): 2000, five times the 384 probe features of vit_tiny, "
+                      "so that the linear probes are fitted with more images than dimensions, as on ImageNet")
     data.add_argument("--test-images", type=int, help="synthetic images per held-out class split (test, ood)")
     data.add_argument("--cue-conflict-images", type=int, help="synthetic cue-conflict images; more than the other "
                       "splits because the shape bias counts only the images classified as their shape or texture")
+    data.add_argument("--prior-images", choices=("train", "untied"), help="images of the 3D-prior stage (Φ "
+                      "warm-up and Eq. 5; no labels are used): train, the labelled training split (paper; the default "
+                      "with --data); untied (synthetic default, CPU deviation), as many unlabelled images of the same "
+                      "world whose texture is drawn independently of the shape: in the miniature a class fixes its "
+                      "depth map up to pose, so on texture-tied images depth can be read off the texture")
     data.add_argument("--texture-agreement", type=float, default=0.9,
                       help="synthetic train/test: probability that an object wears its own class's texture")
     model = parser.add_argument_group("backbone")
@@ -137,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"image's min/max mapped into z in {MAPPED_DEPTH_RANGE} (for depth of unknown scale)")
     method.add_argument("--depth-unit", choices=("metre", "spread"), default="spread",
                         help="unit of the depth error in Eq. 5: metre (paper: real scenes, depth spread of metres) or "
-                        "spread (CPU deviation), the standard deviation of the training set's pseudo depth, so that "
+                        "spread (CPU deviation), the standard deviation of the 3D prior's pseudo depth, so that "
                         "the depth term keeps the paper's size against the distillation in a 1-m miniature scene")
     method.add_argument("--density-reduction", choices=("mean", "sum"), default="mean",
                         help="L_norm as the mean |density| over all samples (default) or the sum the paper writes "
@@ -190,6 +200,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--plane-res must be --embed-res * 2^k, got {args.plane_res} and {args.embed_res}")
     if not 2 <= args.num_classes <= len(synthetic.SHAPE_TEXTURE_CLASSES):
         parser.error(f"--num-classes must be in [2, {len(synthetic.SHAPE_TEXTURE_CLASSES)}], got {args.num_classes}")
+    if args.prior_images is None:
+        args.prior_images = "train" if args.data else "untied"
+    elif args.prior_images == "untied" and args.data:
+        parser.error("--prior-images untied needs the synthetic world (no --data): a folder has only its train split")
     if not 0.0 <= args.texture_agreement <= 1.0:
         parser.error(f"--texture-agreement must be in [0, 1], got {args.texture_agreement}")
     for name in ("lr", "decoder_lr"):
@@ -350,7 +364,7 @@ def load_data(args: argparse.Namespace) -> dict:
     """Training split, probe splits and evaluation sets, all at the generation size (ViT input + 1/7)."""
     size = args.image_size + args.image_size // 7  # a bit larger than the ViT input: room for random crops
     counts = {"train": args.train_images, "test": args.test_images, "ood": args.test_images,
-              "cue_conflict": args.cue_conflict_images}
+              "cue_conflict": args.cue_conflict_images, "untied": args.train_images}
     generate = lambda split: synthetic_split(split, counts[split],  # noqa: E731
                                              size, args.num_classes, args.seed, args.texture_agreement)
     if args.data:
@@ -364,6 +378,7 @@ def load_data(args: argparse.Namespace) -> dict:
         data = {"train": generate("train"), "class_sets": {"test": generate("test"), "ood": generate("ood")}}
         data["cue_conflict"] = generate("cue_conflict")
         data["depth"] = {"train": data["train"], "test": data["class_sets"]["test"]}
+    data["prior"] = generate("untied") if args.prior_images == "untied" else data["train"]
     data["classes"] = classes
     for name, folder in parse_eval_data(args.eval_data).items():
         data["class_sets"][name], _ = read_class_folder(folder, size, classes)
@@ -669,6 +684,20 @@ def patch_depth_targets(depth: Tensor, grid: int, per_patch: int) -> Tensor:
     return rearrange(small, "n (gy py) (gx px) -> n (gy gx) (py px)", gy=grid, gx=grid)
 
 
+def cue_decodability(features: Tensor, labels: Tensor, num_classes: int) -> float:
+    """How linearly decodable ``labels`` (N,) are from ``features`` (N, C) of cue-conflict images, where shape
+    and texture are not tied: two-fold cross-validated accuracy of a linear classifier (even / odd images).
+    Unlike the shape bias it does not depend on which cue a probe trained on the texture-tied training split
+    chooses: it measures what the representation carries."""
+    halves = torch.arange(len(labels)) % 2
+    correct = 0
+    for fold in (0, 1):
+        fit, held = halves != fold, halves == fold
+        classifier = fit_linear_classifier(features[fit], labels[fit], num_classes)
+        correct += int((classifier(features[held]).argmax(1).cpu() == labels[held]).sum())
+    return correct / len(labels)
+
+
 def evaluate(backbones: dict[str, nn.Module], data: dict, cfg: argparse.Namespace,
              device: torch.device) -> dict[str, dict]:
     """Per backbone: accuracy on each class set, shape bias on the cue-conflict set, depth-probe RMSE/AbsRel.
@@ -690,6 +719,8 @@ def evaluate(backbones: dict[str, nn.Module], data: dict, cfg: argparse.Namespac
             x, _ = probe_features(backbone, split["images"], cfg.image_size, device)
             bias = shape_bias(classifier(x).argmax(1).cpu(), split["labels"], split["texture_labels"])
             metrics.update({k: bias[k] for k in ("shape_bias", "shape_fraction", "texture_fraction")})
+            metrics["cue_shape_decodability"] = cue_decodability(x, split["labels"], len(data["classes"]))
+            metrics["cue_texture_decodability"] = cue_decodability(x, split["texture_labels"], len(data["classes"]))
         if "depth" in data:
             _, train_patches = probe_features(backbone, data["depth"]["train"]["images"], cfg.image_size, device)
             targets = patch_depth_targets(data["depth"]["train"]["depth"], grid, cfg.depth_patch)
@@ -792,18 +823,18 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(resume["optimizer"])
         start_step = int(resume["step"])
 
-    depth_unit = depth_spread(data["train"]["depth"], args) if args.depth_unit == "spread" else 1.0
+    depth_unit = depth_spread(data["prior"]["depth"], args) if args.depth_unit == "spread" else 1.0
     metrics["depth_unit_metres"] = depth_unit
     preview = data["class_sets"]["test"]
     metrics["decoder_reads_h"] = {}
     if resume is None and args.warmup_steps > 0:
-        warm_up_decoder(prior_ddp, student_ddp, data["train"], args, dist, depth_unit)
+        warm_up_decoder(prior_ddp, student_ddp, data["prior"], args, dist, depth_unit)
         if dist.is_main and "depth" in preview:
             metrics["decoder_reads_h"]["after_warmup"] = render_conditioning(prior, student, preview, args, device)
             log("Φ after warm-up, held-out depth RMSE of each render / of the mean render: "
                 "{render_depth_rmse:.4f} / {mean_render_depth_rmse:.4f} m".format(**metrics["decoder_reads_h"]["after_warmup"]))
 
-    images, depth = data["train"]["images"], data["train"]["depth"]
+    images, depth = data["prior"]["images"], data["prior"]["depth"]
     history = []
     progress = tqdm(range(start_step, args.steps), desc="3D prior", disable=not dist.is_main)
     for step in progress:

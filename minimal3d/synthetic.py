@@ -645,7 +645,7 @@ class SingleImageDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------------
 
 SHAPE_TEXTURE_CLASSES = ("sphere", "cube", "cylinder", "dumbbell", "cross")
-SHAPE_TEXTURE_SPLITS = ("train", "test", "ood", "cue_conflict")
+SHAPE_TEXTURE_SPLITS = ("train", "test", "ood", "cue_conflict", "untied")
 SHAPE_TEXTURE_DISTANCE = 2.7  # camera to object centre; the backdrop is 3.1 in front of the camera
 SHAPE_TEXTURE_FOV = 2 * math.atan(0.55 / 2.7)  # horizontal field of view: the cube [-0.5, 0.5]^3 fills it
 _CLASS_PATTERNS = ("stripes", "checkers", "noise", "solid", "stripes")
@@ -709,8 +709,9 @@ def shape_texture_sample(index: int, split: str = "train", size: int = 64, num_c
     also owns a texture (hue evenly spaced over the classes, plus a pattern). In "train" and "test" the
     object wears its own class's texture with probability ``texture_agreement`` and a uniformly random
     class's texture otherwise: a texture shortcut that a 2D classifier can take. "ood" draws the texture
-    class uniformly (texture says nothing); "cue_conflict" always draws another class's texture (Geirhos
-    et al. 2019: shape and texture disagree). The depth of a sample does not depend on its texture.
+    class uniformly (texture says nothing), and so does "untied" (other indices: unlabelled images for
+    training in which depth cannot be read off the texture); "cue_conflict" always draws another class's
+    texture (Geirhos et al. 2019: shape and texture disagree). The depth of a sample does not depend on its texture.
     Returns image (3, size, size) in [0, 1], depth (size, size) camera z in metres (in [2.3, 3.1]; the
     backdrop is at 3.1), label () shape class, texture_label () texture class (int64).
     """
@@ -727,7 +728,7 @@ def shape_texture_sample(index: int, split: str = "train", size: int = 64, num_c
     textures = _Random("shape-texture", seed, split, index, "texture")
     if split == "cue_conflict":
         texture_class = (label + 1 + textures.integer(num_classes - 1)) % num_classes
-    elif split == "ood" or textures.uniform() >= texture_agreement:
+    elif split in ("ood", "untied") or textures.uniform() >= texture_agreement:
         texture_class = textures.integer(num_classes)
     else:
         texture_class = label

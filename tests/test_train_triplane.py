@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from minimal3d import runtime, synthetic, vit
@@ -41,7 +42,8 @@ def test_quick_run_writes_claims_metrics_and_files(tmp_path, capsys):
         assert math.isfinite(row["baseline"]["value"]) and math.isfinite(row["method"]["value"])
     for backbone in ("2D teacher", "3D prior"):
         values = written["eval"][backbone]
-        assert {"accuracy_test", "accuracy_ood", "shape_bias", "depth_rmse", "depth_absrel"} <= set(values)
+        assert {"accuracy_test", "accuracy_ood", "shape_bias", "depth_rmse", "depth_absrel", "cue_shape_decodability",
+                "cue_texture_decodability"} <= set(values)
         assert all(math.isfinite(v) for v in values.values())
         assert 0 <= values["accuracy_test"] <= 1 and 0 <= values["shape_bias"] <= 1 and values["depth_rmse"] > 0
     assert written["eval"]["2D teacher"]["shape_bias"] == claims["shape_bias"]["baseline"]["value"]
@@ -190,6 +192,15 @@ def test_depth_folder_nyu_layout(tmp_path):
         script.read_depth_folder(tmp_path / "train", 4)
 
 
+def test_cue_decodability_measures_what_the_features_carry():
+    torch.manual_seed(0)
+    shape, texture = torch.arange(200) % 4, torch.randint(0, 4, (200,))
+    features = torch.cat([F.one_hot(texture, 4).double(), 0.1 * torch.randn(200, 6, dtype=torch.float64)], 1)
+    assert script.cue_decodability(features, texture, 4) == 1.0  # texture carried: decoded on held-out images
+    expected_chance = max(torch.bincount(shape[1::2]).max().item(), torch.bincount(shape[::2]).max().item()) / 100
+    assert script.cue_decodability(features, shape, 4) <= expected_chance + 0.1  # shape not carried: about chance
+
+
 def test_synthetic_world_splits():
     cue = [synthetic.shape_texture_sample(i, "cue_conflict", 16, 5, 0) for i in range(10)]
     assert all(s["label"] != s["texture_label"] for s in cue)
@@ -199,3 +210,14 @@ def test_synthetic_world_splits():
     assert 2.2 < depth.min() and depth.max() <= 3.1 + 1e-5  # inside the renderer's [near, far]
     with pytest.raises(ValueError, match="split"):
         synthetic.shape_texture_sample(0, "val")
+    # untied: the texture class is drawn independently of the shape class, whatever texture_agreement says
+    untied = [synthetic.shape_texture_sample(i, "untied", 8, 5, 0, texture_agreement=1.0) for i in range(30)]
+    agree = sum(int(s["label"] == s["texture_label"]) for s in untied)
+    assert 0 < agree < 20 and len({int(s["texture_label"]) for s in untied}) == 5
+
+
+def test_prior_images_default_and_data_folder(tmp_path):
+    assert script.parse_args([]).prior_images == "untied"  # synthetic: unlabelled images with untied texture
+    assert script.parse_args(["--data", str(tmp_path)]).prior_images == "train"  # a folder has its train split
+    with pytest.raises(SystemExit):
+        script.parse_args(["--data", str(tmp_path), "--prior-images", "untied"])
