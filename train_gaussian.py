@@ -75,7 +75,7 @@ LIFT_ROOM_OFFSET, PRETRAIN_ROOM_OFFSET, PROBE_ROOM_OFFSET = 0, 200, 500
 # Flags whose default depends on --quick: (normal, quick). Explicit flags are never overridden.
 PROFILES = {
     "num_scenes": (2, 1), "frames": (24, 6), "height": (84, 28), "width": (112, 42), "steps": (120, 12),
-    "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (5, 1),
+    "max_points": (3000, 400), "max_gaussians": (6000, 800), "epochs": (30, 1),
     "probe_train_scenes": (128, 1), "probe_test_scenes": (8, 1), "probe_frames": (12, 3), "probe_train_frames": (3, 3),
     "probe_pixels": (150, 100), "control": (True, False),
     "pretrain_rooms": (32, 2), "pretrain_frames": (8, 4), "pretrain_steps": (300, 4),
@@ -145,7 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="AdamW lr (1e-4 for a short CPU run, default; paper 1e-5 over all of ScanNet++)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=None, help="Stage II epochs (5 for a short CPU run; paper 1)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="Stage II epochs (30, default: 630 steps over the 42 training views of 2 rooms, so the ViT "
+                             "reaches its targets; paper 1 epoch over ScanNet++)")
     parser.add_argument("--target-resize", choices=["bilinear", "area"], default="bilinear",
                         help="how rendered features are resized to the patch grid for Stage II: bilinear (official "
                              "code, default) or area (mean over each patch's pixels)")
@@ -157,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "classification with [CLS]; fast: L-BFGS pixel classifier and ridge depth")
     parser.add_argument("--assembly", choices=["concat", "add", "linear"], default="concat",
                         help="how original and fine-tuned features are combined (paper: concat)")
+    parser.add_argument("--class-token", choices=["original", "assembled"], default="original",
+                        help="[CLS] token given to the depth head with assembled features: the original's (default, "
+                             "official FiT3D model, which assembles patch features only) or assembled like the patches")
     parser.add_argument("--depth-bins", type=int, default=256, help="bins of the depth probe (DINOv2: 256)")
     parser.add_argument("--probe-weight-decay", type=float, default=1e-4,
                         help="L2 weight of the paper probes' heads (1e-4; the paper's SGD protocol has no such term)")
@@ -728,7 +733,9 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
     if not all(math.isfinite(value) for value in losses):
         raise FloatingPointError("non-finite loss in Stage II")
     finetuned.eval()
-    return finetuned, {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
+    per_epoch = [sum(part) / len(part) for part in np.array_split(np.array(losses), cfg.epochs) if len(part)]
+    return finetuned, {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+                       "loss_per_epoch": [float(value) for value in per_epoch]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -779,15 +786,18 @@ def frame_features(backbone, frames: list[tuple[dict, int]], device: torch.devic
 
 
 def assemble(original: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], assembly: str,
-             fusion: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Combine two backbones' (patch features, class tokens): concat (paper), add, or linear (a fixed
-    2D -> D map ``fusion``, see ``fit_linear_fusion``)."""
+             fusion: Tensor | None = None, class_token: str = "original") -> tuple[Tensor, Tensor]:
+    """Combine two backbones' (patch features (B, D, h, w), class tokens (B, D)): patches by concat (paper),
+    add, or linear (a fixed 2D -> D map ``fusion``, see ``fit_linear_fusion``); the class token is the
+    original's (official FiT3D model: only patch features are assembled) or, with class_token="assembled",
+    combined the same way as the patches."""
     if assembly == "add":
-        return original[0] + other[0], original[1] + other[1]
-    patches, tokens = torch.cat([original[0], other[0]], 1), torch.cat([original[1], other[1]], 1)
-    if assembly == "linear":
-        return torch.einsum("bchw,cd->bdhw", patches, fusion), tokens @ fusion
-    return patches, tokens
+        patches, tokens = original[0] + other[0], original[1] + other[1]
+    else:
+        patches, tokens = torch.cat([original[0], other[0]], 1), torch.cat([original[1], other[1]], 1)
+        if assembly == "linear":
+            patches, tokens = torch.einsum("bchw,cd->bdhw", patches, fusion), tokens @ fusion
+    return patches, (original[1] if class_token == "original" else tokens)
 
 
 def fit_linear_fusion(original: Tensor, other: Tensor) -> Tensor:
@@ -918,8 +928,8 @@ def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_clas
     sets = {"original": (train["original"], test["original"]), "fine-tuned": (train["fine-tuned"], test["fine-tuned"])}
     for other in [name for name in ("fine-tuned", "random") if name in backbones]:
         fusion = fit_linear_fusion(train["original"][0], train[other][0]) if cfg.assembly == "linear" else None
-        sets[symbol.format(other)] = (assemble(train["original"], train[other], cfg.assembly, fusion),
-                                      assemble(test["original"], test[other], cfg.assembly, fusion))
+        sets[symbol.format(other)] = (assemble(train["original"], train[other], cfg.assembly, fusion, cfg.class_token),
+                                      assemble(test["original"], test[other], cfg.assembly, fusion, cfg.class_token))
     rows, maps, heads = [], {}, {}
     change = (test["fine-tuned"][0] - test["original"][0]).abs().mean() / test["original"][0].abs().mean()
     print(f"fine-tuning changed the test frames' patch features by {float(change):.1%} (mean |after - before| / "

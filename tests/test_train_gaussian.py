@@ -196,6 +196,37 @@ def test_depth_head_reads_the_class_token():
     assert rmse["with"] < 0.4 * rmse["without"]  # measured 0.27
 
 
+def test_patch_head_with_class_tokens_equals_the_head_on_appended_features():
+    # the class token's half computed once per image (fast path) == the token repeated over every patch
+    generator = torch.Generator().manual_seed(3)
+    patches = torch.randn(6, 3, 2, 3, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(6)])
+    classes = torch.randint(-1, 4, (6, 20), generator=generator)  # -1 = ignored
+    fast = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64, tokens)
+    dense = probes._fit_patch_head(probes.with_class_token(patches, tokens), (5, 7), pixels, classes, 4, 1e-3, 50,
+                                   torch.float64)
+    for a, b in zip(fast, dense):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert float(dense[2].abs().max()) > 0.1  # the heads learnt something
+
+
+def test_assembly_combines_patches_and_keeps_the_original_class_token():
+    generator = torch.Generator().manual_seed(4)
+    original = (torch.randn(2, 3, 2, 2, generator=generator), torch.randn(2, 3, generator=generator))
+    other = (torch.randn(2, 3, 2, 2, generator=generator), torch.randn(2, 3, generator=generator))
+    patches, tokens = script.assemble(original, other, "concat")
+    torch.testing.assert_close(patches, torch.cat([original[0], other[0]], 1))
+    torch.testing.assert_close(tokens, original[1])  # official FiT3D model: patch features only are assembled
+    patches, tokens = script.assemble(original, other, "add", class_token="assembled")
+    torch.testing.assert_close(patches, original[0] + other[0])
+    torch.testing.assert_close(tokens, original[1] + other[1])
+    fusion = torch.randn(6, 3, generator=generator)
+    patches, tokens = script.assemble(original, other, "linear", fusion, class_token="assembled")
+    torch.testing.assert_close(patches, torch.einsum("bchw,cd->bdhw", torch.cat([original[0], other[0]], 1), fusion))
+    torch.testing.assert_close(tokens, torch.cat([original[1], other[1]], 1) @ fusion)
+
+
 def test_probe_heads_name_bad_arguments():
     with pytest.raises(ValueError, match="labels"):
         probes.fit_segmentation_head(torch.zeros(2, 3, 2, 2), torch.full((2, 4, 4), 7), 3)
