@@ -11,7 +11,8 @@ Stage 0  (synthetic default): the original ViT is 2D-pretrained here on clean si
 Stage I  (--stage lift):     lift the ViT's features of many views of each scene into feature Gaussians
                              (3DGS with a 64-channel feature per Gaussian and a 3x3 up-projection conv).
 Stage II (--stage finetune): fine-tune the ViT so its patch features match the rendered 3D-aware features.
-Probes   (--stage probe):    the paper's linear probes on frozen features, original vs [original, fine-tuned]:
+Probes   (--stage probe):    the paper's linear probes on frozen features, original vs [original, fine-tuned]
+                             (patch features concatenated, the original's [CLS] token, as the official model):
                              semantic segmentation (linear head on patch features, logits upsampled) and
                              depth (DINOv2 protocol: [CLS] concatenated, 256 bins, classification loss).
 The default run (synthetic rooms, a 2D-pretrained vit_tiny, a few minutes on 2 CPU cores) writes the claims
