@@ -969,9 +969,11 @@ def frames_consistency(patches: Tensor, frames: list[tuple[dict, int]]) -> float
 def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation_head: Callable | None,
                        test_every: int, target_resize: str, rasterize: Callable, device: torch.device) -> list[dict]:
     """What lifting and fine-tuning do to the features of the lifted scenes' views, per feature set
-    (original, rendered from the Gaussians, fine-tuned): cross-view consistency (all views), and on the
-    held-out views the mean L1 to the rendered features (patch grid) and the mIoU of the original
-    features' segmentation probe applied to them (the probe heads are fitted on other rooms)."""
+    (original, rendered from the Gaussians, fine-tuned): cross-view consistency (all views) at pixel
+    resolution and read on the patch grid (`consistency_patch_grid`: the rendered features resized to the
+    grid as Stage II reads them, then upsampled like the ViT's; equal to `consistency` for the ViT's
+    features), and on the held-out views the mean L1 to the rendered features (patch grid) and the mIoU
+    of the original features' segmentation probe applied to them (the probe heads are fitted on other rooms)."""
     sums: dict = {}
     for name, scene in scenes.items():
         images = scene["images"].to(device)
@@ -989,9 +991,13 @@ def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation
         train, held_out = split_views(len(images), test_every)
         held_out = held_out or train  # fewer than test_every views: no held-out view, use the training views
         for key in ("original", "rendered", "fine-tuned"):
-            row = sums.setdefault(key, {"consistency": [], "L1_to_rendered": [], "predictions": [], "labels": []})
+            row = sums.setdefault(key, {"consistency": [], "consistency_patch_grid": [], "L1_to_rendered": [],
+                                        "predictions": [], "labels": []})
             row["consistency"].append(cross_view_consistency(pixels[key].cpu(), scene["depths"], scene["viewmats"],
                                                              scene["Ks"]))
+            on_grid = upsample(patches[key], height, width) if key == "rendered" else pixels[key]
+            row["consistency_patch_grid"].append(cross_view_consistency(on_grid.cpu(), scene["depths"],
+                                                                        scene["viewmats"], scene["Ks"]))
             row["L1_to_rendered"].append(float((patches[key] - patches["rendered"])[held_out].abs().mean()))
             if segmentation_head is not None:
                 row["predictions"].append(segmentation_head(patches[key][held_out].cpu(), None, (height, width)))
@@ -999,6 +1005,7 @@ def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation
     rows = []
     for key, row in sums.items():
         result = {"features": key, "consistency": sum(row["consistency"]) / len(row["consistency"]),
+                  "consistency_patch_grid": sum(row["consistency_patch_grid"]) / len(row["consistency_patch_grid"]),
                   "L1_to_rendered": sum(row["L1_to_rendered"]) / len(row["L1_to_rendered"])}
         if row["predictions"]:
             result["mIoU_original_probe"] = segmentation_metrics(torch.cat(row["predictions"]), torch.cat(row["labels"]),

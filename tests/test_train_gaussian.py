@@ -35,6 +35,10 @@ def test_quick_run_writes_claims_and_files(tmp_path):
         assert 0.0 <= row["mIoU"] <= 1.0 and row["RMSE"] > 0 and math.isfinite(row["AbsRel"])
     assert metrics["probe"][2]["dim"] == 2 * metrics["probe"][0]["dim"]
     assert metrics["lift"][0]["PSNR"] > 5.0 and metrics["finetune"]["steps"] > 0
+    assert len(metrics["finetune"]["loss_per_epoch"]) == metrics["config"]["epochs"]
+    lifted = {row["features"]: row for row in metrics["lifted_features"]}
+    for key in ("original", "fine-tuned"):  # the ViT's features live on the patch grid already
+        assert lifted[key]["consistency_patch_grid"] == pytest.approx(lifted[key]["consistency"], nan_ok=True)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["claims"] == json.loads(json.dumps(metrics["claims"]))
     for name in ("backbone_original.pth", "backbone_finetuned.pth", "gaussian.pt", "preview.png", "probes.png"):
@@ -50,6 +54,7 @@ def test_quick_run_writes_claims_and_files(tmp_path):
                                          (["--probe-pixels", "0"], "--probe-pixels"),
                                          (["--grad-clip", "-1"], "--grad-clip"),
                                          (["--assembly", "mean"], "--assembly"),
+                                         (["--class-token", "both"], "--class-token"),
                                          (["--probe-train-frames", "0"], "--probe-train-frames"),
                                          (["--probe-train-scenes", "450", "--probe-test-scenes", "60"],
                                           "--probe-train-scenes"),
