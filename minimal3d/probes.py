@@ -251,29 +251,46 @@ def _check_patch_inputs(features: Tensor, targets: Tensor, name: str) -> None:
 
 
 def _fit_patch_head(features: Tensor, image_size: tuple[int, int], pixels: Tensor, classes: Tensor,
-                    num_classes: int, weight_decay: float, max_iter: int, dtype: torch.dtype) -> tuple:
-    """Cross-entropy of upsampled logits at the chosen pixels (B, P) of every image, full-batch L-BFGS."""
+                    num_classes: int, weight_decay: float, max_iter: int, dtype: torch.dtype,
+                    class_tokens: Tensor | None = None) -> tuple:
+    """Cross-entropy of upsampled logits at the chosen pixels (B, P) of every image, full-batch L-BFGS.
+
+    With ``class_tokens`` (B, C') the head sees every patch feature with its image's class token appended
+    (``with_class_token``), computed without repeating the token: its half of the logits is one (B, K)
+    product, constant over an image's patches, so upsampling (weights summing to 1) passes it unchanged to
+    every pixel, and its standardisation statistics over the B * h * w repeated rows are those over the B
+    tokens. Returns mean, std, weight of the appended features (C + C').
+    """
     batch, channels, h, w = features.shape
     flat = features.detach().to(dtype).permute(0, 2, 3, 1).reshape(-1, channels)  # (B*h*w, C)
     mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp_min(1e-6)
     standardised = (flat - mean) / std
     indices, weights = bilinear_taps((h, w), image_size, pixels.reshape(-1))
-    indices = indices + (torch.arange(batch).repeat_interleave(pixels.shape[1]) * h * w)[:, None]
+    image_of_pixel = torch.arange(batch).repeat_interleave(pixels.shape[1])
+    indices = indices + (image_of_pixel * h * w)[:, None]
     classes = classes.reshape(-1)
     keep = classes >= 0
-    indices, weights, classes = indices[keep], weights[keep], classes[keep]
+    indices, weights, classes, image_of_pixel = indices[keep], weights[keep], classes[keep], image_of_pixel[keep]
+    width = channels
+    if class_tokens is not None:
+        tokens = class_tokens.detach().to(dtype)
+        token_mean, token_std = tokens.mean(0), tokens.std(0, unbiased=False).clamp_min(1e-6)
+        standardised_tokens = (tokens - token_mean) / token_std  # (B, C')
+        mean, std, width = torch.cat([mean, token_mean]), torch.cat([std, token_std]), channels + tokens.shape[1]
     rows = torch.arange(len(classes)).repeat_interleave(4)
     upsampling = torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1).to(dtype),
                                          (len(classes), batch * h * w), check_invariants=True)
     upsampling = upsampling.coalesce()  # (P, B*h*w) with the 4 bilinear taps of each pixel in its row
-    weight = torch.zeros(channels, num_classes, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(width, num_classes, dtype=dtype, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        patch_logits = standardised @ weight + bias  # (B*h*w, K): the 1x1 convolution on the patch grid
+        patch_logits = standardised @ weight[:channels] + bias  # (B*h*w, K): the 1x1 convolution on the patch grid
         pixel_logits = torch.sparse.mm(upsampling, patch_logits)  # bilinearly upsampled logits at the pixels
+        if class_tokens is not None:  # the class token's half, the same for every pixel of an image
+            pixel_logits = pixel_logits + (standardised_tokens @ weight[channels:])[image_of_pixel]
         loss = F.cross_entropy(pixel_logits, classes) + weight_decay * weight.square().sum()
         loss.backward()
         return loss
@@ -335,7 +352,7 @@ def fit_depth_head(features: Tensor, depths: Tensor, class_tokens: Tensor | None
     max_depth = float(depths[valid].max()) if max_depth is None else float(max_depth)
     if not max_depth > min_depth:
         raise ValueError(f"max_depth must exceed min_depth={min_depth}, got {max_depth}")
-    features = with_class_token(features, class_tokens)
+    appended = with_class_token(features, class_tokens)
     centres = torch.linspace(min_depth, max_depth, num_bins, dtype=torch.float64)  # DINOv2 "UD" bins
     image_size = tuple(depths.shape[-2:])
     pixels = _pixel_sample(len(depths), image_size, pixels_per_image, generator)
@@ -343,8 +360,8 @@ def fit_depth_head(features: Tensor, depths: Tensor, class_tokens: Tensor | None
     bins = ((sampled - min_depth) / (max_depth - min_depth) * (num_bins - 1)).round().clamp(0, num_bins - 1)
     bins = torch.where(torch.isfinite(sampled) & (sampled > 0), bins.nan_to_num(0.0).long(), -1)
     mean, std, weight, bias = _fit_patch_head(features, image_size, pixels, bins, num_bins, weight_decay,
-                                              max_iter, torch.float32)
-    return PatchHead(mean, std, weight, bias, bin_centres=centres.float()), features
+                                              max_iter, torch.float32, class_tokens)
+    return PatchHead(mean, std, weight, bias, bin_centres=centres.float()), appended
 
 
 def with_class_token(features: Tensor, class_tokens: Tensor | None) -> Tensor:

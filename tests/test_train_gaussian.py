@@ -35,6 +35,10 @@ def test_quick_run_writes_claims_and_files(tmp_path):
         assert 0.0 <= row["mIoU"] <= 1.0 and row["RMSE"] > 0 and math.isfinite(row["AbsRel"])
     assert metrics["probe"][2]["dim"] == 2 * metrics["probe"][0]["dim"]
     assert metrics["lift"][0]["PSNR"] > 5.0 and metrics["finetune"]["steps"] > 0
+    assert len(metrics["finetune"]["loss_per_epoch"]) == metrics["config"]["epochs"]
+    lifted = {row["features"]: row for row in metrics["lifted_features"]}
+    for key in ("original", "fine-tuned"):  # the ViT's features live on the patch grid already
+        assert lifted[key]["consistency_patch_grid"] == pytest.approx(lifted[key]["consistency"], nan_ok=True)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["claims"] == json.loads(json.dumps(metrics["claims"]))
     for name in ("backbone_original.pth", "backbone_finetuned.pth", "gaussian.pt", "preview.png", "probes.png"):
@@ -50,6 +54,7 @@ def test_quick_run_writes_claims_and_files(tmp_path):
                                          (["--probe-pixels", "0"], "--probe-pixels"),
                                          (["--grad-clip", "-1"], "--grad-clip"),
                                          (["--assembly", "mean"], "--assembly"),
+                                         (["--class-token", "both"], "--class-token"),
                                          (["--probe-train-frames", "0"], "--probe-train-frames"),
                                          (["--probe-train-scenes", "450", "--probe-test-scenes", "60"],
                                           "--probe-train-scenes"),
@@ -194,6 +199,37 @@ def test_depth_head_reads_the_class_token():
         predicted = head.predict(probes.with_class_token(patches[30:], test_tokens), (6, 6))
         rmse[name] = probes.depth_metrics(predicted, depths[30:])["RMSE"]
     assert rmse["with"] < 0.4 * rmse["without"]  # measured 0.27
+
+
+def test_patch_head_with_class_tokens_equals_the_head_on_appended_features():
+    # the class token's half computed once per image (fast path) == the token repeated over every patch
+    generator = torch.Generator().manual_seed(3)
+    patches = torch.randn(6, 3, 2, 3, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(6)])
+    classes = torch.randint(-1, 4, (6, 20), generator=generator)  # -1 = ignored
+    fast = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64, tokens)
+    dense = probes._fit_patch_head(probes.with_class_token(patches, tokens), (5, 7), pixels, classes, 4, 1e-3, 50,
+                                   torch.float64)
+    for a, b in zip(fast, dense):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert float(dense[2].abs().max()) > 0.1  # the heads learnt something
+
+
+def test_assembly_combines_patches_and_keeps_the_original_class_token():
+    generator = torch.Generator().manual_seed(4)
+    original = (torch.randn(2, 3, 2, 2, generator=generator), torch.randn(2, 3, generator=generator))
+    other = (torch.randn(2, 3, 2, 2, generator=generator), torch.randn(2, 3, generator=generator))
+    patches, tokens = script.assemble(original, other, "concat")
+    torch.testing.assert_close(patches, torch.cat([original[0], other[0]], 1))
+    torch.testing.assert_close(tokens, original[1])  # official FiT3D model: patch features only are assembled
+    patches, tokens = script.assemble(original, other, "add", class_token="assembled")
+    torch.testing.assert_close(patches, original[0] + other[0])
+    torch.testing.assert_close(tokens, original[1] + other[1])
+    fusion = torch.randn(6, 3, generator=generator)
+    patches, tokens = script.assemble(original, other, "linear", fusion, class_token="assembled")
+    torch.testing.assert_close(patches, torch.einsum("bchw,cd->bdhw", torch.cat([original[0], other[0]], 1), fusion))
+    torch.testing.assert_close(tokens, torch.cat([original[1], other[1]], 1) @ fusion)
 
 
 def test_probe_heads_name_bad_arguments():
