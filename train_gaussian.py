@@ -995,9 +995,11 @@ def lifted_diagnostics(scenes: dict, models: dict, backbones: dict, segmentation
                                         "predictions": [], "labels": []})
             row["consistency"].append(cross_view_consistency(pixels[key].cpu(), scene["depths"], scene["viewmats"],
                                                              scene["Ks"]))
-            on_grid = upsample(patches[key], height, width) if key == "rendered" else pixels[key]
-            row["consistency_patch_grid"].append(cross_view_consistency(on_grid.cpu(), scene["depths"],
-                                                                        scene["viewmats"], scene["Ks"]))
+            if key == "rendered":  # the ViT's pixel features already are their patch grid upsampled
+                row["consistency_patch_grid"].append(cross_view_consistency(
+                    upsample(patches[key], height, width).cpu(), scene["depths"], scene["viewmats"], scene["Ks"]))
+            else:
+                row["consistency_patch_grid"].append(row["consistency"][-1])
             row["L1_to_rendered"].append(float((patches[key] - patches["rendered"])[held_out].abs().mean()))
             if segmentation_head is not None:
                 row["predictions"].append(segmentation_head(patches[key][held_out].cpu(), None, (height, width)))

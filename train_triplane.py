@@ -526,8 +526,8 @@ def map_pseudo_depth(depth: Tensor) -> Tensor:
 
 
 def depth_spread(depth: Tensor, cfg: argparse.Namespace) -> float:
-    """--depth-unit spread: the standard deviation (m) of the training set's pseudo depth (B, S, S) over
-    pixels with depth, as the loss sees it (after --pseudo-depth per-image mapping)."""
+    """--depth-unit spread: the standard deviation (m) of the 3D prior's pseudo depth (B, S, S) (its images,
+    --prior-images) over pixels with depth, as the loss sees it (after --pseudo-depth per-image mapping)."""
     if cfg.pseudo_depth == "per-image":
         depth = torch.where(depth > 0, map_pseudo_depth(depth), depth)
     valid = depth[depth > 0]

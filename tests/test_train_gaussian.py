@@ -37,8 +37,8 @@ def test_quick_run_writes_claims_and_files(tmp_path):
     assert metrics["lift"][0]["PSNR"] > 5.0 and metrics["finetune"]["steps"] > 0
     assert len(metrics["finetune"]["loss_per_epoch"]) == metrics["config"]["epochs"]
     lifted = {row["features"]: row for row in metrics["lifted_features"]}
-    for key in ("original", "fine-tuned"):  # the ViT's features live on the patch grid already
-        assert lifted[key]["consistency_patch_grid"] == pytest.approx(lifted[key]["consistency"], nan_ok=True)
+    grid = lifted["rendered"]["consistency_patch_grid"]  # a difference of two mean cosines
+    assert math.isnan(grid) or -2.0 <= grid <= 2.0
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["claims"] == json.loads(json.dumps(metrics["claims"]))
     for name in ("backbone_original.pth", "backbone_finetuned.pth", "gaussian.pt", "preview.png", "probes.png"):
