@@ -67,10 +67,12 @@ CLUTTER_CLASSES = list(range(500, 1000))  # pool classes of the clutter objects 
 OCCLUDER_OBJECTS = 64  # rendered objects of unknown pool classes whose cut-outs are the occluders (--occluders objects)
 QUICK = dict(num_classes=3, num_heldout=1, train_per_class=6, calib_per_class=2, test_per_class=3, image_size=48,
              epochs=2, width=8, dim=16, vertices=40, num_background=64, pose_steps=2, pose_images=2,
-             timing_classes=6, timing_vertices=40, timing_repeats=1, batch_size=6)
+             timing_classes=6, timing_vertices=40, timing_repeats=1, batch_size=6, pretrain_classes=4,
+             pretrain_per_class=3, pretrain_epochs=1)
 NORMAL = dict(num_classes=6, num_heldout=2, train_per_class=150, calib_per_class=20, test_per_class=84, image_size=96,
               epochs=12, width=16, dim=128, vertices=100, num_background=2560, pose_steps=10, pose_images=24,
-              timing_classes=50, timing_vertices=500, timing_repeats=3, batch_size=16)
+              timing_classes=50, timing_vertices=500, timing_repeats=3, batch_size=16, pretrain_classes=48,
+              pretrain_per_class=20, pretrain_epochs=8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--weights", default=None,
         help="resunet18/resunet50: a torchvision ResNet state dict (.pth) for the encoder; vit: a DINOv2 .pth; "
              "rejected with the default cnn backbone (scratch)")
+    add("--init", default="pretrained", choices=["pretrained", "scratch"],
+        help="backbone initialisation of all three models when no --weights is given: pretrained (default, CPU "
+             "stand-in for the paper's ImageNet-pretrained ResNet-50): a classifier of --pretrain-classes other "
+             "synthetic pool classes (never known, held out, occluders or clutter) trained first, its backbone "
+             "copied into every model; scratch: random initialisation")
+    add("--pretrain-classes", type=int, default=None, help="pool classes of the pretraining (48; quick 4)")
+    add("--pretrain-per-class", type=int, default=None, help="pretraining images per class (20: 960 images)")
+    add("--pretrain-epochs", type=int, default=None, help="epochs of the pretraining classifier (8)")
     add("--width", type=int, default=None, help="channels of the first cnn stage (16; doubled per stage)")
     add("--dim", type=int, default=None, help="feature dimension D (128 as the paper)")
     add("--vertices", type=int, default=None,
@@ -168,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.models = ["full"]
     positive = ["num_classes", "train_per_class", "calib_per_class", "test_per_class", "image_size", "width", "dim",
                 "vertices", "num_sampled", "num_background", "background_per_image", "omega_every", "epochs",
-                "batch_size", "timing_classes", "timing_vertices", "timing_repeats"]
+                "batch_size", "timing_classes", "timing_vertices", "timing_repeats", "pretrain_classes",
+                "pretrain_per_class", "pretrain_epochs"]
     for key in positive:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
@@ -200,6 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data is None and 2 * args.num_classes + OCCLUDER_OBJECTS > CLUTTER_CLASSES[0]:
         parser.error(f"--num-classes must be <= {(CLUTTER_CLASSES[0] - OCCLUDER_OBJECTS) // 2} with synthetic data "
                      f"(known, held-out and occluder classes lie below the clutter classes), got {args.num_classes}")
+    if (args.data is None and args.weights is None and args.init == "pretrained"
+            and 2 * args.num_classes + OCCLUDER_OBJECTS + args.pretrain_classes > CLUTTER_CLASSES[0]):
+        parser.error(f"--pretrain-classes must be <= {CLUTTER_CLASSES[0] - 2 * args.num_classes - OCCLUDER_OBJECTS} "
+                     f"(pretraining classes lie between the occluder and the clutter classes), got {args.pretrain_classes}")
     if args.data is None and args.num_heldout > args.num_classes:
         parser.error(f"--num-heldout ({args.num_heldout}) must not exceed --num-classes ({args.num_classes})")
     if args.backbone == "vit":  # patch grid: the image side must be a multiple of 14
@@ -469,6 +484,76 @@ def background_features(feature_map: torch.Tensor, uv: torch.Tensor, count: int,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Pretraining: the paper fine-tunes an ImageNet-pretrained backbone; without --weights the backbone of
+# every model starts from a classifier of other synthetic classes (--init pretrained)
+# ---------------------------------------------------------------------------------------------------
+
+
+def pretraining_classes(num_known: int, count: int) -> list[int]:
+    """Pool classes of the pretraining: after the known/held-out pairs (0 .. 2Y - 1) and the occluder classes,
+    below the clutter classes, so no pretraining class is ever a test object, an occluder or clutter."""
+    start = 2 * num_known + OCCLUDER_OBJECTS
+    return list(range(start, start + count))
+
+
+def pretrain_backbone(cfg: argparse.Namespace, num_known: int, device: torch.device, dist: runtime.Dist,
+                      out: Path) -> dict:
+    """A FeatureNet + linear class head on its pooled features, cross-entropy over `cfg.pretrain_classes` pool
+    classes (`cfg.pretrain_per_class` images each, Adam, cfg.lr, the run's lr schedule). Returns the FeatureNet's
+    state dict (copied into every model) and a log with the accuracy on held-out images of those classes."""
+    checkpoint = out / "pretrained.pt"
+    if cfg.resume and checkpoint.exists():
+        state = runtime.load_checkpoint(checkpoint, ("model", "log"))
+        return dict(model=state["model"], log=state["log"])
+    classes = pretraining_classes(num_known, cfg.pretrain_classes)
+    if classes[-1] >= CLUTTER_CLASSES[0]:
+        raise ValueError(f"--pretrain-classes {cfg.pretrain_classes} with {num_known} known classes reaches the "
+                         f"clutter classes (pool class {CLUTTER_CLASSES[0]}); use at most "
+                         f"{CLUTTER_CLASSES[0] - 2 * num_known - OCCLUDER_OBJECTS}")
+    train = synthetic_split("train", classes, cfg.pretrain_per_class, cfg.image_size, cfg.seed)
+    test = synthetic_split("test", classes, max(1, cfg.pretrain_per_class // 5), cfg.image_size, cfg.seed)
+    relabel = {c: i for i, c in enumerate(classes)}
+    for split in (train, test):
+        split["labels"] = torch.tensor([relabel[int(c)] for c in split["labels"]])
+    features = FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights)
+    model = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cfg.dim, len(classes))).to(device)
+    ddp_model = runtime.wrap_ddp(model, dist)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed + 3)
+    steps = cfg.pretrain_epochs * max(1, len(train["labels"]) // (cfg.batch_size * dist.world_size))
+    step, epoch_losses = 0, []
+    progress = tqdm(total=steps, desc="pretrain", disable=not dist.is_main)
+    while step < steps:
+        loss_sum, count = torch.zeros((), device=device), 0
+        model.train()
+        for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
+            if step >= steps:
+                break
+            loss = F.cross_entropy(ddp_model(train["images"][index].to(device)), train["labels"][index].to(device))
+            schedule_lr(cfg, optimizer, step, steps)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
+            progress.update(1)
+        epoch_losses.append(float(loss_sum) / max(count, 1))
+        if not math.isfinite(epoch_losses[-1]):
+            raise FloatingPointError(f"pretrain: non-finite loss in epoch {len(epoch_losses) - 1}")
+        progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+    progress.close()
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(test["images"][i:i + 64].to(device)).argmax(1).cpu()
+                               for i in range(0, len(test["labels"]), 64)])
+    log = dict(epoch_losses=epoch_losses, steps=steps, classes=len(classes), images=len(train["labels"]),
+               test_accuracy=float((predicted == test["labels"]).float().mean()))
+    if dist.is_main:
+        print(f"pretrained backbone: {len(classes)} classes, held-out accuracy {log['test_accuracy']:.3f}")
+        torch.save(dict(config=vars(cfg), model=features.state_dict(), log=log), checkpoint)
+    return dict(model=features.state_dict(), log=log)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
 
@@ -490,9 +575,14 @@ def schedule_lr(cfg: argparse.Namespace, optimizer: torch.optim.Optimizer, step:
 
 
 def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, meshes: list[Mesh],
-                  device: torch.device, dist: runtime.Dist, out: Path) -> tuple[FeatureNet, VertexMemory, dict]:
-    """mode "grouped" (3D-CompNets, Eq. 5) or "full" (NOVUM's full contrast). Returns model, memory, log."""
-    model = FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights).to(device)
+                  device: torch.device, dist: runtime.Dist, out: Path,
+                  init: dict | None = None) -> tuple[FeatureNet, VertexMemory, dict]:
+    """mode "grouped" (3D-CompNets, Eq. 5) or "full" (NOVUM's full contrast); `init`: a FeatureNet state dict
+    to start from (the pretrained backbone). Returns model, memory, log."""
+    model = FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights)
+    if init is not None:
+        runtime.load_state_dict_checked(model, init, "pretrained backbone")
+    model = model.to(device)
     memory = VertexMemory([m.vertices.shape[0] for m in meshes], dim=cfg.dim, num_background=cfg.num_background,
                           momentum=cfg.momentum, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     checkpoint = out / f"{mode}.pt"
@@ -563,9 +653,13 @@ def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, 
 
 
 def train_plain(cfg: argparse.Namespace, train: dict, num_classes: int, device: torch.device, dist: runtime.Dist,
-                out: Path) -> tuple[PlainNet, dict]:
-    """Class head + pose-bin head on the same backbone, both cross-entropy (the paper's plain baseline)."""
-    model = PlainNet(FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights), num_classes, cfg.pose_bins).to(device)
+                out: Path, init: dict | None = None) -> tuple[PlainNet, dict]:
+    """Class head + pose-bin head on the same backbone (started from `init` when given), both cross-entropy
+    (the paper's plain baseline)."""
+    features = FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights)
+    if init is not None:
+        runtime.load_state_dict_checked(features, init, "pretrained backbone")
+    model = PlainNet(features, num_classes, cfg.pose_bins).to(device)
     checkpoint = out / "plain.pt"
     if cfg.resume and checkpoint.exists():
         state = runtime.load_checkpoint(checkpoint, ("model", "log"))
@@ -844,8 +938,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"images per split ({len(tests)} splits); device {device}")
 
     results, logs, grid_cache, preview_data = {}, {}, {}, {}
+    init = None
+    if args.weights is None and args.init == "pretrained":
+        pretrained = pretrain_backbone(args, Y, device, dist, out)
+        init, logs["pretrain"] = pretrained["model"], pretrained["log"]
     for mode in [m for m in ("grouped", "full") if m in args.models]:
-        model, memory, logs[mode] = train_compnet(args, mode, train, calib, meshes, device, dist, out)
+        model, memory, logs[mode] = train_compnet(args, mode, train, calib, meshes, device, dist, out, init)
         if dist.is_main:
             results[mode] = {}
             for split_name, split in tests.items():
@@ -860,7 +958,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{mode}: " + ", ".join(f"{k} {v.get('accuracy', float('nan')):.3f} / pose {v.get('pose_accuracy_pi6', float('nan')):.3f}"
                                           for k, v in results[mode].items()))
     if "plain" in args.models:
-        plain, logs["plain"] = train_plain(args, train, Y, device, dist, out)
+        plain, logs["plain"] = train_plain(args, train, Y, device, dist, out, init)
         if dist.is_main:
             results["plain"] = {name: evaluate_plain(args, plain, split, device) for name, split in tests.items()}
             if unknown is not None:

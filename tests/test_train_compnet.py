@@ -46,6 +46,10 @@ def test_quick_run(tmp_path):
         assert (tmp_path / f"preview_{name}.png").stat().st_size > 0
     checkpoint = torch.load(tmp_path / "grouped.pt", weights_only=True)
     assert checkpoint["config"]["seed"] == 1 and "memory" in checkpoint
+    pretrain = metrics["training"]["pretrain"]  # --init pretrained (default): a classifier of other classes first
+    assert pretrain["classes"] == train_compnet.QUICK["pretrain_classes"] and 0.0 <= pretrain["test_accuracy"] <= 1.0
+    assert set(torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]) == set(
+        train_compnet.FeatureNet("cnn", 16, 8).state_dict())
 
 
 def test_quick_never_overrides_explicit_flags():
@@ -60,11 +64,38 @@ def test_quick_never_overrides_explicit_flags():
     (["--steps", "-1"], "--steps"), (["--epochs", "0"], "--epochs"), (["--image-size", "0"], "--image-size"),
     (["--weights", "x.pth"], "--weights"), (["--temperature", "nan"], "--temperature"),
     (["--num-heldout", "9", "--num-classes", "3"], "--num-heldout"), (["--severity", "6"], "--severity"),
-    (["--pose-bins", "0", "6", "4"], "--pose-bins")])
+    (["--pose-bins", "0", "6", "4"], "--pose-bins"), (["--pretrain-classes", "500"], "--pretrain-classes"),
+    (["--pretrain-epochs", "0"], "--pretrain-epochs")])
 def test_nonsense_flags_are_rejected(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
         train_compnet.parse_args(argv)
     assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_pretraining_classes_are_never_known_heldout_occluder_or_clutter_classes():
+    for num_known in (3, 6, 20):
+        classes = set(train_compnet.pretraining_classes(num_known, 48))
+        used = set(range(2 * num_known))  # known 2k and their held-out partners 2k + 1
+        used |= set(range(2 * num_known, 2 * num_known + train_compnet.OCCLUDER_OBJECTS))  # occluder_cutouts
+        assert len(classes) == 48 and not classes & used and not classes & set(train_compnet.CLUTTER_CLASSES)
+
+
+def test_every_model_starts_from_the_pretrained_backbone(tmp_path):
+    """With init, the first forward of each model equals the pretrained FeatureNet's (zero steps of training
+    cannot be asked for, so compare before any step via a zero learning rate)."""
+    torch.manual_seed(0)
+    args = train_compnet.parse_args(["--quick", "--steps", "1", "--lr", "1e-30", "--out", str(tmp_path)])
+    reference = train_compnet.FeatureNet("cnn", args.dim, args.width)
+    init = {k: v.clone() for k, v in reference.state_dict().items()}
+    train, calib, _, _, meshes, _ = train_compnet.load_data(args)
+    dist = train_compnet.runtime.init_distributed(torch.device("cpu"))
+    model, _, _ = train_compnet.train_compnet(args, "grouped", train, calib, meshes, torch.device("cpu"), dist,
+                                              tmp_path, init)
+    plain, _ = train_compnet.train_plain(args, train, len(meshes), torch.device("cpu"), dist, tmp_path, init)
+    for features in (model, plain.features):
+        for key, value in features.state_dict().items():
+            if "running" not in key and "num_batches" not in key:  # BatchNorm statistics move in train mode
+                assert torch.allclose(value, init[key], atol=1e-20), key
 
 
 def test_nothing_runs_at_import():
