@@ -113,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="vertices per cuboid mesh (100 on CPU for 12x12 feature maps; the paper about 500)")
     add("--num-sampled", type=int, default=32, help="N vertices sampled per other class (paper: 32)")
     add("--num-background", type=int, default=None, help="background bank N_b (NOVUM 2560)")
+    add("--background-cells", default="vertex_free", choices=["vertex_free", "off_object"],
+        help="cells the background features are sampled from: vertex_free (default, NOVUM's and NeMo's training "
+             "scripts): every cell without a projected vertex; off_object: also outside the object mask (their "
+             "networks' noise_on_mask option)")
     add("--background-per-image", type=int, default=5, help="background features per image and step (NOVUM 5)")
     add("--temperature", type=float, default=0.07, help="T = 1/kappa (NOVUM 0.07)")
     add("--momentum", type=float, default=0.9, help="memory momentum (paper 0.9)")
@@ -351,13 +355,14 @@ def occluder_cutouts(num_known: int, image_size: int, seed: int) -> list[tuple[t
 
 def occluded_split(split: dict, level: int, seed: int, cutouts: list | None = None) -> dict:
     """OccludedPASCAL3D+-style level L1-L3: occluders (object cut-outs, or textured rectangles when `cutouts` is
-    None) over about 10/30/50 % of the object and 30/50/70 % of the background (fixed seed)."""
+    None) over about 10/30/50 % of the object and 30/50/70 % of the background (fixed seed); the split gains
+    occluder_mask (N, S, S)."""
     generator = torch.Generator().manual_seed(seed * 100 + level)
     object_fraction, background_fraction = OCCLUSION_LEVELS[level]
-    images = torch.stack([paste_occluders(image, mask, object_fraction, background_fraction, generator,
-                                          cutouts=cutouts)[0]
-                          for image, mask in zip(split["images"], split["object_mask"])])
-    return {**split, "images": images}
+    pasted = [paste_occluders(image, mask, object_fraction, background_fraction, generator, cutouts=cutouts)
+              for image, mask in zip(split["images"], split["object_mask"])]
+    return {**split, "images": torch.stack([image for image, _ in pasted]),
+            "occluder_mask": torch.stack([mask for _, mask in pasted])}
 
 
 def corrupted_split(split: dict, corruption: str, severity: int, seed: int) -> dict:
@@ -470,14 +475,17 @@ def gather(feature_map: torch.Tensor, uv: torch.Tensor, stride: int) -> torch.Te
 
 
 def background_features(feature_map: torch.Tensor, uv: torch.Tensor, count: int, stride: int,
-                        generator: torch.Generator) -> torch.Tensor:
-    """`count` features (B, count, D) per image at cells holding no projected vertex (NOVUM: off the object)."""
+                        generator: torch.Generator, object_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`count` features (B, count, D) per image at cells holding no projected vertex (NOVUM, NeMo), and with
+    `object_mask` (B, S, S) also no object pixel (NeMo's `noise_on_mask` with the object mask)."""
     B, D, h, w = feature_map.shape
     cell = (uv / stride).floor().long()
     inside = (cell[..., 0] >= 0) & (cell[..., 0] < w) & (cell[..., 1] >= 0) & (cell[..., 1] < h)
     occupied = torch.zeros(B, h * w, device=uv.device)
     index = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)
     occupied.scatter_add_(1, index, inside.float())
+    if object_mask is not None:
+        occupied += F.adaptive_max_pool2d(object_mask[:, None].float(), (h, w)).flatten(1)
     keys = torch.rand(B, h * w, generator=generator).to(uv.device) + 2 * (occupied > 0).float()
     chosen = keys.argsort(1)[:, :count]  # free cells first
     return feature_map.flatten(2).transpose(1, 2).gather(1, chosen[..., None].expand(-1, -1, D))
@@ -621,7 +629,9 @@ def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, 
             batch_uv, batch_visible = uv[index].to(device), visible[index].to(device)
             feature_map = F.normalize(ddp_model(images), dim=1)
             vertex_features = gather(feature_map, batch_uv, model.stride)
-            clutter = background_features(feature_map, batch_uv, cfg.background_per_image, model.stride, generator)
+            off_object = train["object_mask"][index].to(device) if cfg.background_cells == "off_object" else None
+            clutter = background_features(feature_map, batch_uv, cfg.background_per_image, model.stride, generator,
+                                          off_object)
             loss = grouped_vmf_contrast(
                 vertex_features, batch_uv, batch_visible, labels, memory, omega=omega,
                 num_sampled=cfg.num_sampled if mode == "grouped" else None, temperature=cfg.temperature,
@@ -772,6 +782,43 @@ def evaluate_compnet(cfg: argparse.Namespace, model: FeatureNet, memory: VertexM
     metrics = dict(accuracy=float((predicted == split["labels"]).float().mean()),
                    **pose_metrics(pose_errors(split, *angles.unbind(1))))
     return metrics, maps, estimates
+
+
+@torch.no_grad()
+def occlusion_evidence(memory: VertexMemory, clean_maps: torch.Tensor, occluded_maps: torch.Tensor, split: dict,
+                       chunk: int = 64) -> dict:
+    """Where Eq. 7 finds the true class under occlusion (diagnostic, not in the paper). A cell's evidence for
+    class y is max(0, max_k f.C^y_k - max_n f.beta_n): what it adds to S_y beyond the background score that
+    every class gets. Object cells: at least half object pixels; occluder cells: at least half occluded.
+    clean_maps, occluded_maps: (N, D, h, w) of the same images without and with occluders."""
+    h, w = clean_maps.shape[-2:]
+    cells = lambda mask: F.adaptive_avg_pool2d(mask[:, None].float(), (h, w)).flatten(1) >= 0.5  # (N, h w)
+    object_cells, occluder_cells = cells(split["object_mask"]), cells(split["occluder_mask"])
+    visible = object_cells & ~occluder_cells
+    labels = split["labels"]
+    rows = [memory.vertex_class == y for y in range(memory.num_classes)]
+    totals = dict(occluded=0.0, clean=0.0, correct_without_occluder_cells=0.0)
+    for i in range(0, len(labels), chunk):
+        evidence = {}
+        for name, maps in (("occluded", occluded_maps), ("clean", clean_maps)):
+            f = maps[i:i + chunk].flatten(2).transpose(1, 2)  # (B, h w, D)
+            similarity = f @ memory.vertices.T
+            per_class = torch.stack([similarity[..., r].max(-1).values for r in rows], -1)  # (B, h w, Y)
+            background = (f @ memory.background.T).max(-1).values[..., None]
+            evidence[name] = (per_class - background).clamp(min=0)
+            if name == "occluded":
+                kept = ~occluder_cells[i:i + chunk, :, None]  # Eq. 7 without the occluder cells (oracle)
+                scores = (torch.maximum(per_class, background) * kept).sum(1)
+                totals["correct_without_occluder_cells"] += float((scores.argmax(1).cpu() == labels[i:i + chunk]).sum())
+        label = labels[i:i + chunk].to(clean_maps.device)[:, None, None].expand(-1, h * w, 1)
+        for name in ("occluded", "clean"):
+            true_class = evidence[name].gather(2, label)[..., 0]
+            totals[name] += float((true_class * visible[i:i + chunk].to(true_class.device)).sum())
+    n = len(labels)
+    return dict(visible_object_cells=float(visible.float().sum(1).mean()),
+                true_class_evidence_occluded=totals["occluded"] / n,
+                true_class_evidence_same_cells_clean=totals["clean"] / n,
+                accuracy_without_occluder_cells=totals["correct_without_occluder_cells"] / n)
 
 
 def evaluate_unknown(cfg: argparse.Namespace, model: FeatureNet, memory: VertexMemory, meshes: list[Mesh],
@@ -946,11 +993,17 @@ def main(argv: list[str] | None = None) -> dict:
         model, memory, logs[mode] = train_compnet(args, mode, train, calib, meshes, device, dist, out, init)
         if dist.is_main:
             results[mode] = {}
+            occlusion_maps = {}
             for split_name, split in tests.items():
                 results[mode][split_name], maps, estimates = evaluate_compnet(args, model, memory, meshes, split,
                                                                              device, grid_cache)
                 if split_name in ("iid", "occlusion_L2", "snow"):  # keep the first 3 images for the previews
                     preview_data[(mode, split_name)] = (model, memory, subset(split, slice(0, 3)), maps[:3], estimates)
+                if split_name == "iid" or split_name.startswith("occlusion_L"):
+                    occlusion_maps[split_name] = maps
+            logs[mode]["occlusion_evidence"] = {
+                name: occlusion_evidence(memory, occlusion_maps["iid"], maps, tests[name])
+                for name, maps in occlusion_maps.items() if name != "iid"}
             if unknown is not None:
                 results[mode]["unknown_class_pose"] = evaluate_unknown(args, model, memory, meshes, unknown, device,
                                                                        grid_cache)

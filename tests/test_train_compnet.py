@@ -46,6 +46,10 @@ def test_quick_run(tmp_path):
         assert (tmp_path / f"preview_{name}.png").stat().st_size > 0
     checkpoint = torch.load(tmp_path / "grouped.pt", weights_only=True)
     assert checkpoint["config"]["seed"] == 1 and "memory" in checkpoint
+    evidence = metrics["training"]["grouped"]["occlusion_evidence"]
+    assert set(evidence) == {"occlusion_L1", "occlusion_L2", "occlusion_L3"}
+    assert all(v["true_class_evidence_occluded"] >= 0 and 0 <= v["accuracy_without_occluder_cells"] <= 1
+               for v in evidence.values())
     pretrain = metrics["training"]["pretrain"]  # --init pretrained (default): a classifier of other classes first
     assert pretrain["classes"] == train_compnet.QUICK["pretrain_classes"] and 0.0 <= pretrain["test_accuracy"] <= 1.0
     assert set(torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]) == set(
@@ -252,3 +256,53 @@ def test_quick_run_on_real_data_layouts(tmp_path, layout):
     assert metrics["class_names"] == ["bus", "car"]
     for split in ("iid", "occlusion_L3", "snow", "unknown_class_pose"):  # OOD splits made from the test images
         assert all(math.isfinite(v) for v in finite_values(metrics["results"]["grouped"][split]))
+
+
+def test_occlusion_evidence_matches_a_loop_over_cells():
+    """The diagnostic against dense loops: per image and cell, the true class's best vertex minus the best
+    background feature, clamped at 0, summed over the visible object cells; Eq. 7 without occluder cells."""
+    g = torch.Generator().manual_seed(0)
+    memory = train_compnet.VertexMemory([3, 4, 2], dim=5, num_background=6, generator=g)
+    N, S, h = 5, 8, 4  # 2 x 2 pixels per cell
+    clean = torch.nn.functional.normalize(torch.randn(N, 5, h, h, generator=g), dim=1)
+    occluded = torch.nn.functional.normalize(torch.randn(N, 5, h, h, generator=g), dim=1)
+    split = dict(labels=torch.tensor([0, 1, 2, 1, 0]), object_mask=torch.rand(N, S, S, generator=g) > 0.4,
+                 occluder_mask=torch.rand(N, S, S, generator=g) > 0.6)
+    result = train_compnet.occlusion_evidence(memory, clean, occluded, split, chunk=2)
+    visible_count, sums, correct = 0, {"occluded": 0.0, "clean": 0.0}, 0
+    for n in range(N):
+        label, scores = int(split["labels"][n]), torch.zeros(3)
+        for r in range(h):
+            for c in range(h):
+                block = (slice(2 * r, 2 * r + 2), slice(2 * c, 2 * c + 2))
+                is_object = split["object_mask"][n][block].float().mean() >= 0.5
+                is_occluder = split["occluder_mask"][n][block].float().mean() >= 0.5
+                for name, maps in (("occluded", occluded), ("clean", clean)):
+                    f = maps[n, :, r, c]
+                    best = [max(float(f @ memory.vertices[k]) for k in range(9) if memory.vertex_class[k] == y)
+                            for y in range(3)]
+                    background = max(float(f @ b) for b in memory.background)
+                    if is_object and not is_occluder:
+                        sums[name] += max(0.0, best[label] - background)
+                    if name == "occluded" and not is_occluder:
+                        scores += torch.tensor([max(b, background) for b in best])
+                visible_count += int(is_object and not is_occluder)
+        correct += int(int(scores.argmax()) == label)
+    assert result["visible_object_cells"] == pytest.approx(visible_count / N)
+    assert result["true_class_evidence_occluded"] == pytest.approx(sums["occluded"] / N, abs=1e-6)
+    assert result["true_class_evidence_same_cells_clean"] == pytest.approx(sums["clean"] / N, abs=1e-6)
+    assert result["accuracy_without_occluder_cells"] == pytest.approx(correct / N)
+    assert sums["occluded"] > 0 and sums["clean"] > 0  # the case exercises the clamp's positive side
+
+
+def test_background_cells_off_object_avoid_the_object():
+    g = torch.Generator().manual_seed(0)
+    feature_map = torch.randn(2, 3, 6, 6, generator=g)
+    feature_map[:, :, 1:4, 1:4] += 100.0  # object cells carry a marker
+    object_mask = torch.zeros(2, 48, 48, dtype=torch.bool)
+    object_mask[:, 8:32, 8:32] = True  # cells 1..3 at stride 8
+    uv = torch.tensor([[[12.0, 12.0], [40.0, 40.0]]]).expand(2, -1, -1)  # one vertex on the object, one off it
+    picked = train_compnet.background_features(feature_map, uv, 20, 8, g, object_mask)
+    assert (picked.abs() < 50).all()  # no object cell among 20 of the 26 free cells
+    default = train_compnet.background_features(feature_map, uv, 34, 8, g)  # every vertex-free cell
+    assert (default.abs() > 50).any(-1).sum(1).tolist() == [8, 8]  # the 8 object cells without a vertex
