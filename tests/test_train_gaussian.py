@@ -216,6 +216,24 @@ def test_patch_head_with_class_tokens_equals_the_head_on_appended_features():
     assert float(dense[2].abs().max()) > 0.1  # the heads learnt something
 
 
+def test_patch_head_chunked_over_images_equals_one_chunk():
+    # the loss is a sum over images: computed and differentiated chunk by chunk == over the whole batch at once
+    generator = torch.Generator().manual_seed(5)
+    patches = torch.randn(7, 3, 2, 3, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(7, 2, generator=generator, dtype=torch.float64)
+    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(7)])
+    classes = torch.randint(-1, 4, (7, 20), generator=generator)  # -1 = ignored
+    for class_tokens in (None, tokens):
+        whole = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64, class_tokens,
+                                       pixels_per_chunk=7 * 20)
+        for pixels_per_chunk in (1, 40):  # one image per chunk; chunks of 2 images and a last one of 1
+            chunked = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64,
+                                             class_tokens, pixels_per_chunk=pixels_per_chunk)
+            for a, b in zip(whole, chunked):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert float(whole[2].abs().max()) > 0.1  # the heads learnt something
+
+
 def test_assembly_combines_patches_and_keeps_the_original_class_token():
     generator = torch.Generator().manual_seed(4)
     original = (torch.randn(2, 3, 2, 2, generator=generator), torch.randn(2, 3, generator=generator))
