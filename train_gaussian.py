@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # data
     parser.add_argument("--num-scenes", type=int, default=None, help="synthetic rooms lifted for fine-tuning (2)")
     parser.add_argument("--frames", type=int, default=None, help="views per lifted scene (24)")
+    parser.add_argument("--view-step", type=float, default=6.0,
+                        help="degrees the camera turns between consecutive views of a synthetic lifted room (6)")
     parser.add_argument("--height", type=int, default=None, help="image height (84; multiples of 14 avoid resizing)")
     parser.add_argument("--width", type=int, default=None, help="image width (112)")
     parser.add_argument("--camera-jitter", type=float, default=1.0,
@@ -191,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("height", "width"):
         if not getattr(args, name) >= 14:
             parser.error(f"--{name} must be at least 14 pixels (one ViT patch), got {getattr(args, name)}")
+    if not 0 <= args.view_step <= 45:
+        parser.error(f"--view-step must be in [0, 45] degrees, got {args.view_step}")
     if args.max_gaussians < 0:
         parser.error(f"--max-gaussians must be >= 0 (0 = unlimited), got {args.max_gaussians}")
     if not 0 <= args.sh_degree <= 3:
@@ -756,18 +760,17 @@ def cross_view_consistency(features: Tensor, depths: Tensor, viewmats: Tensor, K
         raise ValueError(f"features must hold at least 2 views, got {len(features)}")
     matched, shuffled = [], []
     height, width = depths.shape[-2:]
-    normalised = F.normalize(features.float(), dim=1)
     generator = torch.Generator().manual_seed(0)
     for a in range(len(features) - 1):
         b = a + 1
         points = unproject_depth(depths[a], viewmats[a], Ks[a])[::stride, ::stride].reshape(-1, 3)
-        source = normalised[a][:, ::stride, ::stride].reshape(features.shape[1], -1)
+        source = F.normalize(features[a][:, ::stride, ::stride].reshape(features.shape[1], -1).float(), dim=0)
         uv, z = project(points, viewmats[b], Ks[b])
         u, v = uv[:, 0].floor().long(), uv[:, 1].floor().long()
         inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
         u, v = u.clamp(0, width - 1), v.clamp(0, height - 1)
         visible = inside & ((depths[b][v, u] - z).abs() < 0.05 * z)
-        target = normalised[b][:, v, u]
+        target = F.normalize(features[b][:, v, u].float(), dim=0)  # only the compared pixels are normalised
         matched.append((source * target).sum(0)[visible])
         shuffle = torch.randperm(len(u), generator=generator)
         shuffled.append((source * target[:, shuffle]).sum(0)[visible])
@@ -863,18 +866,21 @@ def fit_probes(train_features: tuple[Tensor, Tensor], labels: Tensor | None, dep
 
 def evaluate_probes(predictors: dict, features: tuple[Tensor, Tensor], labels: Tensor | None,
                     depths: Tensor | None, num_classes: int) -> tuple[dict, dict]:
-    """mIoU / mAcc / aAcc and RMSE / AbsRel over all test pixels; also the predicted maps."""
+    """mIoU / mAcc / aAcc and RMSE / AbsRel over all test pixels; also the predicted maps.
+
+    Two frames at a time: the depth head's (frames, 256, H, W) logits then stay about 20 MB, which the allocator
+    reuses, instead of a fresh large buffer page-faulted in every batch (the maps are the same)."""
     patches, tokens = features
     size = tuple((labels if labels is not None else depths).shape[-2:])
     metrics, maps = {}, {}
     with torch.no_grad():
         if "segmentation" in predictors:
-            maps["segmentation"] = torch.cat([predictors["segmentation"](patches[i : i + 16], tokens[i : i + 16], size)
-                                              for i in range(0, len(patches), 16)])
+            maps["segmentation"] = torch.cat([predictors["segmentation"](patches[i : i + 2], tokens[i : i + 2], size)
+                                              for i in range(0, len(patches), 2)])
             metrics.update(segmentation_metrics(maps["segmentation"], labels, num_classes, ignore_index=IGNORE))
         if "depth" in predictors:
-            maps["depth"] = torch.cat([predictors["depth"](patches[i : i + 16], tokens[i : i + 16], size)
-                                       for i in range(0, len(patches), 16)])
+            maps["depth"] = torch.cat([predictors["depth"](patches[i : i + 2], tokens[i : i + 2], size)
+                                       for i in range(0, len(patches), 2)])
             metrics.update(depth_metrics(maps["depth"], depths))
     return metrics, maps
 
@@ -1092,7 +1098,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # lifted, pretraining and probe rooms never overlap (the *_ROOM_OFFSET constants)
         first_lifted = args.seed * 1000 + LIFT_ROOM_OFFSET
         scenes = synthetic_scenes(range(first_lifted, first_lifted + args.num_scenes), args.frames,
-                                  args.height, args.width, jitter=args.camera_jitter)
+                                  args.height, args.width, step_degrees=args.view_step, jitter=args.camera_jitter)
     metrics_path = out_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if (args.resume and metrics_path.exists()) else {}
     metrics["config"] = vars(args)
