@@ -154,6 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-resize", choices=["bilinear", "area"], default="bilinear",
                         help="how rendered features are resized to the patch grid for Stage II: bilinear (official "
                              "code, default) or area (mean over each patch's pixels)")
+    parser.add_argument("--finetune-targets", choices=["rendered", "smoothed-original"], default="rendered",
+                        help="Stage II targets: the rendered 3D-aware features (FiT3D, default) or, as a diagnostic "
+                             "control, the original's own patch features of the same view smoothed in 2D (Gaussian, "
+                             "sigma = half a patch): a change toward smoother features without 3D fusion")
     parser.add_argument("--grad-clip", type=float, default=0.1,
                         help="gradient-norm clip of Stage II (official code 0.1, not in the paper; 0 = off)")
     # probes
@@ -699,6 +703,21 @@ def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int,
     return torch.stack(targets)
 
 
+def smoothed_original_targets(scenes: dict, original, samples: list, device: torch.device) -> Tensor:
+    """The control targets of --finetune-targets smoothed-original: the original ViT's patch features of every
+    training view (S, D, h, w), each patch averaged with its neighbours in the same image by a 3 x 3 Gaussian
+    of sigma = half a patch (replicate padding). Smooth like the renders, but without fusing views in 3D."""
+    offsets = torch.tensor([-1.0, 0.0, 1.0])
+    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 0.5**2))
+    kernel = (kernel / kernel.sum()).to(device)
+    with torch.no_grad():
+        patches = torch.stack([vit_features(original, scenes[name]["images"][view : view + 1].to(device))[0]
+                               for name, view in samples])
+        channels = patches.shape[1]
+        padded = F.pad(patches, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(padded, kernel.expand(channels, 1, 3, 3), groups=channels)
+
+
 def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Path, rasterize: Callable, dist,
                    device: torch.device) -> tuple:
     """AdamW on the L1 between the ViT's patch features and the rendered features (random hflip)."""
@@ -707,7 +726,13 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]), cfg.test_every)[0]]
     first = scenes[samples[0][0]]["images"]
     grid = (first.shape[-2] // original.patch_size, first.shape[-1] // original.patch_size)
-    targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
+    if cfg.finetune_targets == "smoothed-original":  # diagnostic control: no 3D fusion in the targets
+        targets = smoothed_original_targets(scenes, original, samples, device)
+    else:
+        targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
+    with torch.no_grad():  # how far the targets are from the original's own features of the same views
+        start_l1 = float(torch.stack([(vit_features(original, scenes[name]["images"][view : view + 1].to(device))[0]
+                                       - targets[index]).abs().mean() for index, (name, view) in enumerate(samples)]).mean())
     finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
@@ -739,7 +764,7 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
         raise FloatingPointError("non-finite loss in Stage II")
     finetuned.eval()
     per_epoch = [sum(part) / len(part) for part in np.array_split(np.array(losses), cfg.epochs) if len(part)]
-    return finetuned, {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+    return finetuned, {"steps": len(losses), "targets_L1_to_original": start_l1, "loss_first": losses[0], "loss_last": losses[-1],
                        "loss_per_epoch": [float(value) for value in per_epoch]}
 
 
