@@ -720,7 +720,10 @@ def smoothed_original_targets(scenes: dict, original, samples: list, device: tor
 
 def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Path, rasterize: Callable, dist,
                    device: torch.device) -> tuple:
-    """AdamW on the L1 between the ViT's patch features and the rendered features (random hflip)."""
+    """AdamW on the L1 between the ViT's patch features and the rendered features (random hflip), or the control
+    targets of --finetune-targets smoothed-original. Returns the fine-tuned ViT and a report: steps, the mean L1
+    of the targets to the original's own features of the same views, the loss of the first and last step and
+    per epoch."""
     models = {name: load_scene(out_dir / "scenes" / f"{name}.pt", map_location=device).to(device).eval()
               for name in scenes}
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]), cfg.test_every)[0]]
@@ -731,8 +734,9 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
     else:
         targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
     with torch.no_grad():  # how far the targets are from the original's own features of the same views
-        start_l1 = float(torch.stack([(vit_features(original, scenes[name]["images"][view : view + 1].to(device))[0]
-                                       - targets[index]).abs().mean() for index, (name, view) in enumerate(samples)]).mean())
+        distances = [(vit_features(original, scenes[name]["images"][view : view + 1].to(device))[0] - targets[index])
+                     .abs().mean() for index, (name, view) in enumerate(samples)]
+        targets_l1 = float(torch.stack(distances).mean())
     finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
@@ -764,8 +768,8 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
         raise FloatingPointError("non-finite loss in Stage II")
     finetuned.eval()
     per_epoch = [sum(part) / len(part) for part in np.array_split(np.array(losses), cfg.epochs) if len(part)]
-    return finetuned, {"steps": len(losses), "targets_L1_to_original": start_l1, "loss_first": losses[0], "loss_last": losses[-1],
-                       "loss_per_epoch": [float(value) for value in per_epoch]}
+    return finetuned, {"steps": len(losses), "targets_L1_to_original": targets_l1, "loss_first": losses[0],
+                       "loss_last": losses[-1], "loss_per_epoch": [float(value) for value in per_epoch]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1145,8 +1149,9 @@ def main(argv: list[str] | None = None) -> dict:
         finetuned, metrics["finetune"] = stage_finetune(scenes, original, args, out_dir, rasterize, dist, device)
         if dist.is_main:
             save_dinov2(finetuned, finetuned_path)
-            print(f"Stage II: {metrics['finetune']['steps']} steps, L1 {metrics['finetune']['loss_first']:.4f} -> "
-                  f"{metrics['finetune']['loss_last']:.4f}")
+            print(f"Stage II: {metrics['finetune']['steps']} steps toward targets at L1 "
+                  f"{metrics['finetune']['targets_L1_to_original']:.4f} from the original's features, L1 "
+                  f"{metrics['finetune']['loss_first']:.4f} -> {metrics['finetune']['loss_last']:.4f}")
     if not dist.is_main:
         return metrics
     if not finetuned_path.exists():
