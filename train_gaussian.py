@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # data
     parser.add_argument("--num-scenes", type=int, default=None, help="synthetic rooms lifted for fine-tuning (2)")
     parser.add_argument("--frames", type=int, default=None, help="views per lifted scene (24)")
+    parser.add_argument("--view-step", type=float, default=6.0,
+                        help="degrees the camera turns between consecutive views of a synthetic lifted room (6)")
     parser.add_argument("--height", type=int, default=None, help="image height (84; multiples of 14 avoid resizing)")
     parser.add_argument("--width", type=int, default=None, help="image width (112)")
     parser.add_argument("--camera-jitter", type=float, default=1.0,
@@ -152,6 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-resize", choices=["bilinear", "area"], default="bilinear",
                         help="how rendered features are resized to the patch grid for Stage II: bilinear (official "
                              "code, default) or area (mean over each patch's pixels)")
+    parser.add_argument("--finetune-targets", choices=["rendered", "smoothed-original"], default="rendered",
+                        help="Stage II targets: the rendered 3D-aware features (FiT3D, default) or, as a diagnostic "
+                             "control, the original's own patch features of the same view smoothed in 2D (Gaussian, "
+                             "sigma = half a patch): a change toward smoother features without 3D fusion")
     parser.add_argument("--grad-clip", type=float, default=0.1,
                         help="gradient-norm clip of Stage II (official code 0.1, not in the paper; 0 = off)")
     # probes
@@ -191,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("height", "width"):
         if not getattr(args, name) >= 14:
             parser.error(f"--{name} must be at least 14 pixels (one ViT patch), got {getattr(args, name)}")
+    if not 0 <= args.view_step <= 45:
+        parser.error(f"--view-step must be in [0, 45] degrees, got {args.view_step}")
     if args.max_gaussians < 0:
         parser.error(f"--max-gaussians must be >= 0 (0 = unlimited), got {args.max_gaussians}")
     if not 0 <= args.sh_degree <= 3:
@@ -695,15 +703,40 @@ def rendered_targets(scenes: dict, models: dict, samples: list, grid: tuple[int,
     return torch.stack(targets)
 
 
+def smoothed_original_targets(scenes: dict, original, samples: list, device: torch.device) -> Tensor:
+    """The control targets of --finetune-targets smoothed-original: the original ViT's patch features of every
+    training view (S, D, h, w), each patch averaged with its neighbours in the same image by a 3 x 3 Gaussian
+    of sigma = half a patch (replicate padding). Smooth like the renders, but without fusing views in 3D."""
+    offsets = torch.tensor([-1.0, 0.0, 1.0])
+    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 0.5**2))
+    kernel = (kernel / kernel.sum()).to(device)
+    with torch.no_grad():
+        patches = torch.stack([vit_features(original, scenes[name]["images"][view : view + 1].to(device))[0]
+                               for name, view in samples])
+        channels = patches.shape[1]
+        padded = F.pad(patches, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(padded, kernel.expand(channels, 1, 3, 3), groups=channels)
+
+
 def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Path, rasterize: Callable, dist,
                    device: torch.device) -> tuple:
-    """AdamW on the L1 between the ViT's patch features and the rendered features (random hflip)."""
+    """AdamW on the L1 between the ViT's patch features and the rendered features (random hflip), or the control
+    targets of --finetune-targets smoothed-original. Returns the fine-tuned ViT and a report: steps, the mean L1
+    of the targets to the original's own features of the same views, the loss of the first and last step and
+    per epoch."""
     models = {name: load_scene(out_dir / "scenes" / f"{name}.pt", map_location=device).to(device).eval()
               for name in scenes}
     samples = [(name, v) for name in scenes for v in split_views(len(scenes[name]["images"]), cfg.test_every)[0]]
     first = scenes[samples[0][0]]["images"]
     grid = (first.shape[-2] // original.patch_size, first.shape[-1] // original.patch_size)
-    targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
+    if cfg.finetune_targets == "smoothed-original":  # diagnostic control: no 3D fusion in the targets
+        targets = smoothed_original_targets(scenes, original, samples, device)
+    else:
+        targets = rendered_targets(scenes, models, samples, grid, rasterize, device, cfg.target_resize)
+    with torch.no_grad():  # how far the targets are from the original's own features of the same views
+        distances = [(vit_features(original, scenes[name]["images"][view : view + 1].to(device))[0] - targets[index])
+                     .abs().mean() for index, (name, view) in enumerate(samples)]
+        targets_l1 = float(torch.stack(distances).mean())
     finetuned = copy.deepcopy(original).train()
     finetuned.mask_token.requires_grad_(False)  # only used for iBOT masking; DDP needs every param used
     student = runtime.wrap_ddp(PatchFeatures(finetuned), dist)
@@ -735,8 +768,8 @@ def stage_finetune(scenes: dict, original, cfg: argparse.Namespace, out_dir: Pat
         raise FloatingPointError("non-finite loss in Stage II")
     finetuned.eval()
     per_epoch = [sum(part) / len(part) for part in np.array_split(np.array(losses), cfg.epochs) if len(part)]
-    return finetuned, {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
-                       "loss_per_epoch": [float(value) for value in per_epoch]}
+    return finetuned, {"steps": len(losses), "targets_L1_to_original": targets_l1, "loss_first": losses[0],
+                       "loss_last": losses[-1], "loss_per_epoch": [float(value) for value in per_epoch]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -756,18 +789,17 @@ def cross_view_consistency(features: Tensor, depths: Tensor, viewmats: Tensor, K
         raise ValueError(f"features must hold at least 2 views, got {len(features)}")
     matched, shuffled = [], []
     height, width = depths.shape[-2:]
-    normalised = F.normalize(features.float(), dim=1)
     generator = torch.Generator().manual_seed(0)
     for a in range(len(features) - 1):
         b = a + 1
         points = unproject_depth(depths[a], viewmats[a], Ks[a])[::stride, ::stride].reshape(-1, 3)
-        source = normalised[a][:, ::stride, ::stride].reshape(features.shape[1], -1)
+        source = F.normalize(features[a][:, ::stride, ::stride].reshape(features.shape[1], -1).float(), dim=0)
         uv, z = project(points, viewmats[b], Ks[b])
         u, v = uv[:, 0].floor().long(), uv[:, 1].floor().long()
         inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
         u, v = u.clamp(0, width - 1), v.clamp(0, height - 1)
         visible = inside & ((depths[b][v, u] - z).abs() < 0.05 * z)
-        target = normalised[b][:, v, u]
+        target = F.normalize(features[b][:, v, u].float(), dim=0)  # only the compared pixels are normalised
         matched.append((source * target).sum(0)[visible])
         shuffle = torch.randperm(len(u), generator=generator)
         shuffled.append((source * target[:, shuffle]).sum(0)[visible])
@@ -863,18 +895,21 @@ def fit_probes(train_features: tuple[Tensor, Tensor], labels: Tensor | None, dep
 
 def evaluate_probes(predictors: dict, features: tuple[Tensor, Tensor], labels: Tensor | None,
                     depths: Tensor | None, num_classes: int) -> tuple[dict, dict]:
-    """mIoU / mAcc / aAcc and RMSE / AbsRel over all test pixels; also the predicted maps."""
+    """mIoU / mAcc / aAcc and RMSE / AbsRel over all test pixels; also the predicted maps.
+
+    Two frames at a time: the depth head's (frames, 256, H, W) logits then stay about 20 MB, which the allocator
+    reuses, instead of a fresh large buffer page-faulted in every batch (the maps are the same)."""
     patches, tokens = features
     size = tuple((labels if labels is not None else depths).shape[-2:])
     metrics, maps = {}, {}
     with torch.no_grad():
         if "segmentation" in predictors:
-            maps["segmentation"] = torch.cat([predictors["segmentation"](patches[i : i + 16], tokens[i : i + 16], size)
-                                              for i in range(0, len(patches), 16)])
+            maps["segmentation"] = torch.cat([predictors["segmentation"](patches[i : i + 2], tokens[i : i + 2], size)
+                                              for i in range(0, len(patches), 2)])
             metrics.update(segmentation_metrics(maps["segmentation"], labels, num_classes, ignore_index=IGNORE))
         if "depth" in predictors:
-            maps["depth"] = torch.cat([predictors["depth"](patches[i : i + 16], tokens[i : i + 16], size)
-                                       for i in range(0, len(patches), 16)])
+            maps["depth"] = torch.cat([predictors["depth"](patches[i : i + 2], tokens[i : i + 2], size)
+                                       for i in range(0, len(patches), 2)])
             metrics.update(depth_metrics(maps["depth"], depths))
     return metrics, maps
 
@@ -1092,7 +1127,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # lifted, pretraining and probe rooms never overlap (the *_ROOM_OFFSET constants)
         first_lifted = args.seed * 1000 + LIFT_ROOM_OFFSET
         scenes = synthetic_scenes(range(first_lifted, first_lifted + args.num_scenes), args.frames,
-                                  args.height, args.width, jitter=args.camera_jitter)
+                                  args.height, args.width, step_degrees=args.view_step, jitter=args.camera_jitter)
     metrics_path = out_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if (args.resume and metrics_path.exists()) else {}
     metrics["config"] = vars(args)
@@ -1114,8 +1149,9 @@ def main(argv: list[str] | None = None) -> dict:
         finetuned, metrics["finetune"] = stage_finetune(scenes, original, args, out_dir, rasterize, dist, device)
         if dist.is_main:
             save_dinov2(finetuned, finetuned_path)
-            print(f"Stage II: {metrics['finetune']['steps']} steps, L1 {metrics['finetune']['loss_first']:.4f} -> "
-                  f"{metrics['finetune']['loss_last']:.4f}")
+            print(f"Stage II: {metrics['finetune']['steps']} steps toward targets at L1 "
+                  f"{metrics['finetune']['targets_L1_to_original']:.4f} from the original's features, L1 "
+                  f"{metrics['finetune']['loss_first']:.4f} -> {metrics['finetune']['loss_last']:.4f}")
     if not dist.is_main:
         return metrics
     if not finetuned_path.exists():

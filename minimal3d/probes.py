@@ -252,47 +252,65 @@ def _check_patch_inputs(features: Tensor, targets: Tensor, name: str) -> None:
 
 def _fit_patch_head(features: Tensor, image_size: tuple[int, int], pixels: Tensor, classes: Tensor,
                     num_classes: int, weight_decay: float, max_iter: int, dtype: torch.dtype,
-                    class_tokens: Tensor | None = None) -> tuple:
+                    class_tokens: Tensor | None = None, pixels_per_chunk: int = 4096) -> tuple:
     """Cross-entropy of upsampled logits at the chosen pixels (B, P) of every image, full-batch L-BFGS.
 
     With ``class_tokens`` (B, C') the head sees every patch feature with its image's class token appended
     (``with_class_token``), computed without repeating the token: its half of the logits is one (B, K)
     product, constant over an image's patches, so upsampling (weights summing to 1) passes it unchanged to
     every pixel, and its standardisation statistics over the B * h * w repeated rows are those over the B
-    tokens. Returns mean, std, weight of the appended features (C + C').
+    tokens. The loss is a sum over images, so every L-BFGS evaluation computes and differentiates it one
+    chunk of images (about ``pixels_per_chunk`` pixels) at a time: the same loss and gradient up to float
+    rounding, without allocating the (pixels, K) logits of the whole batch afresh in every evaluation.
+    Returns mean, std, weight of the appended features (C + C').
     """
     batch, channels, h, w = features.shape
     flat = features.detach().to(dtype).permute(0, 2, 3, 1).reshape(-1, channels)  # (B*h*w, C)
     mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp_min(1e-6)
     standardised = (flat - mean) / std
-    indices, weights = bilinear_taps((h, w), image_size, pixels.reshape(-1))
+    indices, weights = bilinear_taps((h, w), image_size, pixels.reshape(-1))  # into one image's h*w grid
     image_of_pixel = torch.arange(batch).repeat_interleave(pixels.shape[1])
-    indices = indices + (image_of_pixel * h * w)[:, None]
     classes = classes.reshape(-1)
     keep = classes >= 0
     indices, weights, classes, image_of_pixel = indices[keep], weights[keep], classes[keep], image_of_pixel[keep]
     width = channels
+    standardised_tokens = None
     if class_tokens is not None:
         tokens = class_tokens.detach().to(dtype)
         token_mean, token_std = tokens.mean(0), tokens.std(0, unbiased=False).clamp_min(1e-6)
         standardised_tokens = (tokens - token_mean) / token_std  # (B, C')
         mean, std, width = torch.cat([mean, token_mean]), torch.cat([std, token_std]), channels + tokens.shape[1]
-    rows = torch.arange(len(classes)).repeat_interleave(4)
-    upsampling = torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1).to(dtype),
-                                         (len(classes), batch * h * w), check_invariants=True)
-    upsampling = upsampling.coalesce()  # (P, B*h*w) with the 4 bilinear taps of each pixel in its row
+    images_per_chunk = max(1, pixels_per_chunk // pixels.shape[1])
+    chunks = []  # (first image, last image, upsampling, image of each pixel in the chunk, classes)
+    for first in range(0, batch, images_per_chunk):
+        last = min(first + images_per_chunk, batch)
+        inside = (image_of_pixel >= first) & (image_of_pixel < last)
+        local_image = image_of_pixel[inside] - first
+        columns = indices[inside] + (local_image * h * w)[:, None]  # into the chunk's (last - first)*h*w rows
+        rows = torch.arange(len(columns)).repeat_interleave(4)
+        upsampling = torch.sparse_coo_tensor(torch.stack([rows, columns.reshape(-1)]),
+                                             weights[inside].reshape(-1).to(dtype),
+                                             (len(columns), (last - first) * h * w), check_invariants=True)
+        # (P_chunk, chunk's h*w rows) with the 4 bilinear taps of each pixel in its row
+        chunks.append((first, last, upsampling.coalesce(), local_image, classes[inside]))
+    count = len(classes)
     weight = torch.zeros(width, num_classes, dtype=dtype, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        patch_logits = standardised @ weight[:channels] + bias  # (B*h*w, K): the 1x1 convolution on the patch grid
-        pixel_logits = torch.sparse.mm(upsampling, patch_logits)  # bilinearly upsampled logits at the pixels
-        if class_tokens is not None:  # the class token's half, the same for every pixel of an image
-            pixel_logits = pixel_logits + (standardised_tokens @ weight[channels:])[image_of_pixel]
-        loss = F.cross_entropy(pixel_logits, classes) + weight_decay * weight.square().sum()
+        loss = weight_decay * weight.square().sum()
         loss.backward()
+        for first, last, upsampling, local_image, chunk_classes in chunks:
+            # the 1x1 convolution on the chunk's patch grid (chunk*h*w, K), bilinearly upsampled to its pixels
+            patch_logits = standardised[first * h * w : last * h * w] @ weight[:channels] + bias
+            pixel_logits = torch.sparse.mm(upsampling, patch_logits)
+            if standardised_tokens is not None:  # the class token's half, the same for every pixel of an image
+                pixel_logits = pixel_logits + (standardised_tokens[first:last] @ weight[channels:])[local_image]
+            part = F.cross_entropy(pixel_logits, chunk_classes, reduction="sum") / count
+            part.backward()
+            loss = loss + part.detach()
         return loss
 
     optimizer.step(closure)

@@ -58,7 +58,9 @@ def test_quick_run_writes_claims_and_files(tmp_path):
                                          (["--probe-train-frames", "0"], "--probe-train-frames"),
                                          (["--probe-train-scenes", "450", "--probe-test-scenes", "60"],
                                           "--probe-train-scenes"),
-                                         (["--pretrain-task", "depth"], "--pretrain-task")])
+                                         (["--pretrain-task", "depth"], "--pretrain-task"),
+                                         (["--view-step", "50"], "--view-step"),
+                                         (["--finetune-targets", "blurred"], "--finetune-targets")])
 def test_nonsense_flags_are_rejected_before_work(flags, name, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         script.main(flags + ["--out", str(tmp_path / "never")])
@@ -93,6 +95,27 @@ def test_stage0_pretraining_changes_the_original_and_lowers_its_loss(tmp_path):
     assert report is None
     torch.manual_seed(args.seed)
     assert torch.equal(random_backbone.pos_embed, script.build_backbone(arch=args.arch).pos_embed)
+
+
+def test_smoothed_original_targets_are_the_originals_features_blurred_in_2d():
+    torch.manual_seed(0)
+    args = script.parse_args(["--quick"])
+    backbone = script.build_backbone(arch=args.arch).eval()
+    scenes = script.synthetic_scenes(range(3, 4), 2, 28, 42)
+    samples = [("room00003", 0), ("room00003", 1)]
+    targets = script.smoothed_original_targets(scenes, backbone, samples, torch.device("cpu"))
+    with torch.no_grad():
+        patches = script.vit_features(backbone, scenes["room00003"]["images"])
+    assert targets.shape == patches.shape == (2, backbone.embed_dim, 2, 3)
+    # 3 x 3 Gaussian of sigma 0.5 patch, replicate padding: centre weight e^0 / (1 + 4 e^-2 + 4 e^-4)
+    centre, edge, corner = 1.0, math.exp(-2.0), math.exp(-4.0)
+    total = centre + 4 * edge + 4 * corner
+    padded = F.pad(patches, (1, 1, 1, 1), mode="replicate")
+    expected = sum(padded[..., 1 + dy : 3 + dy, 1 + dx : 4 + dx]
+                   * (centre if dy == dx == 0 else edge if dy == 0 or dx == 0 else corner) / total
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    torch.testing.assert_close(targets, expected)
+    assert float((targets - patches).abs().mean()) > 0  # the targets differ from the original's own features
 
 
 def test_stage0_semantic_task_leaves_depth_out_of_the_loss(tmp_path):
@@ -214,6 +237,24 @@ def test_patch_head_with_class_tokens_equals_the_head_on_appended_features():
     for a, b in zip(fast, dense):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert float(dense[2].abs().max()) > 0.1  # the heads learnt something
+
+
+def test_patch_head_chunked_over_images_equals_one_chunk():
+    # the loss is a sum over images: computed and differentiated chunk by chunk == over the whole batch at once
+    generator = torch.Generator().manual_seed(5)
+    patches = torch.randn(7, 3, 2, 3, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(7, 2, generator=generator, dtype=torch.float64)
+    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(7)])
+    classes = torch.randint(-1, 4, (7, 20), generator=generator)  # -1 = ignored
+    for class_tokens in (None, tokens):
+        whole = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64, class_tokens,
+                                       pixels_per_chunk=7 * 20)
+        for pixels_per_chunk in (1, 40):  # one image per chunk; chunks of 2 images and a last one of 1
+            chunked = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64,
+                                             class_tokens, pixels_per_chunk=pixels_per_chunk)
+            for a, b in zip(whole, chunked):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert float(whole[2].abs().max()) > 0.1  # the heads learnt something
 
 
 def test_assembly_combines_patches_and_keeps_the_original_class_token():
