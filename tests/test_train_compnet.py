@@ -21,7 +21,7 @@ def finite_values(tree):
 
 def test_quick_run(tmp_path):
     torch.set_num_threads(1)
-    metrics = train_compnet.main(["--quick", "--out", str(tmp_path), "--seed", "1"])
+    metrics = train_compnet.main(["--quick", "--init", "pretrained", "--out", str(tmp_path), "--seed", "1"])
     assert {claim["metric"] for claim in metrics["claims"]} == {"occluded_accuracy", "iid_accuracy", "loss_seconds"}
     for claim in metrics["claims"]:
         assert math.isfinite(claim["baseline"]["value"]) and math.isfinite(claim["method"]["value"])
@@ -50,7 +50,7 @@ def test_quick_run(tmp_path):
     assert set(evidence) == {"occlusion_L1", "occlusion_L2", "occlusion_L3"}
     assert all(v["true_class_evidence_occluded"] >= 0 and 0 <= v["accuracy_without_occluder_cells"] <= 1
                for v in evidence.values())
-    pretrain = metrics["training"]["pretrain"]  # --init pretrained (default): a classifier of other classes first
+    pretrain = metrics["training"]["pretrain"]  # --init pretrained: a classifier of other classes first
     assert pretrain["classes"] == train_compnet.QUICK["pretrain_classes"] and 0.0 <= pretrain["test_accuracy"] <= 1.0
     assert set(torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]) == set(
         train_compnet.FeatureNet("cnn", 16, 8).state_dict())
@@ -68,7 +68,7 @@ def test_quick_never_overrides_explicit_flags():
     (["--steps", "-1"], "--steps"), (["--epochs", "0"], "--epochs"), (["--image-size", "0"], "--image-size"),
     (["--weights", "x.pth"], "--weights"), (["--temperature", "nan"], "--temperature"),
     (["--num-heldout", "9", "--num-classes", "3"], "--num-heldout"), (["--severity", "6"], "--severity"),
-    (["--pose-bins", "0", "6", "4"], "--pose-bins"), (["--pretrain-classes", "500"], "--pretrain-classes"),
+    (["--pose-bins", "0", "6", "4"], "--pose-bins"), (["--init", "pretrained", "--pretrain-classes", "500"], "--pretrain-classes"),
     (["--pretrain-epochs", "0"], "--pretrain-epochs")])
 def test_nonsense_flags_are_rejected(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
