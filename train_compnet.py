@@ -44,6 +44,7 @@ Details and every deviation from the paper: docs/compnet.md.
 
 import argparse
 import math
+from collections.abc import Callable
 import statistics
 import time
 from pathlib import Path
@@ -532,29 +533,13 @@ def pretrain_backbone(cfg: argparse.Namespace, num_known: int, device: torch.dev
     features = FeatureNet(cfg.backbone, cfg.dim, cfg.width, cfg.weights)
     model = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cfg.dim, len(classes))).to(device)
     ddp_model = runtime.wrap_ddp(model, dist)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed + 3)
     steps = cfg.pretrain_epochs * max(1, len(train["labels"]) // (cfg.batch_size * dist.world_size))
-    step, epoch_losses = 0, []
-    progress = tqdm(total=steps, desc="pretrain", disable=not dist.is_main)
-    while step < steps:
-        loss_sum, count = torch.zeros((), device=device), 0
-        model.train()
-        for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
-            if step >= steps:
-                break
-            loss = F.cross_entropy(ddp_model(train["images"][index].to(device)), train["labels"][index].to(device))
-            schedule_lr(cfg, optimizer, step, steps)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
-            progress.update(1)
-        epoch_losses.append(float(loss_sum) / max(count, 1))
-        if not math.isfinite(epoch_losses[-1]):
-            raise FloatingPointError(f"pretrain: non-finite loss in epoch {len(epoch_losses) - 1}")
-        progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-    progress.close()
+
+    def step_loss(index: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(ddp_model(train["images"][index].to(device)), train["labels"][index].to(device))
+
+    epoch_losses = supervised_loop(cfg, model, step_loss, len(train["labels"]), steps,
+                                   torch.Generator().manual_seed(cfg.seed + 3), device, dist, "pretrain")
     model.eval()
     with torch.no_grad():
         predicted = torch.cat([model(test["images"][i:i + 64].to(device)).argmax(1).cpu()
@@ -586,6 +571,36 @@ def schedule_lr(cfg: argparse.Namespace, optimizer: torch.optim.Optimizer, step:
     scale = 0.5 * (1 + math.cos(math.pi * step / steps)) if cfg.lr_schedule == "cosine" else 1.0
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * scale
+
+
+def supervised_loop(cfg: argparse.Namespace, model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor],
+                    num_images: int, steps: int, generator: torch.Generator, device: torch.device, dist: runtime.Dist,
+                    desc: str) -> list[float]:
+    """The plain loop of the pretraining and of the plain head: Adam at cfg.lr with the run's schedule over
+    `steps` batches of shuffled image indices; `step_loss(index)` returns the batch loss. Returns the mean loss
+    of every epoch (one host sync per epoch)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, epoch_losses = 0, []
+    progress = tqdm(total=steps, desc=desc, disable=not dist.is_main)
+    while step < steps:
+        loss_sum, count = torch.zeros((), device=device), 0
+        model.train()
+        for index in batches(num_images, cfg.batch_size, generator, dist):
+            if step >= steps:
+                break
+            loss = step_loss(index)
+            schedule_lr(cfg, optimizer, step, steps)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
+            progress.update(1)
+        epoch_losses.append(float(loss_sum) / max(count, 1))
+        if not math.isfinite(epoch_losses[-1]):
+            raise FloatingPointError(f"{desc}: non-finite loss in epoch {len(epoch_losses) - 1}")
+        progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+    progress.close()
+    return epoch_losses
 
 
 def train_compnet(cfg: argparse.Namespace, mode: str, train: dict, calib: dict, meshes: list[Mesh],
@@ -682,34 +697,20 @@ def train_plain(cfg: argparse.Namespace, train: dict, num_classes: int, device: 
         runtime.load_state_dict_checked(model, state["model"], "plain model")
         return model, state["log"]
     ddp_model = runtime.wrap_ddp(model, dist)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     targets = torch.stack([angle_to_bin(train[key], bins, low, high, periodic=key == "azimuth")
                            for key, bins, (low, high) in zip(("azimuth", "elevation", "theta"), cfg.pose_bins,
                                                               POSE_RANGES)], dim=1)  # (N, 3)
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    steps, step, epoch_losses = num_steps(cfg, len(train["labels"]), dist), 0, []
-    progress = tqdm(total=steps, desc="plain", disable=not dist.is_main)
-    while step < steps:
-        loss_sum, count = torch.zeros((), device=device), 0
-        model.train()
-        for index in batches(len(train["labels"]), cfg.batch_size, generator, dist):
-            if step >= steps:
-                break
-            class_logits, pose_logits = ddp_model(train["images"][index].to(device))
-            loss = F.cross_entropy(class_logits, train["labels"][index].to(device))
-            for logits, target in zip(pose_logits, targets[index].to(device).unbind(1)):
-                loss = loss + F.cross_entropy(logits, target)
-            schedule_lr(cfg, optimizer, step, steps)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
-            progress.update(1)
-        epoch_losses.append(float(loss_sum) / max(count, 1))
-        if not math.isfinite(epoch_losses[-1]):
-            raise FloatingPointError(f"plain: non-finite loss in epoch {len(epoch_losses) - 1}")
-        progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-    progress.close()
+    steps = num_steps(cfg, len(train["labels"]), dist)
+
+    def step_loss(index: torch.Tensor) -> torch.Tensor:
+        class_logits, pose_logits = ddp_model(train["images"][index].to(device))
+        loss = F.cross_entropy(class_logits, train["labels"][index].to(device))
+        for logits, target in zip(pose_logits, targets[index].to(device).unbind(1)):
+            loss = loss + F.cross_entropy(logits, target)
+        return loss
+
+    epoch_losses = supervised_loop(cfg, model, step_loss, len(train["labels"]), steps,
+                                   torch.Generator().manual_seed(cfg.seed + 2), device, dist, "plain")
     log = dict(epoch_losses=epoch_losses, steps=steps)
     if dist.is_main:
         torch.save(dict(config=vars(cfg), model=model.state_dict(), log=log), checkpoint)
