@@ -62,8 +62,8 @@ from minimal3d.neural_mesh import (Mesh, cuboid_mesh, cuboid_ranges, estimate_po
                                    vertex_visibility)
 from minimal3d.synthetic import (IMAGENET_C, OCCLUSION_LEVELS, class_cuboid, imagenet_c, object_cutouts, object_sample,
                                  paste_occluders)
-from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, classification_scores, confusion_weights,
-                                    grouped_vmf_contrast, pairwise_confusion)
+from minimal3d.vmf_contrast import (VertexMemory, background_repulsion, cell_class_scores, classification_scores,
+                                    confusion_weights, grouped_vmf_contrast, pairwise_confusion)
 
 MODELS = ("grouped", "full", "plain")
 POSE_THRESHOLDS = {"pi6": math.pi / 6, "pi18": math.pi / 18}
@@ -799,28 +799,25 @@ def occlusion_evidence(memory: VertexMemory, clean_maps: torch.Tensor, occluded_
     every class gets. Object cells: at least half object pixels; occluder cells: at least half occluded.
     clean_maps, occluded_maps: (N, D, h, w) of the same images without and with occluders."""
     h, w = clean_maps.shape[-2:]
-    cells = lambda mask: F.adaptive_avg_pool2d(mask[:, None].float(), (h, w)).flatten(1) >= 0.5  # (N, h w)
-    object_cells, occluder_cells = cells(split["object_mask"]), cells(split["occluder_mask"])
+    covered = lambda mask: F.adaptive_avg_pool2d(mask[:, None].float(), (h, w)).flatten(1) >= 0.5  # (N, h w)
+    object_cells, occluder_cells = covered(split["object_mask"]), covered(split["occluder_mask"])
     visible = object_cells & ~occluder_cells
     labels = split["labels"]
-    rows = [memory.vertex_class == y for y in range(memory.num_classes)]
     totals = dict(occluded=0.0, clean=0.0, correct_without_occluder_cells=0.0)
     for i in range(0, len(labels), chunk):
-        evidence = {}
+        label = labels[i:i + chunk].to(clean_maps.device).repeat_interleave(h * w)[:, None]  # per cell
+        visible_cells = visible[i:i + chunk].reshape(-1).to(clean_maps.device)
         for name, maps in (("occluded", occluded_maps), ("clean", clean_maps)):
-            f = maps[i:i + chunk].flatten(2).transpose(1, 2)  # (B, h w, D)
-            similarity = f @ memory.vertices.T
-            per_class = torch.stack([similarity[..., r].max(-1).values for r in rows], -1)  # (B, h w, Y)
-            background = (f @ memory.background.T).max(-1).values[..., None]
-            evidence[name] = (per_class - background).clamp(min=0)
-            if name == "occluded":
-                kept = ~occluder_cells[i:i + chunk, :, None]  # Eq. 7 without the occluder cells (oracle)
-                scores = (torch.maximum(per_class, background) * kept).sum(1)
+            cells = maps[i:i + chunk].flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])  # (B h w, D)
+            class_max, background_max = cell_class_scores(cells, memory.vertices, memory.vertex_class,
+                                                          memory.num_classes, memory.background)
+            evidence = (class_max - background_max[:, None]).clamp(min=0).gather(1, label)[:, 0]
+            totals[name] += float((evidence * visible_cells).sum())
+            if name == "occluded":  # Eq. 7 without the occluder cells (oracle)
+                kept = ~occluder_cells[i:i + chunk].reshape(-1, 1).to(cells.device)
+                per_cell = torch.maximum(class_max, background_max[:, None]) * kept
+                scores = per_cell.reshape(-1, h * w, memory.num_classes).sum(1)
                 totals["correct_without_occluder_cells"] += float((scores.argmax(1).cpu() == labels[i:i + chunk]).sum())
-        label = labels[i:i + chunk].to(clean_maps.device)[:, None, None].expand(-1, h * w, 1)
-        for name in ("occluded", "clean"):
-            true_class = evidence[name].gather(2, label)[..., 0]
-            totals[name] += float((true_class * visible[i:i + chunk].to(true_class.device)).sum())
     n = len(labels)
     return dict(visible_object_cells=float(visible.float().sum(1).mean()),
                 true_class_evidence_occluded=totals["occluded"] / n,

@@ -415,6 +415,26 @@ def background_repulsion(background_features: Tensor, vertex_rows: Tensor, weigh
 # ---------------------------------------------------------------------------------------------------
 
 
+def cell_class_scores(features: Tensor, vertices: Tensor, vertex_class: Tensor, num_classes: int,
+                      background: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The two terms of Eq. 7 for every feature cell: class_max (P, Y), the best f.C^y_k over the vertices of
+    class y (-2 for a class without rows), and background_max (P,), the best f.beta_n (None without a bank).
+
+    features: (P, D) unit rows; vertices: (R, D); vertex_class: (R,) (-1: a row of no class); background (N_b, D).
+    """
+    if features.ndim != 2 or vertices.ndim != 2 or features.shape[1] != vertices.shape[1]:
+        raise ValueError(f"features (P, D) and vertices (R, D) must share D, got {tuple(features.shape)}, "
+                         f"{tuple(vertices.shape)}")
+    if vertex_class.shape != vertices.shape[:1]:
+        raise ValueError(f"vertex_class must be ({vertices.shape[0]},), got {tuple(vertex_class.shape)}")
+    similarity = features @ vertices.to(features).T  # (P, R)
+    owner = vertex_class.to(features.device)
+    class_max = features.new_full((features.shape[0], num_classes + 1), -2.0).scatter_reduce(
+        1, torch.where(owner >= 0, owner, num_classes).expand_as(similarity), similarity, "amax")  # class -1 -> dropped
+    background_max = None if background is None else (features @ background.to(features).T).max(dim=1).values
+    return class_max[:, :num_classes], background_max
+
+
 def classification_scores(
     feature_map: Tensor,
     vertices: Tensor,
@@ -457,19 +477,15 @@ def classification_scores(
     owner = vertex_class.to(pixels.device)
     for start in range(0, pixels.shape[0], chunk):
         f, img = pixels[start:start + chunk], image[start:start + chunk]
-        similarity = f @ vertices.to(f).T  # (P, R)
         if rule == "novum":
-            best, row = ((similarity / 2 + 0.5)).max(dim=1)
+            best, row = ((f @ vertices.to(f).T / 2 + 0.5)).max(dim=1)
             cls = owner[row]
             keep = cls >= 0
             scores.index_put_((img[keep], cls[keep]), best[keep], accumulate=True)
         else:
-            class_max = pixels.new_full((f.shape[0], num_classes + 1), -2.0)
-            class_max = class_max.scatter_reduce(  # per-class max over rows, row class -1 -> dropped slot
-                1, torch.where(owner >= 0, owner, num_classes).expand_as(similarity), similarity, "amax")
-            class_max = class_max[:, :num_classes]
-            if background is not None:
-                class_max = torch.maximum(class_max, (f @ background.to(f).T).max(dim=1, keepdim=True).values)
+            class_max, background_max = cell_class_scores(f, vertices, owner, num_classes, background)
+            if background_max is not None:
+                class_max = torch.maximum(class_max, background_max[:, None])
             scores.index_add_(0, img, class_max)  # Eq. 7
     if rule == "novum":
         scores = scores / (vertices.shape[0] if normalizer is None else normalizer)

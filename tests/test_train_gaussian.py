@@ -224,13 +224,20 @@ def test_depth_head_reads_the_class_token():
     assert rmse["with"] < 0.4 * rmse["without"]  # measured 0.27
 
 
+def patch_head_problem(images: int, seed: int) -> tuple:
+    """A float64 patch-head fit: patch features (B, 3, 2, 3) on a 5 x 7 image, class tokens (B, 2), 20 pixels per
+    image and their classes in -1..3 (-1 = ignored)."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = torch.randn(images, 3, 2, 3, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(images, 2, generator=generator, dtype=torch.float64)
+    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(images)])
+    classes = torch.randint(-1, 4, (images, 20), generator=generator)
+    return patches, tokens, pixels, classes
+
+
 def test_patch_head_with_class_tokens_equals_the_head_on_appended_features():
     # the class token's half computed once per image (fast path) == the token repeated over every patch
-    generator = torch.Generator().manual_seed(3)
-    patches = torch.randn(6, 3, 2, 3, generator=generator, dtype=torch.float64)
-    tokens = torch.randn(6, 2, generator=generator, dtype=torch.float64)
-    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(6)])
-    classes = torch.randint(-1, 4, (6, 20), generator=generator)  # -1 = ignored
+    patches, tokens, pixels, classes = patch_head_problem(images=6, seed=3)
     fast = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64, tokens)
     dense = probes._fit_patch_head(probes.with_class_token(patches, tokens), (5, 7), pixels, classes, 4, 1e-3, 50,
                                    torch.float64)
@@ -241,11 +248,7 @@ def test_patch_head_with_class_tokens_equals_the_head_on_appended_features():
 
 def test_patch_head_chunked_over_images_equals_one_chunk():
     # the loss is a sum over images: computed and differentiated chunk by chunk == over the whole batch at once
-    generator = torch.Generator().manual_seed(5)
-    patches = torch.randn(7, 3, 2, 3, generator=generator, dtype=torch.float64)
-    tokens = torch.randn(7, 2, generator=generator, dtype=torch.float64)
-    pixels = torch.stack([torch.randperm(5 * 7, generator=generator)[:20] for _ in range(7)])
-    classes = torch.randint(-1, 4, (7, 20), generator=generator)  # -1 = ignored
+    patches, tokens, pixels, classes = patch_head_problem(images=7, seed=5)
     for class_tokens in (None, tokens):
         whole = probes._fit_patch_head(patches, (5, 7), pixels, classes, 4, 1e-3, 50, torch.float64, class_tokens,
                                        pixels_per_chunk=7 * 20)

@@ -10,6 +10,7 @@ from minimal3d.vmf_contrast import (
     VertexMemory,
     _sample_vertices,
     background_repulsion,
+    cell_class_scores,
     classification_scores,
     confusion_weights,
     grouped_vmf_contrast,
@@ -290,6 +291,26 @@ def test_classification_scores_match_loops():
                     best = max(range(9), key=lambda r: similarity[r])
                     s_novum += similarity[best] / 12.0 if int(owner[best]) == y else 0.0
             assert abs(float(compnet[b, y]) - s_compnet) < 1e-12 and abs(float(novum[b, y]) - s_novum) < 1e-12
+
+
+def test_cell_class_scores_match_loops_and_reject_mismatched_rows():
+    g = torch.Generator().manual_seed(1)
+    memory = VertexMemory([2, 3, 1], dim=4, num_background=3, generator=g).double()
+    features = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    owner = memory.vertex_class.clone()
+    owner[5] = -1  # the only row of class 2 belongs to no class: class 2 gets -2
+    class_max, background_max = cell_class_scores(features, memory.vertices, owner, 3, memory.background)
+    for p in range(5):
+        f = features[p]
+        for y in range(3):
+            rows = [float(f @ memory.vertices[r]) for r in range(6) if int(owner[r]) == y]
+            assert abs(float(class_max[p, y]) - (max(rows) if rows else -2.0)) < 1e-12
+        assert abs(float(background_max[p]) - max(float(f @ b) for b in memory.background)) < 1e-12
+    assert cell_class_scores(features, memory.vertices, owner, 3)[1] is None
+    with pytest.raises(ValueError, match="share D"):
+        cell_class_scores(features[:, :3], memory.vertices, owner, 3)
+    with pytest.raises(ValueError, match="vertex_class"):
+        cell_class_scores(features, memory.vertices, owner[:4], 3)
 
 
 @pytest.mark.slow
