@@ -18,6 +18,12 @@ RGB colours (D = 3) and 64-dim features (D = 64). Default: 20k Gaussians at 128 
     python benchmarks/bench_splatting.py                    # CPU (and CUDA when present)
     python benchmarks/bench_splatting.py --quick            # seconds
     python benchmarks/bench_splatting.py --full --memory    # adds 200k Gaussians at 512 x 512
+
+On CUDA the baseline is gsplat's own CUDA rasterizer (``gsplat.rasterization``, packed, 16-px tiles, as
+users call it) when ``import gsplat`` works, else the eager ``rasterize_gaussians``; the transcribed
+``_torch_impl`` pipeline is CPU-only here (its per-Gaussian Python loop indexes device tensors element by
+element, one host sync each). Methods timed on CUDA: eager, ``fast=True``, ``compiled_rasterizer()`` and
+``torch.compile(rasterize_gaussians, dynamic=True)`` (what ``train_gaussian.py --compile on`` uses).
 """
 
 import argparse
@@ -254,6 +260,28 @@ def gsplat_render(means, quats, scales, opacities, colors, viewmat, K, width, he
     return {"render": render[0], "alpha": alpha[0, ..., 0]}
 
 
+def gsplat_cuda_render(means, quats, scales, opacities, colors, viewmat, K, width, height):
+    """gsplat's CUDA ``rasterization()`` with its defaults (packed, 16-px tiles), our near plane and eps2d."""
+    from gsplat import rasterization
+
+    render, alpha, _ = rasterization(means, quats, scales, opacities, colors, viewmat[None], K[None], width, height,
+                                     near_plane=0.2, eps2d=0.3)  # fmt: skip
+    return {"render": render[0], "alpha": alpha[0, ..., 0]}
+
+
+def gsplat_cuda_available():
+    """True when gsplat imports and its CUDA extension runs (JIT-built on first use)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        scene, viewmat, K = make_scene(100, 32, 3, torch.device("cuda"))
+        gsplat_cuda_render(*scene.values(), viewmat, K, 32, 32)
+        return True
+    except Exception as error:  # ImportError, or a failed JIT build of the extension
+        print(f"gsplat CUDA rasterizer not available: {type(error).__name__}: {str(error)[:200]}")
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
@@ -305,13 +333,13 @@ def _cpu_peak_child(queue, method_name, num, size, channels, threads):
     queue.put(_status_bytes("VmHWM") - before)
 
 
-def peak_memory_mb(method_name, num, size, channels, device):
+def peak_memory_mb(method_name, num, size, channels, device, method=None):
     if device.type == "cuda":
         scene, viewmat, K = make_scene(num, size, channels, device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        run_once(METHODS[method_name], scene, viewmat, K, size, True)
+        run_once(method or METHODS[method_name], scene, viewmat, K, size, True)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     if not Path("/proc/self/clear_refs").exists():  # Linux only
@@ -373,26 +401,42 @@ def main():
     clock = time.process_time if args.timer == "process" else time.perf_counter
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, median of {repeats}, "
           f"{args.timer} time")
-    header = ["device", "scene", "method", "fwd s", "fwd+bwd s", "peak MB fwd+bwd", "gsplat/this fwd", "gsplat/this fwd+bwd"]
+    if torch.device("cuda") in devices:
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    header = ["device", "scene", "method", "fwd s", "fwd+bwd s", "peak MB fwd+bwd", "baseline/this fwd",
+              "baseline/this fwd+bwd"]  # fmt: skip
     rows = []
     for device in devices:
-        methods = dict(METHODS)
+        methods, baseline = dict(METHODS), "gsplat torch"
         if args.compiled or device.type == "cuda":
             methods["ours compiled"] = compiled_rasterizer()
+        if device.type == "cuda":
+            del methods["gsplat torch"]  # CPU-only here (see the module docstring)
+            methods["torch.compile(whole)"] = torch.compile(rasterize_gaussians, dynamic=True)
+            baseline = "ours (default)"
+            if gsplat_cuda_available():
+                methods["gsplat CUDA"], baseline = gsplat_cuda_render, "gsplat CUDA"
+        print(f"{device.type}: baseline of the ratios = {baseline}")
         for num, size, channels in scenes:
             scene, viewmat, K = make_scene(num, size, channels, device)
-            error = check_baseline(scene, viewmat, K, size)
+            if baseline == "gsplat torch":
+                error = check_baseline(scene, viewmat, K, size)
+                print(f"  (baseline vs ours, float64, alpha_max 0.999: max abs image difference {error:.1e})")
+            elif baseline == "gsplat CUDA":
+                ours = rasterize_gaussians(*scene.values(), viewmat, K, size, size, alpha_max=0.999)
+                theirs = gsplat_cuda_render(*scene.values(), viewmat, K, size, size)
+                error = max((ours[key] - theirs[key]).abs().max().item() for key in ("render", "alpha"))
+                print(f"  (gsplat CUDA vs ours, float32, alpha_max 0.999: max abs image difference {error:.1e})")
             times = {bw: median_times(methods, scene, viewmat, K, size, bw, repeats, clock) for bw in (False, True)}
             name = f"{num // 1000}k {size}x{size} D={channels}"
             for method in methods:
                 memory = float("nan")
-                if args.memory and method in METHODS:
-                    memory = peak_memory_mb(method, num, size, channels, device)
-                ratio = [times[bw]["gsplat torch"] / times[bw][method] for bw in (False, True)]
-                rows.append([device.type, name, method, f"{times[False][method]:.3f}", f"{times[True][method]:.3f}",
-                             f"{memory:.0f}", f"{ratio[0]:.1f}x", f"{ratio[1]:.1f}x"])  # fmt: skip
+                if args.memory and (method in METHODS or device.type == "cuda"):
+                    memory = peak_memory_mb(method, num, size, channels, device, methods[method])
+                ratio = [times[bw][baseline] / times[bw][method] for bw in (False, True)]
+                rows.append([device.type, name, method, f"{times[False][method]:.4f}", f"{times[True][method]:.4f}",
+                             f"{memory:.0f}", f"{ratio[0]:.2f}x", f"{ratio[1]:.2f}x"])  # fmt: skip
                 print(" | ".join(rows[-1]), flush=True)
-            print(f"  (baseline vs ours, float64, alpha_max 0.999: max abs image difference {error:.1e})")
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     print()
     for row in [header, ["-" * w for w in widths]] + rows:
