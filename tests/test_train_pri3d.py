@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_run(tmp_path):
     script = load_script("train_pri3d")
     out = tmp_path / "run"
-    metrics = script.main(["--quick", "--out", str(out), "--seed", "3"])
+    metrics = script.main(["--quick", "--ablations", "--out", str(out), "--seed", "3"])
     written = json.loads((out / "metrics.json").read_text())
     assert written["claims"] == metrics["claims"]
     assert [summary["mode"] for summary in metrics["pretrain"]] == ["view+geo", "view", "geo"]
