@@ -97,8 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--test-per-class", type=int, default=None, help="synthetic test images per class (84: 504 for Y = 6)")
     add("--image-size", type=int, default=None,
         help="input side in pixels (96 on CPU; the paper uses ImageNet3D's 512 x 512 crops)")
-    add("--backbone", default="cnn", choices=["cnn", "resunet18", "resunet50", "vit"],
-        help="cnn (default, CPU): a small ResNet-style U-Net at stride 8 (see --init); resunet50: the paper's "
+    add("--backbone", default="cnn", choices=["cnn", "cnn8", "resunet18", "resunet50", "vit"],
+        help="cnn (default, CPU): a small ResNet-style U-Net at stride 8 (see --init; receptive field ~123 px); "
+             "cnn8: the same without its stride-16 stage (59 px); resunet50: the paper's "
              "ResNet-50 U-Net at stride 8; vit: DINOv2 ViT-S/14 patch features")
     add("--weights", default=None,
         help="resunet18/resunet50: a torchvision ResNet state dict (.pth) for the encoder; vit: a DINOv2 .pth; "
@@ -212,9 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--pose-bins must be >= 1 each, got {args.pose_bins}")
     if args.severity not in (1, 2, 3, 4, 5):
         parser.error(f"--severity must be in 1..5, got {args.severity}")
-    if args.weights is not None and args.backbone == "cnn":
+    if args.weights is not None and args.backbone in ("cnn", "cnn8"):
         parser.error("--weights needs --backbone resunet18, resunet50 (torchvision ResNet) or vit (DINOv2); "
-                     "the cnn backbone has no published weights (see --init)")
+                     "the cnn and cnn8 backbones have no published weights (see --init)")
     if args.weights is not None and not Path(args.weights).is_file():
         parser.error(f"--weights: no such file {args.weights}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -403,17 +404,22 @@ def conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class SmallUNet(nn.Module):
-    """ResNet-style encoder to stride 16, upsampled and fused with the stride-8 stage (a CPU-sized ResUNet)."""
+    """ResNet-style encoder to stride 16, upsampled and fused with the stride-8 stage (a CPU-sized ResUNet).
 
-    def __init__(self, width: int, out_channels: int):
+    Receptive field of an output cell: about 123 px (59 px through the stride-8 path alone). With
+    ``deepest_stride=8`` the stride-16 stage is left out and every cell sees 59 px."""
+
+    def __init__(self, width: int, out_channels: int, deepest_stride: int = 16):
         super().__init__()
         self.encoder8 = nn.Sequential(conv_block(3, width, 2), conv_block(width, 2 * width, 2),
                                       conv_block(2 * width, 4 * width, 2))
-        self.encoder16 = conv_block(4 * width, 8 * width, 2)
-        self.fuse = nn.Conv2d(12 * width, out_channels, 3, padding=1)
+        self.encoder16 = conv_block(4 * width, 8 * width, 2) if deepest_stride == 16 else None
+        self.fuse = nn.Conv2d((12 if deepest_stride == 16 else 4) * width, out_channels, 3, padding=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x8 = self.encoder8(images)
+        if self.encoder16 is None:
+            return self.fuse(x8)
         x16 = F.interpolate(self.encoder16(x8), size=x8.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([x8, x16], dim=1))
 
@@ -431,7 +437,7 @@ class FeatureNet(nn.Module):
             self.body = getattr(resunet, backbone)(out_channels=dim, output_stride=8, encoder_weights=weights)
             channels = dim
         else:
-            self.body, channels = SmallUNet(width, dim), dim
+            self.body, channels = SmallUNet(width, dim, deepest_stride=8 if backbone == "cnn8" else 16), dim
         self.project = nn.Conv2d(channels, dim, 1)
         self.register_buffer("mean", torch.tensor(vit.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(vit.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
