@@ -36,7 +36,7 @@ Real data (`--data DIR`, images resized to --image-size x --image-size):
   Keypoints and visibility come from our z-buffer; the calibration split for omega is every 10th training
   image; occluders use the projected cuboid as the object mask.
 --weights: a DINOv2 .pth for --backbone vit, a torchvision ResNet-18/50 state dict (the encoder) for
---backbone resunet18/resunet50; the default `cnn` backbone takes no weights and starts from random
+--backbone resunet18/resunet50; the default `cnn8` backbone (and `cnn`) takes no weights and starts from random
 initialisation (--init scratch); --init pretrained first trains it as a classifier of 48 other synthetic
 classes, a stand-in for the paper's ImageNet pretraining, and starts every model from it.
 Details and every deviation from the paper: docs/compnet.md.
@@ -97,13 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--test-per-class", type=int, default=None, help="synthetic test images per class (84: 504 for Y = 6)")
     add("--image-size", type=int, default=None,
         help="input side in pixels (96 on CPU; the paper uses ImageNet3D's 512 x 512 crops)")
-    add("--backbone", default="cnn", choices=["cnn", "cnn8", "resunet18", "resunet50", "vit"],
-        help="cnn (default, CPU): a small ResNet-style U-Net at stride 8 (see --init; receptive field ~123 px); "
-             "cnn8: the same without its stride-16 stage (59 px); resunet50: the paper's "
-             "ResNet-50 U-Net at stride 8; vit: DINOv2 ViT-S/14 patch features")
+    add("--backbone", default="cnn8", choices=["cnn8", "cnn", "resunet18", "resunet50", "vit"],
+        help="cnn8 (default, CPU): a small ResNet-style encoder to stride 8 whose cells see 59 px of the 96-px "
+             "image, local features as a deep ResNet's effective receptive field gives them (see --init and "
+             "docs/compnet.md, 'Local features'); cnn: the same with a stride-16 stage fused in (a small U-Net, "
+             "~123 px, wider than the image); resunet50: the paper's ResNet-50 U-Net at stride 8; vit: DINOv2 "
+             "ViT-S/14 patch features")
     add("--weights", default=None,
         help="resunet18/resunet50: a torchvision ResNet state dict (.pth) for the encoder; vit: a DINOv2 .pth; "
-             "rejected with the default cnn backbone (see --init)")
+             "rejected with the cnn8 and cnn backbones (see --init)")
     add("--init", default="scratch", choices=["scratch", "pretrained"],
         help="backbone initialisation of all three models when no --weights is given: scratch (default, CPU "
              "budget): random initialisation; pretrained (a stand-in for the paper's ImageNet-pretrained "
@@ -114,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pretrain-classes", type=int, default=None, help="pool classes of the pretraining (48; quick 4)")
     add("--pretrain-per-class", type=int, default=None, help="pretraining images per class (20: 960 images)")
     add("--pretrain-epochs", type=int, default=None, help="epochs of the pretraining classifier (8)")
-    add("--width", type=int, default=None, help="channels of the first cnn stage (16; doubled per stage)")
+    add("--width", type=int, default=None, help="channels of the first cnn8 / cnn stage (16; doubled per stage)")
     add("--dim", type=int, default=None, help="feature dimension D (128 as the paper)")
     add("--vertices", type=int, default=None,
         help="vertices per cuboid mesh (100 on CPU for 12x12 feature maps; the paper about 500)")
@@ -154,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--epochs", type=int, default=None, help="training epochs per model (12 as the paper)")
     add("--steps", type=int, default=None, help="optimizer steps per model (overrides --epochs)")
     add("--batch-size", type=int, default=None, help="images per step (16)")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate of every stage (1e-3 for the small cnn)")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate of every stage (1e-3 for the small cnn8)")
     add("--lr-schedule", default="cosine", choices=["cosine", "constant"],
         help="cosine (default, CPU; the paper states none): the lr falls from --lr to 0 over the run, so the "
              "scratch backbone's last steps settle instead of ending on a noisy iterate that decides Eq. 7's "

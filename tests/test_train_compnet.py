@@ -53,7 +53,7 @@ def test_quick_run(tmp_path):
     pretrain = metrics["training"]["pretrain"]  # --init pretrained: a classifier of other classes first
     assert pretrain["classes"] == train_compnet.QUICK["pretrain_classes"] and 0.0 <= pretrain["test_accuracy"] <= 1.0
     assert set(torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]) == set(
-        train_compnet.FeatureNet("cnn", 16, 8).state_dict())
+        train_compnet.FeatureNet("cnn8", 16, 8).state_dict())
 
 
 def test_quick_never_overrides_explicit_flags():
@@ -69,7 +69,7 @@ def test_quick_never_overrides_explicit_flags():
     (["--weights", "x.pth"], "--weights"), (["--temperature", "nan"], "--temperature"),
     (["--num-heldout", "9", "--num-classes", "3"], "--num-heldout"), (["--severity", "6"], "--severity"),
     (["--pose-bins", "0", "6", "4"], "--pose-bins"), (["--init", "pretrained", "--pretrain-classes", "500"], "--pretrain-classes"),
-    (["--pretrain-epochs", "0"], "--pretrain-epochs")])
+    (["--pretrain-epochs", "0"], "--pretrain-epochs"), (["--backbone", "cnn8", "--weights", "x.pth"], "--weights")])
 def test_nonsense_flags_are_rejected(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
         train_compnet.parse_args(argv)
@@ -89,7 +89,7 @@ def test_every_model_starts_from_the_pretrained_backbone(tmp_path):
     cannot be asked for, so compare before any step via a zero learning rate)."""
     torch.manual_seed(0)
     args = train_compnet.parse_args(["--quick", "--steps", "1", "--lr", "1e-30", "--out", str(tmp_path)])
-    reference = train_compnet.FeatureNet("cnn", args.dim, args.width)
+    reference = train_compnet.FeatureNet(args.backbone, args.dim, args.width)
     init = {k: v.clone() for k, v in reference.state_dict().items()}
     train, calib, _, _, meshes, _ = train_compnet.load_data(args)
     dist = train_compnet.runtime.init_distributed(torch.device("cpu"))
@@ -306,3 +306,26 @@ def test_background_cells_off_object_avoid_the_object():
     assert (picked.abs() < 50).all()  # no object cell among 20 of the 26 free cells
     default = train_compnet.background_features(feature_map, uv, 34, 8, g)  # every vertex-free cell
     assert (default.abs() > 50).any(-1).sum(1).tolist() == [8, 8]  # the 8 object cells without a vertex
+
+
+@pytest.mark.parametrize("backbone, layers", [
+    ("cnn8", [(3, 2), (3, 1)] * 3 + [(3, 1)]),  # the stride-8 encoder, then the 3 x 3 fuse at stride 8
+    ("cnn", [(3, 2), (3, 1)] * 4),  # ... with the stride-16 stage (its path is the wider one)
+])
+def test_receptive_field_of_the_small_unet(backbone, layers):
+    """The pixels that reach one output cell (gradient footprint, eval mode) span the receptive field
+    computed from the layers: 1 + sum (k - 1) * jump. The stride-16 path adds the bilinear upsampling
+    (one stride-16 cell to each side: +16) and the fuse conv at stride 8 (+16)."""
+    expected, jump = 1, 1
+    for kernel, stride in layers:
+        expected, jump = expected + (kernel - 1) * jump, jump * stride
+    if backbone == "cnn":
+        expected += 16 + 16
+    torch.manual_seed(0)
+    net = train_compnet.FeatureNet(backbone, 8, 4).eval()
+    images = torch.rand(1, 3, 160, 160, requires_grad=True)
+    net(images)[0, :, 10, 10].sum().backward()
+    footprint = images.grad.abs().sum(dim=(0, 1)) > 0
+    rows, columns = footprint.any(1).nonzero().flatten(), footprint.any(0).nonzero().flatten()
+    assert rows.max() - rows.min() + 1 == expected == columns.max() - columns.min() + 1
+    assert expected == (59 if backbone == "cnn8" else 123)
