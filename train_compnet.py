@@ -3,8 +3,8 @@ G. Zhang, P. Kaushik, L. Jesslen, A. Kortylewski, A. Yuille, ICCV 2025), with NO
 as its full-contrast baseline. Trains three models on the same images, from the same initial backbone
 (--init) and with the same steps:
   grouped  3D-CompNets: a cuboid neural mesh per class, unit vertex features learned with the grouped vMF
-           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from the calibration confusion every 2 epochs; on CPU the
-           confusion counts every class that outranks the true one, see --omega-confusion);
+           contrast (Eq. 5 = Eq. 2 + Eq. 4, omega from the calibration confusion matrix every 2 epochs, as
+           the paper; --omega-confusion pairwise counts every class that outranks the true one);
   full     NOVUM's full contrast (one softmax over every vertex of every class, `--full-contrast` trains
            only this one);
   plain    the backbone with a classification head and a pose head (azimuth/elevation/theta bins), both
@@ -139,16 +139,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scale of omega, left open by the paper: mean (default) rescales each row's kept confusion rates "
              "to average 1 (the most confused class gets omega > 1); binary gives every kept pair omega = 1; "
              "none uses the rates themselves; max divides by the row maximum")
-    add("--omega-confusion", default="pairwise", choices=["argmax", "pairwise"],
-        help="what counts as confusing class y with y' on a calibration image of class y: pairwise (default, "
-             "CPU): S_y' >= S_y, every class that outranks the true one; argmax (the paper's confusion "
-             "matrix): y' is the prediction. With --init scratch the backbone classifies the calibration split "
-             "at chance when omega is first computed and predicts one class for most images, and the argmax "
-             "matrix keeps only that class; with the pretrained stand-in it keeps 0.3-1.7 of 5 classes and cost "
-             "the grouped model 5 occlusion points on average over the design seeds (docs/compnet.md)")
-    add("--omega-symmetric", action=argparse.BooleanOptionalAction, default=True,
-        help="a pair is kept when either class is confused with the other (max of the two rates; default, "
-             "our choice, the paper leaves it open); --no-omega-symmetric uses row y alone for omega[y, :]")
+    add("--omega-confusion", default="argmax", choices=["argmax", "pairwise"],
+        help="what counts as confusing class y with y' on a calibration image of class y: argmax (default, the "
+             "paper's confusion matrix): y' is the prediction; pairwise: S_y' >= S_y, every class that outranks "
+             "the true one (the default with the earlier --backbone cnn, whose scratch backbone classified the "
+             "calibration split at chance when omega was first computed, so that the argmax matrix kept one "
+             "class; docs/compnet.md)")
+    add("--omega-symmetric", action=argparse.BooleanOptionalAction, default=False,
+        help="omega[y, :] from row y of the confusion alone (default, as the paper writes omega[y, y']); "
+             "--omega-symmetric keeps a pair when either class is confused with the other (max of the two "
+             "rates; the default with the earlier --backbone cnn)")
     add("--cross-class-scale", default="none", choices=["none", "k_over_n"],
         help="none (default): Eq. 4 as written; k_over_n adds log(K/N) to the sampled columns")
     add("--full-contrast", action="store_true", help="train only NOVUM's full-contrast model")
