@@ -111,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "budget): random initialisation; pretrained (a stand-in for the paper's ImageNet-pretrained "
              "ResNet-50): a classifier of --pretrain-classes other synthetic pool classes (never known, held out, "
              "occluders or clutter) trained first, its backbone copied into every model. It adds about 100 s of "
-             "CPU and took the default run from 4 min 24 s to 5 min 20 s on a quiet 2-core machine, over the "
-             "5-minute budget (docs/compnet.md)")
+             "CPU (with --backbone cnn it took the run from 4 min 24 s to 5 min 20 s on a quiet 2-core machine), "
+             "over the 5-minute budget (docs/compnet.md)")
     add("--pretrain-classes", type=int, default=None, help="pool classes of the pretraining (48; quick 4)")
     add("--pretrain-per-class", type=int, default=None, help="pretraining images per class (20: 960 images)")
     add("--pretrain-epochs", type=int, default=None, help="epochs of the pretraining classifier (8)")
@@ -799,33 +799,49 @@ def evaluate_compnet(cfg: argparse.Namespace, model: FeatureNet, memory: VertexM
     return metrics, maps, estimates
 
 
+def cell_evidence(class_max: torch.Tensor, background_max: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A cell's evidence for its image's class y (P,): max(0, max_k f.C^y_k - max_n f.beta_n), what the cell
+    adds to S_y (Eq. 7) beyond the background score that every class gets. labels: (P,) per cell."""
+    return (class_max - background_max[:, None]).clamp(min=0).gather(1, labels[:, None])[:, 0]
+
+
 @torch.no_grad()
-def occlusion_evidence(memory: VertexMemory, clean_maps: torch.Tensor, occluded_maps: torch.Tensor, split: dict,
+def true_class_evidence(memory: VertexMemory, maps: torch.Tensor, labels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """cell_evidence of every cell of maps (N, D, h, w) for its image's label: (N, h w)."""
+    h, w = maps.shape[-2:]
+    parts = []
+    for i in range(0, len(labels), chunk):
+        cells = maps[i:i + chunk].flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])  # (B h w, D)
+        terms = cell_class_scores(cells, memory.vertices, memory.vertex_class, memory.num_classes, memory.background)
+        parts.append(cell_evidence(*terms, labels[i:i + chunk].to(maps.device).repeat_interleave(h * w)))
+    return torch.cat(parts).reshape(len(labels), h * w)
+
+
+@torch.no_grad()
+def occlusion_evidence(memory: VertexMemory, clean_evidence: torch.Tensor, occluded_maps: torch.Tensor, split: dict,
                        chunk: int = 64) -> dict:
-    """Where Eq. 7 finds the true class under occlusion (diagnostic, not in the paper). A cell's evidence for
-    class y is max(0, max_k f.C^y_k - max_n f.beta_n): what it adds to S_y beyond the background score that
-    every class gets. Object cells: at least half object pixels; occluder cells: at least half occluded.
-    clean_maps, occluded_maps: (N, D, h, w) of the same images without and with occluders."""
-    h, w = clean_maps.shape[-2:]
+    """Where Eq. 7 finds the true class under occlusion (diagnostic, not in the paper): the true-class
+    cell_evidence on the visible object cells of the occluded images and of the same cells without
+    occluders, and Eq. 7 without the occluder cells (an oracle). Object cells: at least half object pixels;
+    occluder cells: at least half occluded. clean_evidence: (N, h w) true_class_evidence of the images
+    without occluders (computed once for every occlusion level); occluded_maps: (N, D, h, w)."""
+    h, w = occluded_maps.shape[-2:]
     covered = lambda mask: F.adaptive_avg_pool2d(mask[:, None].float(), (h, w)).flatten(1) >= 0.5  # (N, h w)
     object_cells, occluder_cells = covered(split["object_mask"]), covered(split["occluder_mask"])
     visible = object_cells & ~occluder_cells
     labels = split["labels"]
     totals = dict(occluded=0.0, clean=0.0, correct_without_occluder_cells=0.0)
     for i in range(0, len(labels), chunk):
-        label = labels[i:i + chunk].to(clean_maps.device).repeat_interleave(h * w)[:, None]  # per cell
-        visible_cells = visible[i:i + chunk].reshape(-1).to(clean_maps.device)
-        for name, maps in (("occluded", occluded_maps), ("clean", clean_maps)):
-            cells = maps[i:i + chunk].flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])  # (B h w, D)
-            class_max, background_max = cell_class_scores(cells, memory.vertices, memory.vertex_class,
-                                                          memory.num_classes, memory.background)
-            evidence = (class_max - background_max[:, None]).clamp(min=0).gather(1, label)[:, 0]
-            totals[name] += float((evidence * visible_cells).sum())
-            if name == "occluded":  # Eq. 7 without the occluder cells (oracle)
-                kept = ~occluder_cells[i:i + chunk].reshape(-1, 1).to(cells.device)
-                per_cell = torch.maximum(class_max, background_max[:, None]) * kept
-                scores = per_cell.reshape(-1, h * w, memory.num_classes).sum(1)
-                totals["correct_without_occluder_cells"] += float((scores.argmax(1).cpu() == labels[i:i + chunk]).sum())
+        visible_cells = visible[i:i + chunk].reshape(-1).to(occluded_maps.device)
+        cells = occluded_maps[i:i + chunk].flatten(2).transpose(1, 2).reshape(-1, occluded_maps.shape[1])  # (B h w, D)
+        class_max, background_max = cell_class_scores(cells, memory.vertices, memory.vertex_class,
+                                                      memory.num_classes, memory.background)
+        label = labels[i:i + chunk].to(cells.device).repeat_interleave(h * w)
+        totals["occluded"] += float((cell_evidence(class_max, background_max, label) * visible_cells).sum())
+        totals["clean"] += float((clean_evidence[i:i + chunk].reshape(-1) * visible_cells).sum())
+        kept = ~occluder_cells[i:i + chunk].reshape(-1, 1).to(cells.device)  # Eq. 7 without the occluder cells
+        scores = (torch.maximum(class_max, background_max[:, None]) * kept).reshape(-1, h * w, memory.num_classes).sum(1)
+        totals["correct_without_occluder_cells"] += float((scores.argmax(1).cpu() == labels[i:i + chunk]).sum())
     n = len(labels)
     return dict(visible_object_cells=float(visible.float().sum(1).mean()),
                 true_class_evidence_occluded=totals["occluded"] / n,
@@ -1013,8 +1029,9 @@ def main(argv: list[str] | None = None) -> dict:
                     preview_data[(mode, split_name)] = (model, memory, subset(split, slice(0, 3)), maps[:3], estimates)
                 if split_name == "iid" or split_name.startswith("occlusion_L"):
                     occlusion_maps[split_name] = maps
+            clean_evidence = true_class_evidence(memory, occlusion_maps["iid"], tests["iid"]["labels"])
             logs[mode]["occlusion_evidence"] = {
-                name: occlusion_evidence(memory, occlusion_maps["iid"], maps, tests[name])
+                name: occlusion_evidence(memory, clean_evidence, maps, tests[name])
                 for name, maps in occlusion_maps.items() if name != "iid"}
             if unknown is not None:
                 results[mode]["unknown_class_pose"] = evaluate_unknown(args, model, memory, meshes, unknown, device,

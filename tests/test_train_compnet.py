@@ -268,7 +268,8 @@ def test_occlusion_evidence_matches_a_loop_over_cells():
     occluded = torch.nn.functional.normalize(torch.randn(N, 5, h, h, generator=g), dim=1)
     split = dict(labels=torch.tensor([0, 1, 2, 1, 0]), object_mask=torch.rand(N, S, S, generator=g) > 0.4,
                  occluder_mask=torch.rand(N, S, S, generator=g) > 0.6)
-    result = train_compnet.occlusion_evidence(memory, clean, occluded, split, chunk=2)
+    clean_evidence = train_compnet.true_class_evidence(memory, clean, split["labels"], chunk=2)
+    result = train_compnet.occlusion_evidence(memory, clean_evidence, occluded, split, chunk=2)
     visible_count, sums, correct = 0, {"occluded": 0.0, "clean": 0.0}, 0
     for n in range(N):
         label, scores = int(split["labels"][n]), torch.zeros(3)
