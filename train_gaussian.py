@@ -980,6 +980,32 @@ def stage_probe(train_frames: list, test_frames: list, backbones: dict, num_clas
     return rows, maps, heads
 
 
+def image_free_prior(labels: Tensor | None, depths: Tensor | None, test_labels: Tensor | None,
+                     test_depths: Tensor | None, num_classes: int) -> dict:
+    """The floor every probe has to clear: predictions that never look at the image.
+
+    Each test pixel gets the most frequent class and the mean depth of its pixel position over the probe's
+    training frames (labels, depths: (F, H, W); IGNORE labels and depths <= 0 or not finite left out; a
+    position never observed falls back to the overall mode / mean). A probe at this level reads the camera
+    path's layout, not the features. Returns mIoU / mAcc / aAcc and RMSE / AbsRel of these predictions.
+    """
+    metrics = {}
+    if labels is not None and test_labels is not None:
+        valid = labels != IGNORE
+        positions = torch.arange(labels[0].numel()).expand(len(labels), -1).reshape(labels.shape)
+        counts = torch.bincount(positions[valid] * num_classes + labels[valid].long(),
+                                minlength=labels[0].numel() * num_classes).reshape(*labels.shape[1:], num_classes)
+        counts[counts.sum(-1) == 0] = counts.sum((0, 1))
+        prediction = counts.argmax(-1).expand(len(test_labels), -1, -1)
+        metrics.update(segmentation_metrics(prediction, test_labels, num_classes, ignore_index=IGNORE))
+    if depths is not None and test_depths is not None:
+        valid = torch.isfinite(depths) & (depths > 0)
+        summed, seen = torch.where(valid, depths, 0.0).double().sum(0), valid.sum(0)
+        mean_depth = torch.where(seen > 0, summed / seen.clamp_min(1), summed.sum() / seen.sum())
+        metrics.update(depth_metrics(mean_depth.float().expand(len(test_depths), -1, -1), test_depths))
+    return metrics
+
+
 def frames_consistency(patches: Tensor, frames: list[tuple[dict, int]]) -> float | None:
     """cross_view_consistency of patch features (F, D, h, w), upsampled to pixels, over consecutive frames of
     the same scene, averaged over scenes; None without depth or without two frames of one scene."""
@@ -1183,6 +1209,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows, maps, heads = stage_probe(train_frames, test_frames, backbones, num_classes, args, device)
         metrics["probe"] = rows
         print("Linear probes (test frames)\n" + runtime.format_table(rows))
+        metrics["probe_image_free_prior"] = image_free_prior(
+            stacked(train_frames, "labels"), stacked(train_frames, "depths"), stacked(test_frames, "labels"),
+            stacked(test_frames, "depths"), num_classes)
+        print("Without the image (per-pixel mode / mean of the probe's training frames): "
+              + ", ".join(f"{key} {value:.4f}" for key, value in metrics["probe_image_free_prior"].items()))
         if not args.data and all((out_dir / "scenes" / f"{name}.pt").exists() for name in scenes):
             models = {name: load_scene(out_dir / "scenes" / f"{name}.pt", map_location=device).to(device)
                       for name in scenes}

@@ -34,6 +34,8 @@ def test_quick_run_writes_claims_and_files(tmp_path):
     for row in metrics["probe"]:
         assert 0.0 <= row["mIoU"] <= 1.0 and row["RMSE"] > 0 and math.isfinite(row["AbsRel"])
     assert metrics["probe"][2]["dim"] == 2 * metrics["probe"][0]["dim"]
+    prior = metrics["probe_image_free_prior"]
+    assert 0.0 < prior["mIoU"] <= 1.0 and prior["RMSE"] > 0 and prior["AbsRel"] > 0
     assert metrics["lift"][0]["PSNR"] > 5.0 and metrics["finetune"]["steps"] > 0
     assert len(metrics["finetune"]["loss_per_epoch"]) == metrics["config"]["epochs"]
     lifted = {row["features"]: row for row in metrics["lifted_features"]}
@@ -258,6 +260,36 @@ def test_patch_head_chunked_over_images_equals_one_chunk():
             for a, b in zip(whole, chunked):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         assert float(whole[2].abs().max()) > 0.1  # the heads learnt something
+
+
+def test_image_free_prior_is_the_per_pixel_mode_and_mean_of_the_training_frames():
+    generator = torch.Generator().manual_seed(0)
+    num_classes, ignore = 4, script.IGNORE
+    labels = torch.randint(0, num_classes, (5, 2, 3), generator=generator)
+    labels[:, 0, 0] = ignore  # a position never labelled: the overall mode
+    labels[1:, 1, 2] = ignore
+    depths = torch.rand(5, 2, 3, generator=generator) * 4 + 0.5
+    depths[:, 1, 1] = 0.0  # never observed: the overall mean
+    depths[2, 0, 1] = float("nan")
+    test_labels = torch.randint(0, num_classes, (3, 2, 3), generator=generator)
+    test_depths = torch.rand(3, 2, 3, generator=generator) * 4 + 0.5
+    overall = [int((labels == c).sum()) for c in range(num_classes)]
+    valid_depths = [float(d) for d in depths.flatten() if math.isfinite(d) and d > 0]
+    mode, mean = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+    for y in range(2):
+        for x in range(3):
+            counts = [sum(int(labels[f, y, x]) == c for f in range(5)) for c in range(num_classes)]
+            counts = counts if sum(counts) else overall
+            mode[y, x] = max(range(num_classes), key=lambda c: (counts[c], -c))
+            seen = [float(depths[f, y, x]) for f in range(5) if math.isfinite(depths[f, y, x]) and depths[f, y, x] > 0]
+            mean[y, x] = sum(seen) / len(seen) if seen else sum(valid_depths) / len(valid_depths)
+    prior = script.image_free_prior(labels, depths, test_labels, test_depths, num_classes)
+    expected = {**probes.segmentation_metrics(mode.expand(3, -1, -1), test_labels, num_classes, ignore),
+                **probes.depth_metrics(mean.expand(3, -1, -1), test_depths)}
+    assert prior.keys() == expected.keys()
+    for key in expected:
+        assert prior[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert script.image_free_prior(None, depths, None, test_depths, num_classes).keys() == {"RMSE", "AbsRel"}
 
 
 def test_assembly_combines_patches_and_keeps_the_original_class_token():
